@@ -1,0 +1,160 @@
+"""`python -m pipeline {predict,train,evaluate,verify}`: the seed-style command line.
+
+    python -m pipeline predict --model models/resnet50 --image cat.jpg --topk 5
+    python -m pipeline predict --model models:/resnet18-synthetic@champion --image data/synthetic/val
+    python -m pipeline train --arch resnet50 --data /datasets/imagenet --epochs 90 --batch-size 256
+    python -m pipeline evaluate --model models/resnet50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _images(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"error: no images under {path}")
+        return files
+    if not path.is_file():
+        raise SystemExit(f"error: no such image: {path}")
+    return [path]
+
+
+def _load_predictor(model: str) -> tuple[Any, dict[str, Any]]:
+    """A callable (float32 0-255 pixels (N, 3, c, c) -> probabilities) and its description."""
+    import torch
+
+    if model.startswith("models:/") or model.startswith("runs:/"):
+        import mlflow.models
+
+        from pipeline import tracking
+
+        module = tracking.load_registered_model(model)
+        meta = mlflow.models.get_model_info(model).metadata or {}
+
+        def run_registered(x: torch.Tensor) -> torch.Tensor:
+            return module(x)
+
+        return run_registered, meta
+    from pipeline.registry import InferenceModel
+    from pipeline.training.checkpoint import load_model_dir
+
+    net, meta = load_model_dir(model)
+    wrapped = InferenceModel(net).eval()
+
+    def run_local(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return wrapped(x)
+
+    return run_local, meta
+
+
+def predict(model: str, image: str, topk: int = 5) -> list[dict[str, Any]]:
+    import numpy as np
+    import torch
+
+    from pipeline.data.transforms import val_image
+
+    run_model, meta = _load_predictor(model)
+    tf = meta["eval_transform"]
+    classes: list[str] = list(meta["classes"])
+    names = _class_names(meta, classes)
+    out = []
+    for path in _images(Path(image)):
+        try:
+            pixels = val_image(path.read_bytes(), int(tf["resize"]), int(tf["crop"]))
+        except Exception as exc:  # noqa: BLE001 - any decoder error is the user's file, say which
+            raise SystemExit(f"error: cannot read image {path}: {exc}") from None
+        # A batch of 2 (the image twice): the registered pt2 program was exported with a dynamic batch >= 2.
+        x = torch.from_numpy(np.stack([pixels, pixels]).astype(np.float32))
+        probs = run_model(x)[0]
+        top = torch.topk(probs, min(topk, probs.shape[0]))
+        preds = [{"class_id": int(i), "wnid": classes[int(i)], "name": names.get(classes[int(i)], ""),
+                  "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)]
+        out.append({"image": str(path), "top": preds})
+    return out
+
+
+def _class_names(meta: dict[str, Any], classes: list[str]) -> dict[str, str]:
+    names = meta.get("class_names") or {}
+    return dict(names) if isinstance(names, dict) else dict(zip(classes, names, strict=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
+    pr.add_argument("--model", required=True, help="models/ARCH or models:/NAME@ALIAS")
+    pr.add_argument("--image", required=True, help="an image file or a folder")
+    pr.add_argument("--topk", type=int, default=5)
+    tr = sub.add_parser("train", help="prepare (if needed) and train one arch outside DVC")
+    tr.add_argument("--arch", required=True)
+    tr.add_argument("--data", help="raw dataset folder (any supported layout)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--params", default="params.yaml")
+    tr.add_argument("--out", help="model directory (default models/ARCH)")
+    ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on the val shards")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--params", default="params.yaml")
+    ev.add_argument("--ten-crop", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "predict":
+        for rec in predict(args.model, args.image, args.topk):
+            print(rec["image"])
+            for p in rec["top"]:
+                print(f"  {p['class_id']:>5}  {p['wnid']:<12} {p['prob']:.4f}  {p['name']}")
+        return
+    from pipeline.config import ParamsError, load_params
+
+    overrides = []
+    if args.cmd == "train":
+        if args.data:
+            overrides += [f"data.raw_dir={args.data}", "data.source=auto"]
+        if args.epochs:
+            overrides.append(f"train.epochs={args.epochs}")
+        if args.batch_size:
+            overrides.append(f"train.batch_size={args.batch_size}")
+        if args.lr:
+            overrides += [f"train.lr={args.lr}", "train.use_tuned=false"]
+    try:
+        p = load_params(args.params, overrides)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from pipeline.training.trainer import init_ray
+
+    if args.cmd == "train":
+        from pipeline.data.prepare import prepare_shards
+        from pipeline.training.trainer import train_arch
+
+        if args.data:
+            d = p.data
+            prepare_shards(d.raw_dir, d.shards_dir, source=d.source, classes=d.classes,
+                           first_n_classes=d.first_n_classes, max_per_class=d.max_per_class, max_side=d.max_side,
+                           jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard, workers=d.workers,
+                           max_rejected=d.max_rejected)
+        final = train_arch(p, args.arch, out_dir=args.out or f"models/{args.arch}",
+                           metrics_path=f"metrics/train/{args.arch}.json", curve_path=f"plots/train/{args.arch}.csv")
+        print(f"trained {args.arch}: val top-1 err {final['val_top1_err']:.2f}%")
+        return
+    from pipeline.evaluation import evaluate_model
+
+    init_ray()
+    res = evaluate_model(args.model, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=args.ten_crop)
+    print(f"{res['arch']}: top-1 err {res['top1_err']:.2f}%, top-5 err {res['top5_err']:.2f}% "
+          f"on {res['n_images']} images ({res['protocol']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Looking inside ResNets: the cheatsheet's visualisations and the numbers behind them.
+
+>>> from pipeline.analysis import ResNetVisualizer, skip_contribution, model_summary
+>>> viz = ResNetVisualizer(model)
+>>> viz.plot_residual_flow(image, "layer2.0", Path("reports/residual_flow.png"))
+>>> skip_contribution(model, images)["layer2.0"]["ratio"]        # ||F(x)|| / ||shortcut(x)||
+
+``measure`` holds the pure measurements (numbers only; the model is left as found), ``plots`` the figures
+(PNG via matplotlib's Agg canvas).  Nothing here logs anywhere: callers hand numbers and paths to
+``pipeline.tracking``.
+"""
+
+from pipeline.analysis.measure import (
+    batch_weight_gradients,
+    branch_output_module,
+    dead_relu_ratio,
+    depth_gradient_norms,
+    gradient_norms,
+    is_residual_block,
+    layer_param_counts,
+    model_summary,
+    residual_blocks,
+    skip_contribution,
+)
+from pipeline.analysis.plots import ResNetVisualizer, compare_gradient_flow, plot_degradation
+
+__all__ = [
+    "ResNetVisualizer",
+    "batch_weight_gradients",
+    "branch_output_module",
+    "compare_gradient_flow",
+    "dead_relu_ratio",
+    "depth_gradient_norms",
+    "gradient_norms",
+    "is_residual_block",
+    "layer_param_counts",
+    "model_summary",
+    "plot_degradation",
+    "residual_blocks",
+    "skip_contribution",
+]

@@ -1,0 +1,80 @@
+"""Ray Data ingest: Parquet shards -> decoded, augmented uint8 batches, streamed to the training workers.
+
+Decoding and augmentation run in `map_batches` tasks, not on the training worker, so that on a GPU node
+the data CPUs and the GPU overlap. Train V2 splits the train dataset across workers
+(`streaming_split(equal=True)`): each worker sees disjoint rows every epoch, the same count on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.transforms import batch_seed, train_image, val_image
+
+# Decode tasks are light next to a training step; a fraction of a CPU each keeps Ray Data from starving
+# when the training workers hold (almost) every CPU of a small machine (PITFALLS.md).
+DECODE_TASK_CPUS = 0.25
+
+
+class TrainDecode:
+    """map_batches function: JPEG bytes -> RandomResizedCrop + flip, uint8 (N, 3, crop, crop)."""
+
+    def __init__(self, crop: int, min_scale: float, seed: int | None = None) -> None:
+        self.crop = crop
+        self.min_scale = min_scale
+        self.seed = seed
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch["key"]
+        # seed None: fresh OS entropy per batch, so every epoch augments differently (Ray Data gives the
+        # function no epoch number); a seed makes a single pass reproducible (tests, benchmarks).
+        seed = None if self.seed is None else batch_seed(self.seed, self.calls, list(keys))
+        self.calls += 1
+        rng = np.random.default_rng(seed)
+        images = np.stack([train_image(b, self.crop, rng, self.min_scale) for b in batch["image"]])
+        return {"image": images, "label": batch["label"].astype(np.int64)}
+
+
+class ValDecode:
+    """map_batches function: JPEG bytes -> resize + center crop, uint8 (N, 3, crop, crop), keys kept."""
+
+    def __init__(self, resize: int, crop: int) -> None:
+        self.resize = resize
+        self.crop = crop
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.stack([val_image(b, self.resize, self.crop) for b in batch["image"]])
+        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
+
+
+def train_dataset(
+    files: Sequence[str], *, crop: int, min_scale: float, seed: int, decode_batch: int = 64
+) -> Any:
+    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    ds = ray.data.read_parquet(
+        list(files),
+        columns=["image", "label", "key"],
+        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+    )
+    return ds.map_batches(
+        TrainDecode(crop, min_scale),
+        batch_format="numpy",
+        batch_size=decode_batch,
+        num_cpus=DECODE_TASK_CPUS,
+    )
+
+
+def val_dataset(files: Sequence[str], *, resize: int, crop: int, decode_batch: int = 64) -> Any:
+    import ray.data
+
+    ds = ray.data.read_parquet(list(files), columns=["image", "label", "key"])
+    return ds.map_batches(
+        ValDecode(resize, crop), batch_format="numpy", batch_size=decode_batch, num_cpus=DECODE_TASK_CPUS
+    )

@@ -1,0 +1,461 @@
+"""Raw images -> deterministic Parquet shards + manifest.json + rejected.csv (the `prepare` stage).
+
+Output (DESIGN.md, "Shards"): `out_dir/{train,val}/NNNNN.parquet`, one row per image with columns
+`image` (JPEG bytes), `label`, `wnid`, `key`, `height`, `width`.
+
+Guarantees, and how they are kept:
+- Byte-identical output whatever `workers` is: the plan (which sample goes to which shard) is computed up
+  front from the sorted listing and a fixed shuffle seed; each shard is then a pure function of its samples;
+  Parquet is written with a fixed schema, codec, row group size and no timestamps.
+- Atomic: each shard goes to `*.tmp` then `os.replace`; the manifest is written last, so a manifest on disk
+  means a complete set of shards.
+- Resumable: `.plan.json` (written first) records the plan fingerprint, and `.done/<split>-NNNNN.json`
+  records each finished shard's checksum; a rerun with the same plan keeps the shards that still match and
+  writes only the others; a different plan starts over cleanly.
+- Nothing dropped silently: every input that cannot become an RGB JPEG is listed in rejected.csv with a
+  reason, and more rejections than `max_rejected` fail the run (after rejected.csv is written).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline.data.shards import MANIFEST, sha256_file
+from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
+
+MANIFEST_VERSION = 1
+REJECTED = "rejected.csv"
+PLAN = ".plan.json"
+DONE_DIR = ".done"
+# The schema every shard has; fixed so shards are byte-identical and readers can rely on it.
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("wnid", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+    ]
+)
+# ~25 MB row groups at ImageNet's ~110 KB/image: readers can stream a shard without holding all of it.
+ROW_GROUP_ROWS = 256
+
+
+class RejectedImage(Exception):
+    """An input that cannot become an RGB JPEG; the message is the reason written to rejected.csv."""
+
+
+# ---------------------------------------------------------------------------------------- one image
+
+
+@contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """PIL must decode every byte: a truncated file is a rejection, not a grey-padded image."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        # Composite transparent images on white (what a viewer shows) rather than on black.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/float greyscale: scale to 8 bits first; PIL's RGB conversion would clip it.
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) or 1.0
+        return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")  # CMYK (PIL undoes Adobe's inverted CMYK), L, P, YCbCr, ...
+
+
+def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int) -> tuple[bytes, int, int, bool]:
+    """-> (JPEG bytes, height, width, re-encoded?). Raises RejectedImage with the reason.
+
+    The original bytes are kept when they already are a fully decodable RGB JPEG (baseline or progressive)
+    no larger than `max_side`; anything else is decoded, converted to RGB, shrunk so that its longer side is
+    `max_side` and re-encoded at `jpeg_quality`.
+    """
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    with _strict_decoding():
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise RejectedImage("not an image (PIL cannot identify the format)") from None
+        except Image.DecompressionBombError as exc:
+            raise RejectedImage(f"too large to decode safely: {exc}") from None
+        except Exception as exc:  # a corrupt header can raise almost anything inside PIL's plugins
+            raise RejectedImage(f"corrupt image header: {type(exc).__name__}: {exc}") from None
+        with img:
+            fmt, width, height = img.format, img.size[0], img.size[1]
+            keep = fmt == "JPEG" and img.mode == "RGB" and max(width, height) <= max_side
+            if not keep and fmt == "JPEG" and max(width, height) > max_side:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves >= the target size:
+                # much faster for large photos, and the final resize below still anti-aliases.
+                scale = max_side / max(width, height)
+                img.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))
+            try:
+                img.load()
+            except Exception as exc:  # OSError "image file is truncated", SyntaxError, zlib errors, ...
+                raise RejectedImage(f"truncated or corrupt {fmt} data: {type(exc).__name__}: {exc}") from None
+            if keep:
+                return data, height, width, False
+            try:
+                rgb = _to_rgb(img)
+            except Exception as exc:
+                raise RejectedImage(f"cannot convert mode {img.mode} to RGB: {exc}") from None
+    if max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue(), rgb.size[1], rgb.size[0], True
+
+
+# --------------------------------------------------------------------------------------------- one shard
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    split: str
+    index: int
+    path: str  # relative to out_dir, e.g. "train/00000.parquet"
+    samples: tuple[Sample, ...]
+    labels: tuple[int, ...]
+
+
+@dataclass
+class ShardResult:
+    split: str
+    index: int
+    path: str
+    rows: int
+    sha256: str
+    nbytes: int
+    class_counts: dict[str, int]
+    reencoded: int
+    rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _parquet_bytes(columns: dict[str, list[Any]]) -> bytes:
+    table = pa.Table.from_pydict(columns, schema=SHARD_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=ROW_GROUP_ROWS,
+        compression="NONE",  # JPEG bytes do not compress; a fixed codec also keeps the bytes reproducible
+        use_dictionary=["wnid"],
+        write_statistics=["label", "wnid", "height", "width"],  # min/max of image bytes would bloat footers
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int) -> ShardResult:
+    """Read, check and (if needed) re-encode the task's samples, then write its shard atomically."""
+    columns: dict[str, list[Any]] = {name: [] for name in SHARD_SCHEMA.names}
+    rejected: list[list[str]] = []
+    reencoded = 0
+    for sample, label in zip(task.samples, task.labels, strict=True):
+        try:
+            try:
+                data = sample.opener()
+            except PermissionError as exc:
+                raise RejectedImage(f"unreadable: permission denied ({exc.strerror or exc})") from None
+            except OSError as exc:
+                raise RejectedImage(f"unreadable: {exc.strerror or exc}") from None
+            image, height, width, changed = normalize_image(
+                data, max_side=max_side, jpeg_quality=jpeg_quality
+            )
+        except RejectedImage as exc:
+            rejected.append([sample.key, sample.split, str(exc)])
+            continue
+        reencoded += changed
+        columns["image"].append(image)
+        columns["label"].append(label)
+        columns["wnid"].append(sample.wnid)
+        columns["key"].append(sample.key)
+        columns["height"].append(height)
+        columns["width"].append(width)
+    blob = _parquet_bytes(columns)
+    path = Path(out_dir, task.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, blob)
+    return ShardResult(
+        split=task.split,
+        index=task.index,
+        path=task.path,
+        rows=len(columns["key"]),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        nbytes=len(blob),
+        class_counts=dict(sorted(Counter(columns["wnid"]).items())),
+        reencoded=reencoded,
+        rejected=rejected,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- plan
+
+
+def _source_fingerprint(listing: SourceListing) -> str:
+    """sha256 of the listing: every key with its size and mtime, plus the listing-time rejections."""
+    h = hashlib.sha256()
+    h.update(f"layout\t{listing.layout}\n".encode())
+    for c in listing.classes:
+        h.update(f"class\t{c.index}\t{c.wnid}\t{c.name}\n".encode())
+    for s in listing.samples:
+        h.update(f"{s.split}\t{s.key}\t{s.wnid}\t{s.size}\t{s.mtime_ns}\n".encode())
+    for r in listing.rejected:
+        h.update(f"rejected\t{r.split}\t{r.key}\t{r.reason}\n".encode())
+    return h.hexdigest()
+
+
+def plan_shards(listing: SourceListing, rows_per_shard: int, shuffle_seed: int) -> list[ShardTask]:
+    """Assign samples to shards: sorted by key, shuffled with a fixed seed, cut into `rows_per_shard` runs.
+
+    Shuffling before cutting mixes the classes inside every shard (a file-level shuffle at ingest then
+    suffices), and the assignment depends only on the listing and the options, never on the worker count.
+    """
+    labels = listing.label_of()
+    tasks: list[ShardTask] = []
+    for split_code, split in enumerate(SPLITS):
+        samples = sorted((s for s in listing.samples if s.split == split), key=lambda s: s.key)
+        order = np.random.default_rng([shuffle_seed, split_code]).permutation(len(samples))
+        shuffled = [samples[i] for i in order]
+        for index, start in enumerate(range(0, len(shuffled), rows_per_shard)):
+            chunk = tuple(shuffled[start : start + rows_per_shard])
+            tasks.append(
+                ShardTask(
+                    split, index, f"{split}/{index:05d}.parquet", chunk, tuple(labels[s.wnid] for s in chunk)
+                )
+            )
+    return tasks
+
+
+def _done_path(out: Path, split: str, index: int) -> Path:
+    return out / DONE_DIR / f"{split}-{index:05d}.json"
+
+
+def _finished(out: Path, task: ShardTask) -> ShardResult | None:
+    """The recorded result of a shard written by an earlier run of this plan, if the shard still matches."""
+    done, shard = _done_path(out, task.split, task.index), out / task.path
+    if not (done.is_file() and shard.is_file()):
+        return None
+    try:
+        result = ShardResult(**json.loads(done.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if shard.stat().st_size != result.nbytes or sha256_file(shard) != result.sha256:
+        return None
+    return result
+
+
+def _remove_outputs(out: Path) -> None:
+    """Delete what an earlier prepare wrote here (and only that), manifest first."""
+    for name in (MANIFEST, REJECTED, PLAN):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / DONE_DIR, ignore_errors=True)
+    for split in SPLITS:
+        split_dir = out / split
+        if split_dir.is_dir():
+            for p in split_dir.iterdir():
+                if p.suffix in (".parquet", ".tmp"):
+                    p.unlink()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _write_rejected(path: Path, rejected: Sequence[Rejection]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["key", "split", "reason"])
+    for r in sorted(rejected, key=lambda r: (r.split, r.key)):
+        writer.writerow([r.key, r.split, r.reason])
+    _write_atomic(path, buf.getvalue().encode())
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # forkserver/spawn, never fork: the parent may hold threads (pyarrow, torch pools), and forking a
+    # threaded process can deadlock the child.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def prepare_shards(
+    raw_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    source: str = "auto",
+    classes: Sequence[str] = (),
+    first_n_classes: int | None = None,
+    max_per_class: int | None = None,
+    max_side: int = 512,
+    jpeg_quality: int = 90,
+    rows_per_shard: int = 1024,
+    workers: int = 2,
+    max_rejected: float = 0.001,
+    progress: bool = True,
+    shuffle_seed: int = 0,
+) -> dict[str, Any]:
+    """Prepare `raw_dir` into Parquet shards under `out_dir`; returns the manifest (also written there).
+
+    `max_rejected` < 1 is a fraction of the inputs, >= 1 a count; more rejections raise DataError after
+    rejected.csv is written (no manifest then). `workers` and `progress` never change the output.
+    """
+    if rows_per_shard < 1 or workers < 1 or max_side < 1 or not 1 <= jpeg_quality <= 100:
+        raise DataError("rows_per_shard, workers, max_side must be >= 1 and jpeg_quality in [1, 100]")
+    listing = list_source(
+        raw_dir, source, classes=classes, first_n_classes=first_n_classes, max_per_class=max_per_class
+    )
+    options = {
+        "layout": listing.layout,
+        "classes": sorted(classes),
+        "first_n_classes": first_n_classes,
+        "max_per_class": max_per_class,
+        "max_side": max_side,
+        "jpeg_quality": jpeg_quality,
+        "rows_per_shard": rows_per_shard,
+        "shuffle_seed": shuffle_seed,
+        "row_group_rows": ROW_GROUP_ROWS,
+        "pyarrow": pa.__version__,  # Parquet bytes may differ across pyarrow versions
+    }
+    source_fp = _source_fingerprint(listing)
+    fingerprint = hashlib.sha256(
+        json.dumps({"source": source_fp, "options": options}, sort_keys=True).encode()
+    ).hexdigest()
+    tasks = plan_shards(listing, rows_per_shard, shuffle_seed)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / PLAN
+    try:
+        same_plan = json.loads(plan_path.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        same_plan = False
+    if same_plan:
+        (out / MANIFEST).unlink(missing_ok=True)  # a manifest on disk must always mean "complete"
+    else:
+        _remove_outputs(out)
+        plan = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "shards": [t.path for t in tasks]}
+        _write_json(plan_path, plan)
+    planned = {t.path for t in tasks}
+    for split in SPLITS:
+        (out / split).mkdir(exist_ok=True)
+        for p in (out / split).iterdir():  # stale temp files and shards of no task in this plan
+            if p.suffix == ".tmp" or (p.suffix == ".parquet" and f"{split}/{p.name}" not in planned):
+                p.unlink()
+    (out / DONE_DIR).mkdir(exist_ok=True)
+
+    results: dict[str, ShardResult] = {}
+    todo: list[ShardTask] = []
+    for task in tasks:
+        prior = _finished(out, task) if same_plan else None
+        if prior is None:
+            todo.append(task)
+        else:
+            results[task.path] = prior
+    n_images = sum(len(t.samples) for t in tasks)
+    done_images = sum(len(t.samples) for t in tasks if t.path in results)
+
+    def record(result: ShardResult) -> None:
+        results[result.path] = result
+        _write_json(_done_path(out, result.split, result.index), asdict(result))
+
+    with tqdm(total=n_images, initial=done_images, unit="img", desc="prepare", disable=not progress) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for task in todo:
+                record(build_shard(task, str(out), max_side, jpeg_quality))
+                bar.update(len(task.samples))
+        else:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context())
+            try:
+                pending: dict[Future[ShardResult], ShardTask] = {
+                    pool.submit(build_shard, task, str(out), max_side, jpeg_quality): task for task in todo
+                }
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        task = pending.pop(fut)
+                        record(fut.result())  # re-raises a worker's exception; finished shards stay recorded
+                        bar.update(len(task.samples))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    ordered = [results[t.path] for t in tasks]
+    rejected = list(listing.rejected) + [Rejection(*r) for res in ordered for r in res.rejected]
+    _write_rejected(out / REJECTED, rejected)
+    n_inputs = len(listing.samples) + len(listing.rejected)
+    limit = max_rejected * n_inputs if max_rejected < 1 else max_rejected
+    if len(rejected) > limit:
+        raise DataError(
+            f"{len(rejected)} of {n_inputs} inputs from {os.fspath(raw_dir)} were rejected, more than "
+            f"data.max_rejected={max_rejected:g} allows; the reasons are in {out / REJECTED}"
+        )
+
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        mine = [r for r in ordered if r.split == split]
+        counts: Counter[str] = Counter()
+        for r in mine:
+            counts.update(r.class_counts)
+        splits[split] = {
+            "n_images": sum(r.rows for r in mine),
+            "n_reencoded": sum(r.reencoded for r in mine),
+            "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
+            "shards": [{"path": r.path, "rows": r.rows, "sha256": r.sha256} for r in mine],
+        }
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION,
+        "source": {"layout": listing.layout, "raw_dir": os.fspath(raw_dir), "fingerprint": source_fp},
+        "fingerprint": fingerprint,
+        "classes": [{"index": c.index, "wnid": c.wnid, "name": c.name} for c in listing.classes],
+        "num_classes": len(listing.classes),
+        "splits": splits,
+        "n_inputs": n_inputs,
+        "rejected": len(rejected),
+        "options": options,
+    }
+    _write_json(out / MANIFEST, manifest)
+    return manifest

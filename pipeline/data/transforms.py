@@ -1,0 +1,135 @@
+"""Decode + augment JPEG bytes into uint8 NCHW batches; normalisation happens on the training device.
+
+Why uint8 out of the data pipeline: the tensors that cross Ray's object store (and later the PCIe bus)
+are 4x smaller than float32; normalising is one fused op on the worker (FFCV does the same).
+
+The val path matches torchvision's `ImageClassification` preset (resize the shorter side with bilinear
++ antialias, center crop, normalise) exactly on the same JPEGs: tests/test_transforms.py checks it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ImageNet statistics (torchvision, REFERENCES.md).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode JPEG bytes to RGB. With `min_side`, let libjpeg downscale by 1/2..1/8 in the DCT while
+    the image stays >= min_side (PIL `draft`): ~2-4x faster decodes of ImageNet-size photos."""
+    img = Image.open(io.BytesIO(data))
+    if min_side is not None and img.format == "JPEG":
+        w, h = img.size
+        scale = min(w, h) / float(min_side)
+        if scale >= 2:
+            img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+    return img.convert("RGB")
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: 10 tries at a random area/aspect, else center crop.
+    Returns (left, top, crop_w, crop_h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the whole image clipped to the ratio range (torchvision does the same).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """torchvision F.resize(img, size) for an int size: shorter side -> size, longer side truncated."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return img
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision F.center_crop (pads with zeros when the image is smaller, like torchvision)."""
+    w, h = img.size
+    if w < size or h < size:
+        canvas = Image.new("RGB", (max(w, size), max(h, size)))
+        canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        img, (w, h) = canvas, canvas.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def _to_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # (3, H, W)
+
+
+def train_image(
+    data: bytes, crop: int, rng: np.random.Generator, min_scale: float = 0.08, hflip: bool = True
+) -> np.ndarray:
+    """RandomResizedCrop(crop, scale=(min_scale, 1)) + horizontal flip -> uint8 (3, crop, crop)."""
+    img = decode_rgb(data, min_side=crop)
+    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
+    # PIL resizes straight from the box: crop + resize in one pass, antialiased like torchvision's PIL path.
+    out = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_chw(out)
+
+
+def val_image(data: bytes, resize: int, crop: int) -> np.ndarray:
+    """torchvision V1 eval protocol: resize shorter side to `resize`, center crop `crop` -> uint8 (3, c, c)."""
+    return _to_chw(center_crop(resize_shorter(decode_rgb(data), resize), crop))
+
+
+def ten_crop_images(data: bytes, resize: int, crop: int) -> np.ndarray:
+    """The paper's 10-crop test (sec. 3.4 uses it at several scales; we use the single-scale variant):
+    four corners + center, and their mirrors -> uint8 (10, 3, crop, crop)."""
+    img = resize_shorter(decode_rgb(data), resize)
+    w, h = img.size
+    boxes = [(0, 0), (w - crop, 0), (0, h - crop), (w - crop, h - crop)]
+    crops = [img.crop((x, y, x + crop, y + crop)) for x, y in boxes]
+    crops.append(center_crop(img, crop))
+    crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]
+    return np.stack([_to_chw(c) for c in crops])
+
+
+def batch_seed(seed: int, epoch: int, keys: Sequence[str]) -> int:
+    """A per-batch seed from (seed, epoch, first key): reproducible augmentation whatever the scheduling."""
+    first = str(keys[0]) if len(keys) else ""
+    return (seed * 1_000_003 + epoch * 7919 + zlib.crc32(first.encode())) & 0xFFFFFFFF
+
+
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 normalised with ImageNet mean/std, on images' device."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    out = (images.float() - mean) / std
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out

@@ -1,0 +1,185 @@
+"""Top-k error counting and the error table. Pure functions: counts, not averages, so that sums across
+ranks and batches are exact (torchvision's `evaluate` sums counts and checks them against the dataset)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at #classes).
+
+    logits: (N, C); target: (N,). Ties are broken by torch.topk's order.
+    """
+    if logits.ndim != 2 or target.ndim != 1 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)}, {tuple(target.shape)}")
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices  # (N, maxk)
+    hit = pred.eq(target.view(-1, 1))  # (N, maxk)
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum().item()) for k in ks]
+
+
+def error_pct(correct: int, total: int) -> float:
+    """Error in percent, as the paper's tables report it."""
+    if total <= 0:
+        raise ValueError("no samples counted")
+    return 100.0 * (1.0 - correct / total)
+
+
+# --- the evaluate@ARCH stage: batch inference over the val shards with Ray Data ---------------------------
+
+
+class _Predictor:
+    """Ray Data actor: loads models/ARCH once, returns top-5 class ids (and top-1 prob) per image."""
+
+    def __init__(self, model_dir: str, threads: int) -> None:
+        from pipeline.training.checkpoint import load_model_dir
+
+        torch.set_num_threads(threads)
+        self.model, _ = load_model_dir(model_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from pipeline.data.transforms import normalize
+
+        x = torch.from_numpy(batch["image"])  # (N, 3, H, W) or (N, 10, 3, H, W) uint8
+        ten = x.ndim == 5
+        if ten:
+            n, crops = x.shape[:2]
+            x = x.flatten(0, 1)
+        with torch.no_grad():
+            probs = self.model(normalize(x)).softmax(dim=1)
+        if ten:
+            probs = probs.view(n, crops, -1).mean(dim=1)  # average the 10 crops' probabilities (sec. 3.4)
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        return {"key": batch["key"], "label": batch["label"], "top5": top.indices.numpy().astype(np.int64)}
+
+
+class _TenCropDecode:
+    def __init__(self, resize: int, crop: int) -> None:
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from pipeline.data.transforms import ten_crop_images
+
+        images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in batch["image"]])
+        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
+
+
+def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
+                   concurrency: int | None = None) -> dict:
+    """Exact top-1/top-5 error of models/ARCH over every val image, exactly once (checked against the
+    manifest: no duplicates from distributed padding, none skipped)."""
+    import os
+
+    import numpy as np
+    import ray.data
+
+    from pipeline.data.ingest import DECODE_TASK_CPUS, ValDecode
+    from pipeline.data.shards import read_manifest, shard_files
+    from pipeline.training.checkpoint import load_model_dir
+
+    _, meta = load_model_dir(model_dir)
+    if meta.get("data_fingerprint") and meta["data_fingerprint"] != read_manifest(shards_dir)["fingerprint"]:
+        raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
+    tf = meta["eval_transform"]
+    manifest = read_manifest(shards_dir)
+    expected = int(manifest["splits"]["val"]["n_images"])
+    files = shard_files(shards_dir, "val", verify=True)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    actors = concurrency or max(1, int(cpus // 2))
+    decode = _TenCropDecode(tf["resize"], tf["crop"]) if ten_crop else ValDecode(tf["resize"], tf["crop"])
+    ds = ray.data.read_parquet(files, columns=["image", "label", "key"])
+    ds = ds.map_batches(decode, batch_format="numpy", batch_size=64, num_cpus=DECODE_TASK_CPUS)
+    ds = ds.map_batches(
+        _Predictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir), "threads": 1},
+        batch_format="numpy", batch_size=batch_size, concurrency=actors, num_cpus=min(1.0, cpus / actors),
+    )
+    keys, labels, top5 = [], [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        keys.extend(batch["key"].tolist())
+        labels.append(batch["label"])
+        top5.append(batch["top5"])
+    if len(keys) != expected or len(set(keys)) != len(keys):
+        raise RuntimeError(f"evaluation counted {len(keys)} images ({len(set(keys))} distinct); "
+                           f"the manifest has {expected}")
+    y = np.concatenate(labels)
+    pred = np.concatenate(top5)
+    hit1 = pred[:, 0] == y
+    hit5 = (pred == y[:, None]).any(axis=1)
+    num_classes = int(manifest["num_classes"])
+    per_class = {}
+    for c in manifest["classes"]:
+        mask = y == c["index"]
+        if mask.any():
+            per_class[c["wnid"]] = round(100.0 * (1 - hit1[mask].mean()), 4)
+    confusion = None
+    if num_classes <= 100:
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        np.add.at(confusion, (y, pred[:, 0]), 1)
+    return {
+        "arch": meta["arch"],
+        "top1_err": error_pct(int(hit1.sum()), len(y)),
+        "top5_err": error_pct(int(hit5.sum()), len(y)),
+        "n_images": len(y),
+        "num_classes": num_classes,
+        "protocol": f"{'10-crop' if ten_crop else '1-crop'} resize {tf['resize']} crop {tf['crop']}",
+        "per_class_top1_err": per_class,
+        "confusion": confusion.tolist() if confusion is not None else None,
+        "data_fingerprint": manifest["fingerprint"],
+        "epochs": meta.get("epochs_trained"),
+    }
+
+
+# --- the error table ---------------------------------------------------------------------------------------
+
+# ImageNet-1k val error (%), from ../shared/REFERENCES.md. "cheatsheet": single 224 center crop after resize
+# 256 (= torchvision V1 weights); "paper": He et al. 2015, Table 3, 10-crop (ResNet-18: Table 2 gives
+# only top-1 27.88).
+REFERENCE = {
+    "resnet18": {"layers": 18, "params_m": 11.7, "cheat_top1": 30.24, "cheat_top5": 10.92,
+                 "paper_top1": 27.88, "paper_top5": None},
+    "resnet34": {"layers": 34, "params_m": 21.8, "cheat_top1": 26.70, "cheat_top5": 8.58,
+                 "paper_top1": 24.52, "paper_top5": 7.46},
+    "resnet50": {"layers": 50, "params_m": 25.6, "cheat_top1": 24.01, "cheat_top5": 7.02,
+                 "paper_top1": 22.85, "paper_top5": 6.71},
+    "resnet101": {"layers": 101, "params_m": 44.5, "cheat_top1": 22.44, "cheat_top5": 6.21,
+                  "paper_top1": 21.75, "paper_top5": 6.05},
+    "resnet152": {"layers": 152, "params_m": 60.2, "cheat_top1": 21.69, "cheat_top5": 5.94,
+                  "paper_top1": 21.43, "paper_top5": 5.71},
+}
+
+
+def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[str, int]) -> list[dict]:
+    """One row per evaluated arch, ordered by depth: ours beside the references and the difference."""
+    rows = []
+    for ev in evals:
+        arch = ev["arch"]
+        ref = REFERENCE.get(arch, {})
+        tr = trains.get(arch, {})
+        chance = 100.0 * (1 - 1 / ev["num_classes"])
+        rows.append({
+            "arch": arch,
+            "layers": ref.get("layers", ""),
+            "params_m": round(params_count.get(arch, 0) / 1e6, 2),
+            "top1_err": round(ev["top1_err"], 2),
+            "top5_err": round(ev["top5_err"], 2),
+            "chance_top1_err": round(chance, 2),
+            "cheatsheet_top1_err": ref.get("cheat_top1"),
+            "cheatsheet_top5_err": ref.get("cheat_top5"),
+            "paper_top1_err": ref.get("paper_top1"),
+            "paper_top5_err": ref.get("paper_top5"),
+            "diff_top1_vs_cheatsheet": round(ev["top1_err"] - ref["cheat_top1"], 2) if ref else None,
+            "n_val_images": ev["n_images"],
+            "num_classes": ev["num_classes"],
+            "protocol": ev["protocol"],
+            "epochs": tr.get("epochs", ev.get("epochs")),
+            "train_time_s": round(tr["train_time_s"], 1) if "train_time_s" in tr else None,
+            "images_per_s": round(tr["images_per_s"], 1) if "images_per_s" in tr else None,
+        })
+    return sorted(rows, key=lambda r: (r["layers"] if isinstance(r["layers"], int) else 10_000, r["arch"]))

@@ -1,0 +1,116 @@
+"""The report stage: the paper's error table rebuilt from metrics/eval/*.json, with figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.evaluation import table_rows
+from pipeline.training.trainer import write_csv_atomic
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v == "":
+        return "—"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures: list[str]) -> str:
+    synthetic = dataset.get("layout") == "synthetic"
+    lines = ["# ResNet error table", ""]
+    if synthetic:
+        lines += [
+            "> **Our numbers are on the embedded SYNTHETIC dataset** (generated shapes/colours/textures in "
+            "ImageNet's folder layout), not on ImageNet. The reference columns are ImageNet-1k val errors; "
+            "compare ours with chance error, not with the references.", "",
+        ]
+    lines += [
+        f"Dataset: `{dataset.get('layout')}` from `{dataset.get('raw_dir')}`, {dataset.get('num_classes')} "
+        f"classes, {dataset.get('n_val')} val images, fingerprint `{str(dataset.get('fingerprint'))[:12]}`.",
+        "",
+        "| model | layers | params (M) | top-1 err | top-5 err | chance top-1 | cheatsheet top-1 / top-5 "
+        "| paper top-1 / top-5 (10-crop) | Δ top-1 vs cheatsheet | epochs | train time (s) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch']} | {_fmt(r['layers'])} | {_fmt(r['params_m'])} | {_fmt(r['top1_err'])} | "
+            f"{_fmt(r['top5_err'])} | {_fmt(r['chance_top1_err'])} | {_fmt(r['cheatsheet_top1_err'])} / "
+            f"{_fmt(r['cheatsheet_top5_err'])} | {_fmt(r['paper_top1_err'])} / {_fmt(r['paper_top5_err'])} | "
+            f"{_fmt(r['diff_top1_vs_cheatsheet'])} | {_fmt(r['epochs'])} | {_fmt(r['train_time_s'])} | "
+            f"{_fmt(r['images_per_s'])} |"
+        )
+    proto = rows[0]["protocol"] if rows else ""
+    lines += ["", f"Protocol (ours): {proto}. Cheatsheet = torchvision V1 weights (resize 256, center crop 224); "
+              "paper = He et al. 2015, Table 3 (10-crop); ResNet-18's paper entry is Table 2 (top-1 only).", ""]
+    for fig in figures:
+        lines += [f"![{Path(fig).stem}]({Path(fig).name})", ""]
+    return "\n".join(lines)
+
+
+def _figures(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, ax, xlabel in (("layers", axes[0], "layers"), ("params_m", axes[1], "parameters (M)")):
+        xs = [r[key] for r in rows]
+        ax.plot(xs, [r["top1_err"] for r in rows], "o-", label="ours top-1")
+        ax.plot(xs, [r["top5_err"] for r in rows], "s-", label="ours top-5")
+        if any(r["cheatsheet_top1_err"] for r in rows):
+            ax.plot(xs, [r["cheatsheet_top1_err"] for r in rows], "o--", alpha=0.6, label="ImageNet ref top-1")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("error (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(str(out_dir / "error_vs_depth.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for arch, hist in curves.items():
+            ax.plot([h["epoch"] for h in hist], [h["val_top1_err"] for h in hist], label=arch)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 error (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(str(out_dir / "training_curves.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | Path, manifest: dict[str, Any],
+                 out_dir: str | Path) -> list[dict[str, Any]]:
+    import csv
+
+    from pipeline.models import build_model, count_params
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evals = [json.loads(p.read_text()) for p in sorted(Path(eval_dir).glob("*.json"))]
+    if not evals:
+        raise FileNotFoundError(f"no evaluation results in {eval_dir} (run the evaluate stages first)")
+    trains = {p.stem: json.loads(p.read_text()) for p in Path(train_dir).glob("*.json")}
+    nc = int(manifest["num_classes"])
+    counts = {ev["arch"]: count_params(build_model(ev["arch"], num_classes=nc)) for ev in evals}
+    rows = table_rows(evals, trains, counts)
+    curves = {}
+    for r in rows:
+        f = Path(curve_dir) / f"{r['arch']}.csv"
+        if f.is_file():
+            with f.open() as fh:
+                curves[r["arch"]] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    figures = _figures(rows, curves, out_dir)
+    dataset = {**manifest["source"], "num_classes": nc, "n_val": manifest["splits"]["val"]["n_images"],
+               "fingerprint": manifest["fingerprint"]}
+    md = render_markdown(rows, dataset, figures)
+    tmp = out_dir / "error_table.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(out_dir / "error_table.md")
+    write_csv_atomic(out_dir / "error_table.csv", rows)
+    return rows

@@ -1,0 +1,291 @@
+"""The per-worker training function: a thin Ray shell around a plain PyTorch loop.
+
+Ray provides the data shard, the process group and checkpoint persistence; everything else is ordinary
+PyTorch so the same function runs in-process (`num_workers=0`, tests) and on a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import Params
+from pipeline.data.transforms import normalize, val_image
+from pipeline.evaluation import topk_correct
+from pipeline.training import dist
+from pipeline.training.checkpoint import load_train_state, save_train_state
+from pipeline.training.optim import build_optimizer, mix_batch
+from pipeline.training.schedule import lr_at
+
+# fp16 + GradScaler legitimately produces a few inf losses while the scale calibrates; anything else
+# non-finite, or more than this many in a row, is divergence.
+MAX_CONSECUTIVE_NONFINITE = 5
+
+
+@dataclass
+class Job:
+    """What one training run needs besides params (filled in by the driver, sent to every worker)."""
+
+    params: dict[str, Any]
+    arch: str
+    lr: float
+    lr_warmup_epochs: int
+    epochs: int
+    num_classes: int
+    classes: list[str]
+    n_train: int
+    val_files: list[str]
+    class_names: dict[str, str] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    git_commit: str = "unknown"
+    mlflow_run_id: str | None = None
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_kwargs(p: Params, arch: str) -> dict[str, Any]:
+    """The model.* params this builder accepts: plain nets take no shortcut/zero-init, CIFAR nets keep the
+    paper's option A unless model.shortcut is set explicitly."""
+    from pipeline.models import model_info
+
+    wanted = {
+        "shortcut": p.model.shortcut,
+        "zero_init_residual": p.model.zero_init_residual,
+        "dropout": p.model.dropout,
+        "checkpoint_activations": p.model.checkpoint_activations,
+    }
+    accepted = model_info(arch)["defaults"]
+    return {k: v for k, v in wanted.items() if k in accepted and v is not None}
+
+
+def _build_model(job: Job, p: Params) -> nn.Module:
+    from pipeline.models import build_model
+
+    return build_model(job.arch, num_classes=job.num_classes, **model_kwargs(p, job.arch))
+
+
+def _amp(p: Params, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    if p.train.amp == "off":
+        return None, False
+    if p.train.amp == "bf16":
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def evaluate_files(
+    model: nn.Module, files: list[str], resize: int, crop: int, batch_size: int, device: torch.device,
+    channels_last: bool, amp_dtype: torch.dtype | None,
+) -> tuple[int, int, int]:
+    """(top1 correct, top5 correct, images) over the given val shard files, every row exactly once."""
+    import pyarrow.parquet as pq
+
+    c1 = c5 = n = 0
+    model.eval()
+    with torch.no_grad():
+        for path in files:
+            table = pq.read_table(path, columns=["image", "label"])
+            images = table.column("image").to_pylist()
+            labels = table.column("label").to_numpy()
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.stack([val_image(b, resize, crop) for b in images[i : i + batch_size]]))
+                y = torch.from_numpy(labels[i : i + batch_size].astype(np.int64)).to(device)
+                x = normalize(x.to(device), channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(x)
+                top1, top5 = topk_correct(logits.float(), y, (1, 5))
+                c1, c5, n = c1 + top1, c5 + top5, n + len(y)
+    return c1, c5, n
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    job = Job(**config)
+    p = Params.model_validate(job.params)
+    tp = p.train
+    torch.set_num_threads(job.threads)
+    rank, world_size = dist.world()
+    torch.manual_seed(p.seed + rank)
+    device = ray.train.torch.get_device()
+    memory_format = torch.channels_last if tp.channels_last else torch.contiguous_format
+
+    model = _build_model(job, p).to(device=device, memory_format=memory_format)
+    if tp.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world_size > 1:
+        model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    ema = None
+    if tp.model_ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(tp.model_ema_decay), use_buffers=True)
+    optimizer = build_optimizer(core, tp, job.lr)
+    amp_dtype, use_scaler = _amp(p, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
+    train_fwd = torch.compile(model) if tp.compile else model
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_train_state(ckpt_dir)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+
+    per_worker_batch = tp.batch_size // max(world_size, 1)
+    # streaming_split(equal=True) gives every rank floor(n / world) rows; drop_last keeps steps equal.
+    steps_per_epoch = max(job.n_train // max(world_size, 1) // per_worker_batch, 1)
+    train_shard = ray.train.get_dataset_shard("train")
+    my_val_files = dist.shard_for_rank(job.val_files, rank, world_size)
+    mix_gen = torch.Generator().manual_seed(p.seed + 7 * rank)
+
+    for epoch in range(start_epoch, job.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, seen, correct, step, nonfinite = 0.0, 0, 0, 0, 0
+        data_wait = 0.0  # seconds blocked on the input pipeline: > a few % of the epoch = input-bound
+        t_fetch = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, drop_last=True, dtypes={"image": torch.uint8, "label": torch.int64},
+            local_shuffle_buffer_size=4 * per_worker_batch, local_shuffle_seed=p.seed + 1000 * epoch + rank,
+            device=device,
+        )
+        for batch in batches:
+            data_wait += time.perf_counter() - t_fetch
+            lr = lr_at(
+                epoch * steps_per_epoch + min(step, steps_per_epoch - 1), base_lr=job.lr,
+                steps_per_epoch=steps_per_epoch, epochs=job.epochs, warmup_epochs=job.lr_warmup_epochs,
+                warmup_decay=tp.lr_warmup_decay, scheduler=tp.lr_scheduler, step_size=tp.lr_step_size,
+                gamma=tp.lr_gamma, min_lr=tp.lr_min,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = normalize(batch["image"], tp.channels_last)  # (N, 3, H, W) float32
+            y = batch["label"]
+            x, target = mix_batch(x, y, job.num_classes, tp.mixup_alpha, tp.cutmix_alpha, mix_gen)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = train_fwd(x)
+                loss = criterion(logits.float(), target)
+            bad = not bool(torch.isfinite(loss))
+            if dist.any_across(bad):
+                nonfinite += 1
+                if not use_scaler or nonfinite > MAX_CONSECUTIVE_NONFINITE:
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {epoch} step {step} (arch {job.arch}, lr {lr:.4g}); "
+                        "lower train.lr, raise lr_warmup_epochs or set train.clip_grad_norm"
+                    )
+            else:
+                nonfinite = 0
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if tp.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), tp.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(core)
+            n = y.shape[0]
+            if not bad:
+                loss_sum += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += n
+            step += 1
+            t_fetch = time.perf_counter()
+        train_time = time.perf_counter() - t0
+        t_val = time.perf_counter()
+        eval_model = ema.module if ema is not None else core
+        c1, c5, nval = evaluate_files(
+            eval_model, my_val_files, tp.val_resize_size, tp.val_crop_size, p.eval.batch_size, device,
+            tp.channels_last, amp_dtype,
+        )
+        val_time = time.perf_counter() - t_val
+        totals = dist.sum_across([loss_sum, seen, correct, c1, c5, nval, train_time, data_wait, val_time])
+        loss_sum, seen, correct, c1, c5, nval = totals[:6]
+        mean_train_time, mean_wait, mean_val = (max(v / world_size, 1e-9) for v in totals[6:9])
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_top1_err": 100.0 * (1 - correct / max(seen, 1)),
+            "val_top1_err": 100.0 * (1 - c1 / max(nval, 1)),
+            "val_top5_err": 100.0 * (1 - c5 / max(nval, 1)),
+            "val_images": int(nval),
+            "lr": lr if seen else job.lr,
+            "images_per_s": seen / mean_train_time,
+            "epoch_time_s": time.perf_counter() - t0,
+            "data_wait_s": mean_wait,
+            "val_time_s": mean_val,
+        }
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
+        history.append(metrics)
+        _report(job, p, core, optimizer, scaler, ema, epoch + 1, history, metrics)
+
+
+def _report(
+    job: Job, p: Params, core: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    ema: Any, epoch: int, history: list[dict[str, Any]], metrics: dict[str, Any],
+) -> None:
+    """Every rank reports once per epoch (Train V2 synchronises on it); only rank 0 attaches the checkpoint
+    and writes to MLflow."""
+    import ray.train
+
+    if not dist.is_rank0():
+        ray.train.report(metrics)
+        return
+    state = {
+        "model": core.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "epoch": epoch,
+        "history": history,
+        "rng": torch.get_rng_state(),
+        "arch": job.arch,
+        "model_kwargs": model_kwargs(p, job.arch),
+        "num_classes": job.num_classes,
+        "classes": job.classes,
+        "class_names": job.class_names,
+        "eval_transform": {
+            "resize": p.train.val_resize_size, "crop": p.train.val_crop_size,
+            "interpolation": "bilinear", "antialias": True,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        },
+        "config": job.params,
+        "lr": job.lr,
+        "lr_warmup_epochs": job.lr_warmup_epochs,
+        "git_commit": job.git_commit,
+        "data_fingerprint": job.data_fingerprint,
+    }
+    if job.mlflow_run_id:
+        from pipeline import tracking
+
+        tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+    if job.extra.get("local_mode"):
+        # In-process runs (num_workers=0) keep the directory itself as the checkpoint: nothing copies it.
+        tmp = tempfile.mkdtemp(prefix="ckpt-")
+        save_train_state(tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_train_state(tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

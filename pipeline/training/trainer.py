@@ -1,0 +1,224 @@
+"""Driver side of training: start/join Ray, build the TorchTrainer (Train V2), run it, export the model."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, with_absolute_paths
+from pipeline.data.shards import read_manifest, shard_files
+from pipeline.training.loop import Job, train_loop_per_worker
+
+LOCAL_DATA_CPUS = 2
+
+
+def init_ray(min_cpus: float = 0) -> dict[str, float]:
+    """`RAY_ADDRESS` set: join that cluster. Unset: start a local Ray sized to this machine.
+
+    Returns `ray.cluster_resources()`. Idempotent within a process.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            cores = os.cpu_count() or 1
+            ray.init(
+                # Logical CPUs beyond the cores are for Ray Data's read/decode tasks: when the training
+                # workers hold every core's worth of CPUs, Ray Data's budget is 0 and ingest never starts
+                # (PITFALLS.md). Worker threads are set explicitly, so this does not oversubscribe torch.
+                num_cpus=max(cores + LOCAL_DATA_CPUS, math.ceil(min_cpus)),
+                include_dashboard=False,
+                log_to_driver=True,
+                # Workers import `pipeline` from the repository root.
+                runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
+            )
+    return dict(ray.cluster_resources())
+
+
+def worker_threads(cpus_per_worker: float) -> int:
+    """Intra-op threads per worker: its CPU share, at least one (more threads than cores only thrash)."""
+    return max(1, int(round(cpus_per_worker)))
+
+
+@dataclass
+class Outcome:
+    state: dict[str, Any]  # the last training state (see loop._report)
+    history: list[dict[str, Any]]
+    path: str | None
+
+
+def build_trainer(
+    job: Job, p: Params, *, name: str, num_workers: int, storage_path: str, callbacks: list[Any] | None = None,
+    shards_dir: str | None = None,
+) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.ingest import train_dataset
+
+    tp = p.train
+    job.extra["local_mode"] = num_workers == 0
+    # Refuse tampered or half-written shards before any compute is spent (sha256 against the manifest).
+    files = shard_files(shards_dir or p.data.shards_dir, "train", verify=True)
+    ds = train_dataset(files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=tp.use_gpu,
+        resources_per_worker=None if num_workers == 0 else {"CPU": tp.cpus_per_worker},
+    )
+    run_config = RunConfig(
+        name=name,
+        storage_path=_storage(storage_path),
+        failure_config=FailureConfig(max_failures=tp.max_failures),
+        # Keep the last two: the newest can be half-uploaded when a node dies.
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_config(),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets={"train": ds},
+    )
+
+
+def _storage(path: str) -> str:
+    """Local relative paths become absolute (Ray requires it); URIs (s3://, gs://, file://) pass through."""
+    if "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def run(trainer: Any) -> Outcome:
+    from pipeline.training.checkpoint import load_train_state
+
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = load_train_state(d)
+    return Outcome(state=state, history=list(state["history"]), path=result.path)
+
+
+def make_job(p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None) -> Job:
+    from pipeline import tracking
+
+    manifest = read_manifest(p.data.shards_dir)
+    return Job(
+        params=p.model_dump(mode="json"),
+        arch=arch,
+        lr=lr,
+        lr_warmup_epochs=warmup,
+        epochs=epochs,
+        num_classes=int(manifest["num_classes"]),
+        classes=[c["wnid"] for c in manifest["classes"]],
+        class_names={c["wnid"]: c["name"] for c in manifest["classes"]},
+        n_train=int(manifest["splits"]["train"]["n_images"]),
+        val_files=shard_files(p.data.shards_dir, "val", verify=True),
+        data_fingerprint=str(manifest["fingerprint"]),
+        git_commit=tracking.git_commit(),
+        mlflow_run_id=mlflow_run_id,
+        threads=worker_threads(p.train.cpus_per_worker),
+    )
+
+
+def tuned_hparams(p: Params, best_path: str | Path | None) -> tuple[float, int, str]:
+    """(lr, lr_warmup_epochs, source). tune/best.json wins when train.use_tuned and the file exists; its
+    lr is rescaled to train.batch_size with the linear scaling rule."""
+    import json
+
+    from pipeline.training.schedule import scale_lr
+
+    if p.train.use_tuned and best_path and Path(best_path).is_file():
+        best = json.loads(Path(best_path).read_text())
+        lr = scale_lr(float(best["lr"]), int(best["batch_size"]), p.train.batch_size)
+        warmup = min(int(best["lr_warmup_epochs"]), max(p.train.epochs - 1, 0))
+        return lr, warmup, str(best_path)
+    return p.train.lr, p.train.lr_warmup_epochs, "params"
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fields = list(rows[0]) if rows else []
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train_arch(
+    p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path,
+    best_path: str | Path | None = "tune/best.json",
+) -> dict[str, Any]:
+    """The train@ARCH stage: train `arch` with Ray Train, resume a killed run of the same params and
+    data, export models/ARCH/, write final metrics and the per-epoch curve. Returns the final metrics."""
+    import time
+
+    from pipeline import tracking
+    from pipeline.training.checkpoint import export_model_dir
+
+    p = with_absolute_paths(p)
+    lr, warmup, hp_source = tuned_hparams(p, best_path)
+    manifest = read_manifest(p.data.shards_dir)
+    # Same params + same data -> same Ray run name -> a rerun after a crash resumes from its checkpoint.
+    name = f"train-{arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}-lr{lr:.4g}-w{warmup}"
+    run_id = tracking.start_run(
+        p.tracking.experiment, f"train-{arch}",
+        tracking.base_tags(f"train@{arch}", p.digest(), str(manifest["fingerprint"])),
+        params={"arch": arch, "lr": lr, "lr_warmup_epochs": warmup, "hparams_from": hp_source,
+                **_flat("train", p.train.model_dump()), **_flat("model", p.model.model_dump())},
+        resume_key=name,
+    )
+    init_ray()
+    job = make_job(p, arch, lr, warmup, p.train.epochs, run_id)
+    t0 = time.perf_counter()
+    try:
+        outcome = run(build_trainer(job, p, name=name, num_workers=p.train.num_workers,
+                                    storage_path=p.train.storage_path))
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    wall = time.perf_counter() - t0
+    export_model_dir(out_dir, outcome.state)
+    last = outcome.history[-1]
+    final = {
+        "arch": arch, "epochs": last["epoch"], "lr": lr, "lr_warmup_epochs": warmup,
+        "train_loss": last["train_loss"], "val_top1_err": last["val_top1_err"],
+        "val_top5_err": last["val_top5_err"], "images_per_s": last["images_per_s"],
+        "train_time_s": sum(h["epoch_time_s"] for h in outcome.history), "wall_time_s": wall,
+        "mlflow_run_id": run_id,
+    }
+    write_json_atomic(metrics_path, final)
+    write_csv_atomic(curve_path, [{k: v for k, v in h.items()} for h in outcome.history])
+    tracking.log_artifact(run_id, curve_path, "curves")
+    tracking.log_artifact(run_id, Path(out_dir) / "meta.json")
+    tracking.set_tags(run_id, {"ray.run_name": name, "ray.path": str(outcome.path)})
+    tracking.end_run(run_id)
+    return final
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in d.items()}

@@ -1,0 +1,172 @@
+"""Ray Tune search over learning rate and warmup with ASHA (Train V2 pattern: Tuner over a driver
+function that starts one TorchTrainer per trial and reports through TuneReportCallback)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, with_absolute_paths
+
+# A trial's driver function only waits on its TorchTrainer: it needs no real CPU, and asking Tune's default
+# 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (PITFALLS.md).
+TRIAL_DRIVER_CPUS = 0.01
+# Logical CPUs left to Ray Data (file listing, reads, decode) next to the trials' workers: with less,
+# every trial's ingest waits on a 0-CPU budget forever (seen on 2 cores; PITFALLS.md).
+DATA_CPU_RESERVE = 1.5
+
+
+def trial_resources(total_cpus: float, cpus_per_worker: float, requested: int | None) -> tuple[int, float]:
+    """(max_concurrent_trials, cpus per trial worker) from what Ray reports.
+
+    One Train worker per trial. On a small machine the worker's CPU share shrinks so that at least one
+    trial plus the data tasks always fit; on a cluster many trials run side by side.
+    """
+    usable = max(total_cpus - DATA_CPU_RESERVE, 0.25)
+    per_worker = min(cpus_per_worker, usable)
+    fit = max(int(usable // (per_worker + TRIAL_DRIVER_CPUS)), 1)
+    return (min(requested, fit) if requested else fit), per_worker
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One trial: a TorchTrainer whose per-epoch reports flow to Tune (ASHA may stop it early)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.training.trainer import build_trainer, make_job
+
+    p = Params.model_validate(config["params"])
+    job = make_job(p, p.tune.arch, float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None)
+    job.threads = int(config["threads"])
+    trainer = build_trainer(
+        job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}", num_workers=1,
+        storage_path=config["storage_path"], callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = None) -> dict[str, Any]:
+    """The tune stage: writes tune/best.json and tune/trials.csv, logs a parent run with child trials."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from pipeline.data.shards import read_manifest
+    from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
+
+    p = with_absolute_paths(p)
+    t = p.tune
+    out_dir = Path(out_dir)
+    resources = init_ray()
+    concurrent, per_worker = trial_resources(resources.get("CPU", 1.0), p.train.cpus_per_worker,
+                                             t.max_concurrent_trials)
+    manifest = read_manifest(p.data.shards_dir)
+    name = experiment_name or f"tune-{t.arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}"
+    storage = _storage(p.train.storage_path)
+    # The worker CPU share is decided here, so the trials' params carry it.
+    trial_params = p.model_copy(update={"train": p.train.model_copy(update={"cpus_per_worker": per_worker})})
+    param_space = {
+        "lr": tune.loguniform(t.lr_low, t.lr_high),
+        "lr_warmup_epochs": tune.choice(t.lr_warmup_epochs),
+        "params": trial_params.model_dump(mode="json"),
+        "threads": worker_threads(per_worker),
+        "run_name": name,
+        "storage_path": storage,
+    }
+    tune_config = tune.TuneConfig(
+        metric="val_top1_err",
+        mode="min",
+        num_samples=t.num_samples,
+        # ASHA (Li et al. 2020): stop the worse half of trials at each rung (grace_period, x reduction_factor).
+        scheduler=ASHAScheduler(time_attr="training_iteration", max_t=t.epochs, grace_period=t.grace_period,
+                                reduction_factor=t.reduction_factor),
+        # Seeded proposals: the same seed proposes the same configurations.
+        # (max_concurrent goes on the generator: TuneConfig.max_concurrent_trials is ignored for it.)
+        search_alg=BasicVariantGenerator(random_state=p.seed, max_concurrent=concurrent),
+        time_budget_s=t.time_budget_s,
+    )
+    trainable = tune.with_resources(_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    run_config = tune.RunConfig(name=name, storage_path=storage)
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path):
+        # An interrupted search resumes: finished trials are kept, unfinished ones continue.
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    grid = tuner.fit()
+
+    rows = []
+    for res in grid:
+        cfg = res.config or {}
+        df = res.metrics_dataframe
+        hist = [] if df is None or df.empty else df.to_dict("records")
+        rows.append({
+            "trial_id": (res.metrics or {}).get("trial_id", ""),
+            "lr": cfg.get("lr"), "lr_warmup_epochs": cfg.get("lr_warmup_epochs"),
+            "epochs_run": len(hist),
+            "val_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
+            "final_val_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
+            "stopped_early": len(hist) < t.epochs,
+            "error": "" if res.error is None else type(res.error).__name__,
+            "history": hist,
+        })
+    ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["val_top1_err"])]
+    if not ok:
+        raise RuntimeError(f"no tune trial reported a result; see {path}")
+    best = min(ok, key=lambda r: r["val_top1_err"])
+    result = {
+        "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
+        "val_top1_err": best["val_top1_err"], "batch_size": p.train.batch_size, "arch": t.arch,
+        "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+        "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs},
+    }
+    _log_tune(p, manifest, rows, result, name)
+    write_csv_atomic(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
+    write_json_atomic(out_dir / "best.json", result)
+    _plot_trials(rows, out_dir / "lr_vs_error.png")
+    ray.shutdown()
+    return result
+
+
+def _log_tune(p: Params, manifest: dict[str, Any], rows: list[dict[str, Any]], best: dict[str, Any],
+              name: str) -> None:
+    """One parent run for the search and a child run per trial, with its params and curve."""
+    from pipeline import tracking
+
+    tags = tracking.base_tags("tune", p.digest(), str(manifest["fingerprint"]))
+    parent = tracking.start_run(p.tracking.experiment, f"tune-{p.tune.arch}", tags,
+                                params={"tune." + k: v for k, v in p.tune.model_dump().items()})
+    for r in rows:
+        child = tracking.start_run(p.tracking.experiment, f"trial-{r['trial_id']}", tags,
+                                   params={"lr": r["lr"], "lr_warmup_epochs": r["lr_warmup_epochs"]},
+                                   parent_run_id=parent)
+        for h in r["history"]:
+            tracking.log_metrics(child, {k: h[k] for k in ("val_top1_err", "val_top5_err", "train_loss")
+                                         if k in h}, step=int(h.get("epoch", 0)))
+        tracking.set_tags(child, {"stopped_early": str(r["stopped_early"])})
+        tracking.end_run(child, "FAILED" if r["error"] else "FINISHED")
+    tracking.log_metrics(parent, {"best_val_top1_err": best["val_top1_err"], "best_lr": best["lr"],
+                                  "best_lr_warmup_epochs": best["lr_warmup_epochs"]})
+    tracking.set_tags(parent, {"ray.tune_name": name})
+    tracking.end_run(parent)
+
+
+def _plot_trials(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for w in sorted({r["lr_warmup_epochs"] for r in rows}):
+        pts = [(r["lr"], r["val_top1_err"]) for r in rows if r["lr_warmup_epochs"] == w]
+        ax.scatter([a for a, _ in pts], [b for _, b in pts], label=f"warmup {w} ep")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best val top-1 error (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,29 @@
+"""Stage `train@ARCH`: Ray Train (TorchTrainer, DDP, AMP) on the shards; resumes a killed run."""
+
+from __future__ import annotations
+
+from pipeline.cli import stage_args
+
+
+def main() -> None:
+    def add(ap):  # noqa: ANN001
+        ap.add_argument("--arch", required=True)
+        ap.add_argument("--out", help="model directory (default models/ARCH)")
+        ap.add_argument("--metrics", help="final metrics JSON (default metrics/train/ARCH.json)")
+        ap.add_argument("--curve", help="per-epoch CSV (default plots/train/ARCH.csv)")
+        ap.add_argument("--best", default="tune/best.json", help="tuned lr/warmup (used when train.use_tuned)")
+
+    p, args = stage_args(__doc__, add)
+    from pipeline.training.trainer import train_arch
+
+    arch = args.arch
+    final = train_arch(
+        p, arch, out_dir=args.out or f"models/{arch}", metrics_path=args.metrics or f"metrics/train/{arch}.json",
+        curve_path=args.curve or f"plots/train/{arch}.csv", best_path=args.best,
+    )
+    print(f"train {arch}: {final['epochs']} epochs, val top-1 err {final['val_top1_err']:.2f}%, "
+          f"{final['images_per_s']:.0f} img/s, {final['wall_time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

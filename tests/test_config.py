@@ -1,0 +1,115 @@
+"""params.yaml schema: unknown keys and out-of-bound values fail with the key and the file named."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Params, ParamsError, load_params, parse_override, with_absolute_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_params_file_validates() -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.source == "synthetic"
+    assert p.model.archs == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert len(p.digest()) == 16
+
+
+def test_every_preset_validates() -> None:
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets, "configs/ must hold at least one preset"
+    for preset in presets:
+        load_params(preset)
+
+
+def test_override_parses_yaml_values() -> None:
+    assert parse_override("train.lr=0.05") == ("train.lr", 0.05)
+    assert parse_override("model.archs=[resnet18]") == ("model.archs", ["resnet18"])
+    assert parse_override("data.first_n_classes=null") == ("data.first_n_classes", None)
+    with pytest.raises(ParamsError, match="KEY=VALUE"):
+        parse_override("train.lr")
+
+
+def test_set_applies_and_validates() -> None:
+    p = load_params(ROOT / "params.yaml", ["train.lr=0.3", "tune.num_samples=2"])
+    assert p.train.lr == 0.3 and p.tune.num_samples == 2
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lrr=0.1", "train.lrr"),  # typo: unknown key
+        ("train.lr=-1", "train.lr"),  # out of bounds
+        ("bogus.x=1", "bogus"),  # unknown section
+        ("model.archs=[resnet19]", "model.archs"),  # unknown arch
+        ("train.amp=fp8", "train.amp"),
+    ],
+)
+def test_bad_override_names_key_and_file(override: str, key: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    assert key in str(err.value)
+    assert "params.yaml" in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="bad.yaml"):
+        load_params(bad)
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ParamsError, match="val_crop_size"):
+        load_params(ROOT / "params.yaml", ["train.val_crop_size=64", "train.val_resize_size=32"])
+    with pytest.raises(ParamsError, match="lr_low"):
+        load_params(ROOT / "params.yaml", ["tune.lr_low=1", "tune.lr_high=0.1"])
+
+
+def test_absolute_paths_leave_uris_alone(tmp_path: Path) -> None:
+    p = Params().model_copy()
+    p = p.model_copy(update={"train": p.train.model_copy(update={"storage_path": "s3://bucket/ckpt"})})
+    q = with_absolute_paths(p, tmp_path)
+    assert q.train.storage_path == "s3://bucket/ckpt"
+    assert Path(q.data.shards_dir).is_absolute() and q.data.shards_dir.startswith(str(tmp_path.resolve()))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--params", str(ROOT / "params.yaml"), "--set", "train.lrr=0.1"], "train.lrr"),
+        (["--params", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "stages.prepare", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_raw_folder_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "raw").mkdir()
+    params = tmp_path / "p.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.prepare", "--params", str(params), "--set", "data.source=auto",
+         "--set", f"data.raw_dir={tmp_path / 'raw'}", "--set", f"data.shards_dir={tmp_path / 'shards'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "raw" in lines[0] and lines[0].startswith("error:"), out.stderr
+    assert not (tmp_path / "shards" / "manifest.json").exists()
