@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from bench.common import paired_ratios, record
 
 N_CLASSES = 10
 TRAIN_PER_CLASS = 50
@@ -61,18 +62,6 @@ def make_raw_tree(root: Path, seed: int = 0) -> int:
     return n
 
 
-def _machine(load_before: float) -> str:
-    import PIL
-    import pyarrow
-
-    # The load average is part of the evidence: on a shared 2-core machine other work skews the ratio.
-    return (
-        f"{platform.platform()} {platform.machine()}, {os.cpu_count()} CPUs visible, 1-min load "
-        f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after; Python {platform.python_version()}, "
-        f"Pillow {PIL.__version__}, pyarrow {pyarrow.__version__}"
-    )
-
-
 def run(tmpdir: Path) -> list[dict[str, Any]]:
     from pipeline.data.prepare import prepare_shards
 
@@ -99,20 +88,19 @@ def run(tmpdir: Path) -> list[dict[str, Any]]:
             rates[workers].append(n_images / (time.perf_counter() - start))
     if manifests[1] != manifests[2]:
         raise AssertionError("prepare output differs between 1 and 2 workers")
-    ratios = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
+    ratios = paired_ratios(rates[2], rates[1])
     value, baseline = statistics.median(rates[2]), statistics.median(rates[1])
     return [
-        {
-            "name": "prepare_scaling_2proc",
-            "value": round(value, 2),
-            "unit": "img/s",
-            "baseline_name": "prepare_1proc",
-            "baseline_value": round(baseline, 2),
-            "ratio": round(value / baseline, 3),
-            "machine": _machine(load_before),
-            "n_runs": N_RUNS,
-            "spread": [round(min(ratios), 3), round(max(ratios), 3)],  # of the per-repetition ratios
-        }
+        record(
+            "prepare_scaling_2proc",
+            value,
+            "img/s",
+            "prepare_1proc",
+            baseline,
+            N_RUNS,
+            [min(ratios), max(ratios)],  # of the per-repetition ratios
+            load_before=load_before,
+        )
     ]
 
 

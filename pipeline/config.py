@@ -132,6 +132,14 @@ class TuneParams(_Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    workers_per_trial: int = Field(
+        0, ge=0, le=4096,
+        description="Ray Train workers per trial; 0 = the trial trains in its own process (cheap start-up on "
+        "small machines), >= 1 = a worker group reporting through TuneReportCallback.",
+    )
+    train_fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of the train shards a trial reads (shards hold mixed classes)."
+    )
     time_budget_s: float = Field(600, gt=0, description="Tuner stops starting/continuing trials after this.")
 
     @model_validator(mode="after")

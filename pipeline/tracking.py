@@ -248,3 +248,13 @@ def load_registered_model(uri: str) -> Any:
 
     _client()
     return mlflow.pytorch.load_model(uri)
+
+
+def experiment_runs(experiment: str, filter_string: str = "") -> list[Any]:
+    """Every run of `experiment` (newest first), optionally filtered (MLflow search syntax)."""
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], filter_string=filter_string,
+                                   order_by=["attributes.start_time DESC"]))

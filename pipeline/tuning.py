@@ -17,31 +17,46 @@ TRIAL_DRIVER_CPUS = 0.01
 DATA_CPU_RESERVE = 1.5
 
 
-def trial_resources(total_cpus: float, cpus_per_worker: float, requested: int | None) -> tuple[int, float]:
-    """(max_concurrent_trials, cpus per trial worker) from what Ray reports.
+def trial_resources(
+    total_cpus: float, cpus_per_worker: float, workers_per_trial: int, requested: int | None
+) -> tuple[int, float, float]:
+    """(max_concurrent_trials, CPUs per training process, CPUs the trial itself asks for), from what Ray
+    reports, so that a 2-core machine never waits for a placement group that cannot exist and a cluster
+    runs many trials side by side.
 
-    One Train worker per trial. On a small machine the worker's CPU share shrinks so that at least one
-    trial plus the data tasks always fit; on a cluster many trials run side by side.
+    workers_per_trial == 0: the trial trains in its own process and asks for the CPUs itself.
+    workers_per_trial >= 1: the trial only drives its worker group and asks for almost nothing.
     """
     usable = max(total_cpus - DATA_CPU_RESERVE, 0.25)
-    per_worker = min(cpus_per_worker, usable)
-    fit = max(int(usable // (per_worker + TRIAL_DRIVER_CPUS)), 1)
-    return (min(requested, fit) if requested else fit), per_worker
+    per_worker = min(cpus_per_worker, usable / max(workers_per_trial, 1))
+    per_trial = per_worker * max(workers_per_trial, 1) + TRIAL_DRIVER_CPUS
+    fit = max(int(usable // per_trial), 1)
+    trial_request = per_worker if workers_per_trial == 0 else TRIAL_DRIVER_CPUS
+    return (min(requested, fit) if requested else fit), per_worker, trial_request
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial: a TorchTrainer whose per-epoch reports flow to Tune (ASHA may stop it early)."""
+    """One trial: a TorchTrainer whose per-epoch reports reach Tune, so ASHA can stop it early."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.training.trainer import build_trainer, make_job
 
     p = Params.model_validate(config["params"])
-    job = make_job(p, p.tune.arch, float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None)
+    job = make_job(p, p.tune.arch, float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None,
+                   train_fraction=p.tune.train_fraction)
     job.threads = int(config["threads"])
+    workers = p.tune.workers_per_trial
+    callbacks = []
+    if workers > 0:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    else:
+        # In-process Train (local mode) runs no callbacks: the loop reports to Tune itself.
+        job.extra["report_to_tune"] = True
     trainer = build_trainer(
-        job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}", num_workers=1,
-        storage_path=config["storage_path"], callbacks=[TuneReportCallback()],
+        job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}", num_workers=workers,
+        storage_path=config["storage_path"], callbacks=callbacks or None,
     )
     trainer.fit()
 
@@ -60,8 +75,9 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     t = p.tune
     out_dir = Path(out_dir)
     resources = init_ray()
-    concurrent, per_worker = trial_resources(resources.get("CPU", 1.0), p.train.cpus_per_worker,
-                                             t.max_concurrent_trials)
+    concurrent, per_worker, trial_request = trial_resources(
+        resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
+    )
     manifest = read_manifest(p.data.shards_dir)
     name = experiment_name or f"tune-{t.arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}"
     storage = _storage(p.train.storage_path)
@@ -87,7 +103,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         search_alg=BasicVariantGenerator(random_state=p.seed, max_concurrent=concurrent),
         time_budget_s=t.time_budget_s,
     )
-    trainable = tune.with_resources(_trial, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(_trial, {"CPU": trial_request})
     run_config = tune.RunConfig(name=name, storage_path=storage)
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
@@ -108,7 +124,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
             "epochs_run": len(hist),
             "val_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
             "final_val_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
-            "stopped_early": len(hist) < t.epochs,
+            "stopped_early": 0 < len(hist) < t.epochs,  # by ASHA (not started = cut by the time budget)
             "error": "" if res.error is None else type(res.error).__name__,
             "history": hist,
         })
@@ -120,6 +136,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
         "val_top1_err": best["val_top1_err"], "batch_size": p.train.batch_size, "arch": t.arch,
         "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+        "not_run": sum(r["epochs_run"] == 0 for r in rows),
         "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs},
     }
     _log_tune(p, manifest, rows, result, name)

@@ -13,10 +13,16 @@ import io
 import math
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+# No module-level torch import: Ray Data decode tasks import this module in fresh worker processes, and
+# `import torch` alone costs ~2 s there (measured); only `normalize` (on the training worker) needs it.
 
 # ImageNet statistics (torchvision, REFERENCES.md).
 MEAN = (0.485, 0.456, 0.406)
@@ -127,6 +133,8 @@ def batch_seed(seed: int, epoch: int, keys: Sequence[str]) -> int:
 
 def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with ImageNet mean/std, on images' device."""
+    import torch
+
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
     out = (images.float() - mean) / std

@@ -7,9 +7,11 @@ PyTorch so the same function runs in-process (`num_workers=0`, tests) and on a G
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ class Job:
     classes: list[str]
     n_train: int
     val_files: list[str]
+    train_files: list[str] = field(default_factory=list)
     class_names: dict[str, str] = field(default_factory=dict)
     data_fingerprint: str = ""
     git_commit: str = "unknown"
@@ -150,6 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        if dist.is_rank0():
+            print(f"[train {job.arch}] resumed from checkpoint: epoch {start_epoch} of {job.epochs} done", flush=True)
 
     per_worker_batch = tp.batch_size // max(world_size, 1)
     # streaming_split(equal=True) gives every rank floor(n / world) rows; drop_last keeps steps equal.
@@ -167,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=per_worker_batch, drop_last=True, dtypes={"image": torch.uint8, "label": torch.int64},
             local_shuffle_buffer_size=4 * per_worker_batch, local_shuffle_seed=p.seed + 1000 * epoch + rank,
-            device=device,
+            device=device, prefetch_batches=2,
         )
         for batch in batches:
             data_wait += time.perf_counter() - t_fetch
@@ -210,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += n
             step += 1
+            _maybe_inject_failure(epoch, step, rank)
             t_fetch = time.perf_counter()
         train_time = time.perf_counter() - t0
         t_val = time.perf_counter()
@@ -239,6 +245,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
         history.append(metrics)
         _report(job, p, core, optimizer, scaler, ema, epoch + 1, history, metrics)
+
+
+def _maybe_inject_failure(epoch: int, step: int, rank: int) -> None:
+    """Test hook: PIPELINE_KILL_WORKER="EPOCH,STEP,RANK,MARKER" kills this worker process once (no clean-up,
+    like an OOM kill or a lost node) so tests can prove the run resumes from its checkpoint."""
+    spec = os.environ.get("PIPELINE_KILL_WORKER")
+    if not spec:
+        return
+    e, s, r, marker = spec.split(",", 3)
+    if (epoch, step, rank) == (int(e), int(s), int(r)) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed at epoch {epoch} step {step} rank {rank}\n")
+        os._exit(137)
 
 
 def _report(
@@ -281,10 +299,15 @@ def _report(
 
         tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
     if job.extra.get("local_mode"):
-        # In-process runs (num_workers=0) keep the directory itself as the checkpoint: nothing copies it.
-        tmp = tempfile.mkdtemp(prefix="ckpt-")
-        save_train_state(tmp, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # In-process runs (num_workers=0): nothing copies the checkpoint, so one directory per run is
+        # rewritten each epoch and is itself the checkpoint.
+        ckpt_dir = job.extra.setdefault("local_ckpt_dir", tempfile.mkdtemp(prefix="resnet-ckpt-"))
+        save_train_state(ckpt_dir, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+        if job.extra.get("report_to_tune"):
+            from ray import tune
+
+            tune.report(metrics)  # the trial is this process: ASHA reads this and may stop the trial
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_train_state(tmp, state)

@@ -54,7 +54,6 @@ class Outcome:
 
 def build_trainer(
     job: Job, p: Params, *, name: str, num_workers: int, storage_path: str, callbacks: list[Any] | None = None,
-    shards_dir: str | None = None,
 ) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -63,9 +62,7 @@ def build_trainer(
 
     tp = p.train
     job.extra["local_mode"] = num_workers == 0
-    # Refuse tampered or half-written shards before any compute is spent (sha256 against the manifest).
-    files = shard_files(shards_dir or p.data.shards_dir, "train", verify=True)
-    ds = train_dataset(files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
+    ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
     scaling = ScalingConfig(
         num_workers=num_workers,
         use_gpu=tp.use_gpu,
@@ -108,10 +105,18 @@ def run(trainer: Any) -> Outcome:
     return Outcome(state=state, history=list(state["history"]), path=result.path)
 
 
-def make_job(p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None) -> Job:
+def make_job(
+    p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None, train_fraction: float = 1.0,
+) -> Job:
+    """Everything a run needs from the shards: verified file lists (sha256 against the manifest, so a
+    tampered or half-written shard is refused before any compute), counts and the class list."""
     from pipeline import tracking
 
     manifest = read_manifest(p.data.shards_dir)
+    train_files = shard_files(p.data.shards_dir, "train", verify=True)
+    rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
+    # A fraction of the shards is a random subset of images: prepare shuffles rows across shards.
+    keep = max(1, math.ceil(train_fraction * len(train_files)))
     return Job(
         params=p.model_dump(mode="json"),
         arch=arch,
@@ -121,7 +126,8 @@ def make_job(p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_r
         num_classes=int(manifest["num_classes"]),
         classes=[c["wnid"] for c in manifest["classes"]],
         class_names={c["wnid"]: c["name"] for c in manifest["classes"]},
-        n_train=int(manifest["splits"]["train"]["n_images"]),
+        n_train=sum(rows[:keep]),
+        train_files=train_files[:keep],
         val_files=shard_files(p.data.shards_dir, "val", verify=True),
         data_fingerprint=str(manifest["fingerprint"]),
         git_commit=tracking.git_commit(),

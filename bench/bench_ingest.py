@@ -1,0 +1,276 @@
+"""ingest_vs_imagefolder: decoded + augmented train batches per second, our Parquet-shard Ray Data ingest over
+torchvision's ImageFolder + DataLoader, measured side by side in one process.
+
+Input: ~600 ImageNet-like JPEGs (500x330..375, a fifth portrait 375x500, quality 90, photo-like content of
+~85 KB each, from bench.bench_prepare) in ImageNet's `folders` layout (`train/<wnid>/*.JPEG`, `val/<wnid>/`).
+Both pipelines produce the same thing: RandomResizedCrop(224, scale=(0.08, 1)) + horizontal flip, uint8
+(N, 3, 224, 224) batches of 64 (normalisation happens later, on the training device, in both designs).
+
+(a) ours: `prepare_shards` with the ImageNet preset's max_side (configs/imagenet-resnet50.yaml), then
+    `train_dataset(files, ...)` iterated with `iter_torch_batches` as the training loop does (uint8, 2 batches
+    of prefetch, a local shuffle buffer of 4 batches). Ray gets N logical CPUs (ray.init(num_cpus=N)).
+(b) baseline: `ImageFolder(train/, RandomResizedCrop(224) + RandomHorizontalFlip + PILToTensor)` in a
+    `DataLoader(num_workers=N, batch_size=64, shuffle=True, persistent_workers=True)` over the raw JPEGs.
+
+N = 2 (the machine's cores). Each pipeline is warmed up with one untimed pass (worker processes forked,
+Ray started, modules imported), then timed over full passes, alternating which goes first. A pass is timed
+from creating the iterator to its last batch, so Ray Data's per-epoch start-up (planning, launching read
+tasks) counts against us, as it does in training; time to the first batch is recorded separately.
+
+The fair-comparison question: shards re-encode images whose longer side exceeds max_side (like FFCV's
+max_resolution). At the preset's 512, no input here is re-encoded (ImageNet's median image is ~500x375,
+like ours), so (a) and (b) decode identical JPEG bytes and the ratio measures the pipelines alone. The full
+run adds `ingest_shards256_vs_imagefolder`: shards at max_side=256 (smaller JPEGs, ~4x fewer pixels to
+decode), the storage-side lever, against the same baseline in the same alternation.
+
+    python -m bench.bench_ingest [--quick]     # prints the records as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import load1, median_spread, paired_ratios, record
+
+# Real ImageNet wnids (tench, English springer, cassette player, chain saw, church): the folders layout wants
+# n######## names. The images are not those classes' photos, only photo-sized stand-ins.
+WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079")
+TRAIN_PER_CLASS = 120  # 600 train images
+VAL_PER_CLASS = 2
+QUICK_TRAIN_PER_CLASS = 80  # 400
+BATCH = 64
+PROCS = 2
+N_RUNS = 5
+QUICK_N_RUNS = 3
+# Many small shards, as real ImageNet has (1,250 shards of 1,024): Ray Data parallelises over files/blocks, and
+# 600 images in one 1,024-row shard would be one read block and one decode task.
+ROWS_PER_SHARD = 64
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "imagenet-resnet50.yaml"
+SMALL_MAX_SIDE = 256
+# What-if variant (full run only): the same shards with decode tasks of 1 CPU instead of the library's 0.25.
+WHAT_IF = "shards_decode_task_cpus_1"
+
+
+def preset_settings() -> dict[str, Any]:
+    """max_side, crop and min_scale of the ImageNet preset (what our product would use for 224 training)."""
+    from pipeline.config import load_params
+
+    p = load_params(PRESET)
+    return {
+        "max_side": p.data.max_side,
+        "jpeg_quality": p.data.jpeg_quality,
+        "crop": p.train.train_crop_size,
+        "min_scale": p.train.train_crop_min_scale,
+    }
+
+
+def _write_images(args: tuple[str, list[tuple[str, int, int, int]]]) -> None:
+    from bench.bench_prepare import _photo_like
+
+    root, jobs = args
+    for rel, width, height, seed in jobs:
+        path = Path(root, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _photo_like(np.random.default_rng(seed), width, height).save(path, format="JPEG", quality=90)
+
+
+def make_imagenet_tree(root: Path, train_per_class: int, val_per_class: int = VAL_PER_CLASS, seed: int = 0) -> int:
+    """ImageNet `folders` layout of photo-like JPEGs; returns the number of train images. Written by 2 processes
+    (generation is ~25 ms an image)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    rng = np.random.default_rng(seed)
+    jobs: list[tuple[str, int, int, int]] = []
+    for wnid in WNIDS:
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for i in range(count):
+                # ImageNet's typical landscape 500x375, with a portrait image now and then.
+                w, h = (375, 500) if rng.uniform() < 0.2 else (500, int(rng.integers(330, 376)))
+                jobs.append((f"{split}/{wnid}/{wnid}_{split}_{i:04d}.JPEG", w, h, int(rng.integers(2**31))))
+    halves = [(str(root), jobs[0::2]), (str(root), jobs[1::2])]
+    with ProcessPoolExecutor(2, mp_context=get_context("forkserver")) as pool:
+        list(pool.map(_write_images, halves))
+    return train_per_class * len(WNIDS)
+
+
+# ------------------------------------------------------------------------------------------------ passes
+
+
+def _timed_pass(batches: Iterable[dict[str, Any]] | Iterable[tuple[Any, Any]]) -> tuple[int, float, float]:
+    """(images, seconds for the whole pass, seconds to the first batch), consuming an iterable of batches."""
+    n, first = 0, None
+    t0 = time.perf_counter()
+    for batch in batches:
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
+        if images.dtype.is_floating_point or tuple(images.shape[1:]) != (3, 224, 224):
+            raise AssertionError(f"unexpected batch {images.dtype} {tuple(images.shape)}")
+        n += images.shape[0]
+        if first is None:
+            first = time.perf_counter() - t0
+    return n, time.perf_counter() - t0, first or 0.0
+
+
+def imagefolder_loader(train_dir: Path, crop: int, min_scale: float) -> Any:
+    import torch
+    from torchvision import datasets
+    from torchvision import transforms as T  # noqa: N812 (torchvision's own convention)
+
+    tf = T.Compose(
+        [T.RandomResizedCrop(crop, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()]
+    )
+    ds = datasets.ImageFolder(str(train_dir), transform=tf)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, shuffle=True, num_workers=PROCS, persistent_workers=True, prefetch_factor=2
+    )
+
+
+def ray_pass_fn(
+    files: list[str], crop: int, min_scale: float, decode_task_cpus: float | None = None
+) -> Callable[[], tuple[int, float, float]]:
+    """A full pass of `train_dataset` as the library builds it; `decode_task_cpus` overrides the library's
+    DECODE_TASK_CPUS for a what-if variant (restored right after the dataset is built)."""
+    import torch
+
+    from pipeline.data import ingest
+
+    saved = ingest.DECODE_TASK_CPUS
+    if decode_task_cpus is not None:
+        ingest.DECODE_TASK_CPUS = decode_task_cpus
+    try:
+        ds = ingest.train_dataset(files, crop=crop, min_scale=min_scale, seed=0)
+    finally:
+        ingest.DECODE_TASK_CPUS = saved
+
+    def one_pass() -> tuple[int, float, float]:
+        # The training loop's arguments (pipeline/training/loop.py), minus device=: CPU here.
+        return _timed_pass(
+            ds.iter_torch_batches(
+                batch_size=BATCH, dtypes={"image": torch.uint8, "label": torch.int64},
+                local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2,
+            )
+        )
+
+    return one_pass
+
+
+def _mean_jpeg_kb(files: list[str]) -> float:
+    import pyarrow.parquet as pq
+
+    sizes = [len(b) for f in files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+    return statistics.mean(sizes) / 1e3
+
+
+def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
+    import ray
+    from ray.data import DataContext
+
+    from pipeline.data.prepare import prepare_shards
+    from pipeline.data.shards import shard_files
+
+    tmpdir = Path(tmpdir)
+    cfg = preset_settings()
+    crop, min_scale = cfg["crop"], cfg["min_scale"]
+    raw = tmpdir / "raw"
+    n_images = make_imagenet_tree(raw, QUICK_TRAIN_PER_CLASS if quick else TRAIN_PER_CLASS)
+    shard_sets = {"shards": cfg["max_side"]} if quick else {"shards": cfg["max_side"], "shards256": SMALL_MAX_SIDE}
+    files: dict[str, list[str]] = {}
+    reencoded: dict[str, int] = {}
+    for key, max_side in shard_sets.items():
+        manifest = prepare_shards(
+            raw, tmpdir / key, source="folders", max_side=max_side, jpeg_quality=cfg["jpeg_quality"],
+            rows_per_shard=ROWS_PER_SHARD, workers=PROCS, max_rejected=0, progress=False,
+        )
+        files[key] = shard_files(tmpdir / key, "train", verify=True)
+        reencoded[key] = int(manifest["splits"]["train"]["n_reencoded"])
+
+    load_before = load1()
+    # The DataLoader's workers are forked before Ray starts its threads (forking a threaded process is unsafe).
+    loader = imagefolder_loader(raw / "train", crop, min_scale)
+    passes: dict[str, Callable[[], tuple[int, float, float]]] = {"imagefolder": lambda: _timed_pass(loader)}
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=PROCS, include_dashboard=False, log_to_driver=False)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # bench output stays readable; the bars' cost is negligible either way
+    try:
+        for key in shard_sets:
+            passes[key] = ray_pass_fn(files[key], crop, min_scale)
+        if not quick:
+            passes[WHAT_IF] = ray_pass_fn(files["shards"], crop, min_scale, decode_task_cpus=1.0)
+        for name, fn in passes.items():  # warm-up: worker start-up, imports, Ray's first execution
+            n, _, _ = fn()
+            if n != n_images:
+                raise AssertionError(f"{name}: a pass gave {n} images, expected {n_images}")
+        rate: dict[str, list[float]] = {k: [] for k in passes}
+        first: dict[str, list[float]] = {k: [] for k in passes}
+        n_runs = QUICK_N_RUNS if quick else N_RUNS
+        order = list(passes)
+        for rep in range(n_runs):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                n, seconds, to_first = passes[name]()
+                rate[name].append(n / seconds)
+                first[name].append(to_first)
+    finally:
+        passes.clear()
+        loader = None  # the last reference: its persistent workers exit
+        if started_ray:
+            ray.shutdown()
+
+    base, base_spread = median_spread(rate["imagefolder"])
+    raw_kb = statistics.mean(p.stat().st_size for p in (raw / "train").rglob("*.JPEG")) / 1e3
+    records = []
+    for key, max_side in shard_sets.items():
+        value, value_spread = median_spread(rate[key])
+        ratios = paired_ratios(rate[key], rate["imagefolder"])
+        extra: dict[str, Any] = {
+            "max_side": max_side,
+            "images_per_pass": n_images,
+            "output": f"uint8 ({BATCH}, 3, {crop}, {crop}): RandomResizedCrop({crop}, scale=({min_scale}, 1)) + hflip",
+            "processes": f"DataLoader num_workers={PROCS}; ray.init(num_cpus={PROCS})",
+            "value_spread": [round(v, 1) for v in value_spread],
+            "baseline_spread": [round(v, 1) for v in base_spread],
+            # Ours waits for its local shuffle buffer (4 batches) before the first batch.
+            "first_batch_s": {
+                "ours": round(statistics.median(first[key]), 3),
+                "baseline": round(statistics.median(first["imagefolder"]), 3),
+            },
+            "mean_jpeg_kb": {"raw": round(raw_kb, 1), "shards": round(_mean_jpeg_kb(files[key]), 1)},
+            "note": (
+                f"{reencoded[key]} of {n_images} train images re-encoded by prepare (max_side={max_side}); "
+                f"{len(files[key])} shards of {ROWS_PER_SHARD} rows; full passes timed from iterator creation"
+            ),
+        }
+        if key == "shards" and WHAT_IF in rate:
+            what_if = statistics.median(rate[WHAT_IF])
+            extra["what_if_decode_task_cpus_1"] = {
+                "img_s": round(what_if, 1),
+                "ratio": round(what_if / base, 3),
+                "ratio_vs_library_default": round(what_if / value, 3),
+                "spread_vs_library_default": [
+                    round(r, 3) for r in median_spread(paired_ratios(rate[WHAT_IF], rate[key]))[1]
+                ],
+            }
+        name = "ingest_vs_imagefolder" if key == "shards" else f"ingest_shards{max_side}_vs_imagefolder"
+        records.append(
+            record(
+                name, value, "img/s", "torchvision_imagefolder_dataloader", base, n_runs,
+                [min(ratios), max(ratios)], load_before=load_before, **extra,
+            )
+        )
+    return records
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="bench_ingest-") as tmp:
+        out = run(Path(tmp), quick="--quick" in sys.argv[1:])
+    json.dump(out, sys.stdout, indent=2)
+    print()

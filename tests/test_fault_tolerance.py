@@ -1,0 +1,86 @@
+"""A killed worker and a killed driver both resume from the last checkpoint (real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _params_file(tmp_path: Path, shards: Path, **train: object) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["shards_dir"] = str(shards)
+    params["train"].update({"storage_path": str(tmp_path / "ckpt"), "epochs": 3, "batch_size": 16,
+                            "use_tuned": False, "lr": 0.05, "lr_warmup_epochs": 0, **train})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_path, monkeypatch) -> None:
+    import ray
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+    from pipeline.training.trainer import train_arch
+
+    marker = tmp_path / "killed.txt"
+    # Kill rank 1 in the middle of the second epoch (epoch index 1, after its 2nd step).
+    monkeypatch.setenv("PIPELINE_KILL_WORKER", f"1,2,1,{marker}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if ray.is_initialized():
+        ray.shutdown()  # workers must inherit the environment above
+    p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=2, max_failures=2))
+    try:
+        final = train_arch(p, "resnet18", out_dir=tmp_path / "models/resnet18",
+                           metrics_path=tmp_path / "metrics.json", curve_path=tmp_path / "curve.csv", best_path=None)
+    finally:
+        ray.shutdown()
+    assert marker.exists(), "the fault was not injected"
+    assert final["epochs"] == 3
+    curve = (tmp_path / "curve.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve[1:]] == ["1", "2", "3"]
+    runs = tracking.experiment_runs(p.tracking.experiment)
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    steps = [s for s, _ in tracking.metric_history(runs[0].info.run_id, "val_top1_err")]
+    assert sorted(steps) == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
+    params = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "stages.train", "--params", str(params), "--arch", "resnet18",
+           "--out", str(tmp_path / "model"), "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv"),
+           "--best", str(tmp_path / "none.json")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list((tmp_path / "ckpt").glob("train-*/checkpoint_*/checkpoint.pt")):
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.5)
+        assert time.time() < deadline, "no checkpoint appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, at once
+        proc.wait()
+    assert not (tmp_path / "m.json").exists()
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "resumed from checkpoint: epoch" in text, text[-3000:]
+    resumed_at = int(text.split("resumed from checkpoint: epoch ")[1].split()[0])
+    assert resumed_at >= 1
+    assert json.loads((tmp_path / "m.json").read_text())["epochs"] == 4
