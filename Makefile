@@ -38,4 +38,46 @@ lint: setup
 	$(BIN)/ruff check pipeline stages tests bench
 
 clean:
-	rm -rf data models tune metrics plots reports ray_results mlflow.db mlartifacts dvc.lock
+	rm -rf data models tune metrics plots reports ray_results mlflow.db mlruns mlartifacts dvc.lock
+
+# --- cluster and MLflow server (docs/cluster.md, infra/mlflow/README.md) ---------------------------------
+RAY_CLUSTER ?= infra/ray/cluster-aws.yaml
+GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+
+.PHONY: cluster-up cluster-dashboard cluster-submit cluster-down mlflow-server mlflow-server-down
+
+# `ray up` drives EC2 through boto3, which the pipeline itself does not need.
+cluster-up: setup
+	$(BIN)/python -c "import boto3" 2>/dev/null || $(BIN)/python -m pip install --quiet boto3
+	$(BIN)/ray up -y $(RAY_CLUSTER)
+
+# Forwards the head's dashboard (and Jobs API) to http://127.0.0.1:8265; keep it running.
+cluster-dashboard: setup
+	$(BIN)/ray dashboard $(RAY_CLUSTER)
+
+# Submits the DAG to the cluster RAY_ADDRESS names (default: the forwarded dashboard); needs RAY_AUTH_TOKEN.
+cluster-submit: setup
+	RAY_ADDRESS=$${RAY_ADDRESS:-http://127.0.0.1:8265} RAY_AUTH_MODE=token \
+	$(BIN)/ray job submit --working-dir . --runtime-env infra/ray/runtime_env.yaml \
+	  --metadata-json '{"git_commit": "$(GIT_COMMIT)"}' --no-wait -- bash infra/ray/entrypoint.sh
+
+cluster-down: setup
+	$(BIN)/ray down -y $(RAY_CLUSTER)
+
+# Local MLflow stack (PostgreSQL + basic auth) on http://127.0.0.1:5000; fill infra/mlflow/*.env first.
+mlflow-server:
+	docker compose -f infra/mlflow/docker-compose.yaml up -d --build
+
+mlflow-server-down:
+	docker compose -f infra/mlflow/docker-compose.yaml down
+
+.PHONY: mlflow-local serve-model
+# MLflow server without Docker: SQLite + local artifacts in mlflow-server/, 127.0.0.1 only; settings from the env
+# (infra/mlflow/local/serve.sh). Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+mlflow-local: setup
+	infra/mlflow/local/serve.sh
+
+# Serves a registered model on http://127.0.0.1:5001/invocations (PATH has .venv/bin: mlflow execs uvicorn from it)
+MODEL ?= models:/resnet18-synthetic@champion
+serve-model: setup
+	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p 5001

@@ -21,7 +21,10 @@ The fair-comparison question: shards re-encode images whose longer side exceeds 
 max_resolution). At the preset's 512, no input here is re-encoded (ImageNet's median image is ~500x375,
 like ours), so (a) and (b) decode identical JPEG bytes and the ratio measures the pipelines alone. The full
 run adds `ingest_shards256_vs_imagefolder`: shards at max_side=256 (smaller JPEGs, ~4x fewer pixels to
-decode), the storage-side lever, against the same baseline in the same alternation.
+decode), the storage-side lever, against the same baseline in the same alternation, and a what-if variant kept
+in an extra key of `ingest_vs_imagefolder`: the same shards with read and decode tasks of 1 logical CPU each
+instead of the library's READ_TASK_CPUS / DECODE_TASK_CPUS (recorded), to show how much of our time is Ray
+scheduling rather than decoding.
 
     python -m bench.bench_ingest [--quick]     # prints the records as JSON
 """
@@ -56,8 +59,10 @@ QUICK_N_RUNS = 3
 ROWS_PER_SHARD = 64
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "imagenet-resnet50.yaml"
 SMALL_MAX_SIDE = 256
-# What-if variant (full run only): the same shards with decode tasks of 1 CPU instead of the library's 0.25.
-WHAT_IF = "shards_decode_task_cpus_1"
+# What-if variant (full run only): the same shards with read and decode tasks of WHAT_IF_CPUS logical CPU each
+# instead of the library's values (recorded with it).
+WHAT_IF = "shards_task_cpus_1"
+WHAT_IF_CPUS = 1.0
 
 
 def preset_settings() -> dict[str, Any]:
@@ -83,9 +88,11 @@ def _write_images(args: tuple[str, list[tuple[str, int, int, int]]]) -> None:
         _photo_like(np.random.default_rng(seed), width, height).save(path, format="JPEG", quality=90)
 
 
-def make_imagenet_tree(root: Path, train_per_class: int, val_per_class: int = VAL_PER_CLASS, seed: int = 0) -> int:
-    """ImageNet `folders` layout of photo-like JPEGs; returns the number of train images. Written by 2 processes
-    (generation is ~25 ms an image)."""
+def make_imagenet_tree(
+    root: Path, train_per_class: int, val_per_class: int = VAL_PER_CLASS, seed: int = 0, processes: int = PROCS
+) -> int:
+    """ImageNet `folders` layout of photo-like JPEGs; returns the number of train images. Generation takes ~25 ms
+    an image, so it is spread over `processes` processes."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -97,9 +104,9 @@ def make_imagenet_tree(root: Path, train_per_class: int, val_per_class: int = VA
                 # ImageNet's typical landscape 500x375, with a portrait image now and then.
                 w, h = (375, 500) if rng.uniform() < 0.2 else (500, int(rng.integers(330, 376)))
                 jobs.append((f"{split}/{wnid}/{wnid}_{split}_{i:04d}.JPEG", w, h, int(rng.integers(2**31))))
-    halves = [(str(root), jobs[0::2]), (str(root), jobs[1::2])]
-    with ProcessPoolExecutor(2, mp_context=get_context("forkserver")) as pool:
-        list(pool.map(_write_images, halves))
+    parts = [(str(root), jobs[i::processes]) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=get_context("forkserver")) as pool:
+        list(pool.map(_write_images, parts))
     return train_per_class * len(WNIDS)
 
 
@@ -135,21 +142,23 @@ def imagefolder_loader(train_dir: Path, crop: int, min_scale: float) -> Any:
 
 
 def ray_pass_fn(
-    files: list[str], crop: int, min_scale: float, decode_task_cpus: float | None = None
+    files: list[str], crop: int, min_scale: float, task_cpus: float | None = None
 ) -> Callable[[], tuple[int, float, float]]:
-    """A full pass of `train_dataset` as the library builds it; `decode_task_cpus` overrides the library's
-    DECODE_TASK_CPUS for a what-if variant (restored right after the dataset is built)."""
+    """A full pass of `train_dataset` as the library builds it; `task_cpus` overrides the library's CPUs per
+    read and per decode task for a what-if variant (restored right after the dataset is built)."""
     import torch
 
     from pipeline.data import ingest
 
-    saved = ingest.DECODE_TASK_CPUS
-    if decode_task_cpus is not None:
-        ingest.DECODE_TASK_CPUS = decode_task_cpus
+    saved = library_task_cpus()
+    if task_cpus is not None:
+        for attr in saved:
+            setattr(ingest, attr, task_cpus)
     try:
         ds = ingest.train_dataset(files, crop=crop, min_scale=min_scale, seed=0)
     finally:
-        ingest.DECODE_TASK_CPUS = saved
+        for attr, value in saved.items():
+            setattr(ingest, attr, value)
 
     def one_pass() -> tuple[int, float, float]:
         # The training loop's arguments (pipeline/training/loop.py), minus device=: CPU here.
@@ -161,6 +170,13 @@ def ray_pass_fn(
         )
 
     return one_pass
+
+
+def library_task_cpus() -> dict[str, float]:
+    """The library's current CPUs per Ray Data task (the names that exist in pipeline.data.ingest)."""
+    from pipeline.data import ingest
+
+    return {a: getattr(ingest, a) for a in ("READ_TASK_CPUS", "DECODE_TASK_CPUS") if hasattr(ingest, a)}
 
 
 def _mean_jpeg_kb(files: list[str]) -> float:
@@ -200,13 +216,14 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=PROCS, include_dashboard=False, log_to_driver=False)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # bench output stays readable; the bars' cost is negligible either way
     try:
         for key in shard_sets:
             passes[key] = ray_pass_fn(files[key], crop, min_scale)
         if not quick:
-            passes[WHAT_IF] = ray_pass_fn(files["shards"], crop, min_scale, decode_task_cpus=1.0)
+            passes[WHAT_IF] = ray_pass_fn(files["shards"], crop, min_scale, task_cpus=WHAT_IF_CPUS)
+        # After building the datasets (the library sets it too): bench output stays readable; the bars' cost
+        # is negligible either way.
+        DataContext.get_current().enable_progress_bars = False
         for name, fn in passes.items():  # warm-up: worker start-up, imports, Ray's first execution
             n, _, _ = fn()
             if n != n_images:
@@ -227,6 +244,7 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
             ray.shutdown()
 
     base, base_spread = median_spread(rate["imagefolder"])
+    task_cpus = library_task_cpus()
     raw_kb = statistics.mean(p.stat().st_size for p in (raw / "train").rglob("*.JPEG")) / 1e3
     records = []
     for key, max_side in shard_sets.items():
@@ -236,10 +254,10 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
             "max_side": max_side,
             "images_per_pass": n_images,
             "output": f"uint8 ({BATCH}, 3, {crop}, {crop}): RandomResizedCrop({crop}, scale=({min_scale}, 1)) + hflip",
-            "processes": f"DataLoader num_workers={PROCS}; ray.init(num_cpus={PROCS})",
+            "processes": f"DataLoader num_workers={PROCS}; ray.init(num_cpus={PROCS}), task CPUs {task_cpus}",
             "value_spread": [round(v, 1) for v in value_spread],
             "baseline_spread": [round(v, 1) for v in base_spread],
-            # Ours waits for its local shuffle buffer (4 batches) before the first batch.
+            # Time to the first batch; ours includes filling the local shuffle buffer the loop asks for.
             "first_batch_s": {
                 "ours": round(statistics.median(first[key]), 3),
                 "baseline": round(statistics.median(first["imagefolder"]), 3),
@@ -252,7 +270,7 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
         }
         if key == "shards" and WHAT_IF in rate:
             what_if = statistics.median(rate[WHAT_IF])
-            extra["what_if_decode_task_cpus_1"] = {
+            extra[f"what_if_task_cpus_{WHAT_IF_CPUS:g}"] = {
                 "img_s": round(what_if, 1),
                 "ratio": round(what_if / base, 3),
                 "ratio_vs_library_default": round(what_if / value, 3),

@@ -17,11 +17,16 @@ blocked on data) for (a), and images over the same span for (b). Epoch 1 of ever
 (Ray start-up, worker-group start, Ray Data's first execution, allocator warm-up); the wall time of each fit,
 start-up and validation included, is recorded in extra keys so nobody is misled. Fits alternate
 (ours, bare, bare, ours, ...); each timed epoch of ours is paired with the same epoch of the adjacent bare run,
-and n_runs counts those pairs.
+and n_runs counts those pairs. The full run adds a what-if fit in an extra key: the same loop as 1 worker x 2
+CPUs (no DDP), to show where the gap to the bare loop goes (with ours' share of time blocked on data).
 
 bf16_vs_fp32_cpu
 The bare loop's images/s with `torch.autocast("cpu", dtype=torch.bfloat16)` over fp32, resnet18 (the record)
-and resnet50 (extra key) at 32 px, batch 64, alternating, first epoch (resp. first steps) excluded.
+and resnet50 (extra key) at 32 px, batch 64. The two models take training steps in turns (bf16, fp32, fp32,
+bf16, ...) on the same batches, so that bursts of other people's work on a shared machine hit both alike;
+images/s = batch / median step time, warm-up steps excluded; `spread` is over the per-pair ratios. Why steps in
+turns and not whole epochs: with 2 intra-op threads on 2 busy cores, one descheduled OpenMP thread stalls every
+parallel region, and step times swing by 10x within seconds (seen while writing this benchmark).
 
     python -m bench.bench_train [--quick]     # prints the records as JSON
 """
@@ -45,9 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"
 EPOCHS = 4  # per fit: 1 warm-up + 3 timed
 FITS = 2  # Ray fits (and bare runs) in the full run; the quick run does 1
-# bf16 vs fp32: epochs of resnet18 per (dtype, repetition), steps per epoch of resnet50 (it is ~4x slower).
-AMP_REPS = 3
-R50_STEPS = 4
+# bf16 vs fp32: timed step pairs per model (halved by --quick), after warm-up steps.
+AMP_WARMUP_STEPS = 2
+R18_STEPS = 10
+R50_STEPS = 5
 
 
 def default_params(tmpdir: Path, epochs: int, extra: tuple[str, ...] = ()) -> Any:
@@ -118,69 +124,108 @@ def load_train_rows(shards_dir: str) -> tuple[list[bytes], np.ndarray]:
     return table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
 
 
-def bare_fit(
-    p: Any, arch: str, epochs: int, amp: str, *, max_steps: int | None = None, threads: int | None = None,
-    num_classes: int | None = None,
-) -> dict[str, Any]:
-    """A plain single-process PyTorch loop with our model, optimizer, schedule, loss and transforms.
+class BareLoop:
+    """A plain single-process PyTorch training step with our model, optimizer, loss, transforms and AMP."""
 
-    Returns images/s per epoch (train steps only, the decode of each batch included) and the wall time from
-    reading the shards to the end of the last epoch."""
+    def __init__(
+        self, p: Any, arch: str, amp: str, images: list[bytes], labels: np.ndarray, num_classes: int, seed: int = 0
+    ) -> None:
+        import torch
+        from torch import nn
+
+        from pipeline.models import build_model
+        from pipeline.training.loop import model_kwargs
+        from pipeline.training.optim import build_optimizer
+
+        self.tp = p.train
+        self.images, self.labels = images, labels
+        torch.manual_seed(p.seed + seed)
+        self.memory_format = torch.channels_last if self.tp.channels_last else torch.contiguous_format
+        self.model = build_model(arch, num_classes=num_classes, **model_kwargs(p, arch)).to(
+            memory_format=self.memory_format
+        )
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, self.tp, self.tp.lr)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tp.label_smoothing)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        self.rng = np.random.default_rng(p.seed + seed)
+
+    def step(self, idx: np.ndarray, lr: float) -> None:
+        """One step on rows `idx`: decode + augment inline, normalise, forward, backward, update."""
+        import torch
+
+        from pipeline.data.transforms import normalize, train_image
+
+        tp = self.tp
+        x = torch.from_numpy(
+            np.stack([train_image(self.images[i], tp.train_crop_size, self.rng, tp.train_crop_min_scale) for i in idx])
+        )  # (N, 3, crop, crop) uint8
+        y = torch.from_numpy(self.labels[idx])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = normalize(x, tp.channels_last)
+        with torch.autocast("cpu", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        float(loss.detach())  # read every step, as any loop that logs its loss does
+
+
+def bare_fit(p: Any, arch: str, epochs: int, amp: str, threads: int | None = None) -> dict[str, Any]:
+    """Full epochs of BareLoop with our LR schedule: images/s per epoch (train steps only, decode included) and
+    the wall time from reading the shards to the end of the last epoch."""
     import torch
-    from torch import nn
 
     from pipeline.data.shards import read_manifest
-    from pipeline.data.transforms import normalize, train_image
-    from pipeline.models import build_model
-    from pipeline.training.loop import model_kwargs
-    from pipeline.training.optim import build_optimizer
     from pipeline.training.schedule import lr_at
 
     t_start = time.perf_counter()
-    tp = p.train
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    torch.manual_seed(p.seed)
     images, labels = load_train_rows(p.data.shards_dir)
-    num_classes = num_classes or int(read_manifest(p.data.shards_dir)["num_classes"])
-    memory_format = torch.channels_last if tp.channels_last else torch.contiguous_format
-    model = build_model(arch, num_classes=num_classes, **model_kwargs(p, arch)).to(memory_format=memory_format)
-    optimizer = build_optimizer(model, tp, tp.lr)
-    criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    rng = np.random.default_rng(p.seed)
+    loop = BareLoop(p, arch, amp, images, labels, int(read_manifest(p.data.shards_dir)["num_classes"]))
+    tp = p.train
     batch = tp.batch_size
     steps = len(images) // batch  # drop_last, like ours
-    if max_steps is not None:
-        steps = min(steps, max_steps)
     rates = []
-    model.train()
     for epoch in range(epochs):
-        order = rng.permutation(len(images))
+        order = loop.rng.permutation(len(images))
         t0 = time.perf_counter()
-        seen = 0
         for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
-            x = torch.from_numpy(np.stack([train_image(images[i], tp.train_crop_size, rng, tp.train_crop_min_scale)
-                                           for i in idx]))  # (N, 3, crop, crop) uint8
-            y = torch.from_numpy(labels[idx])
             lr = lr_at(
                 epoch * steps + step, base_lr=tp.lr, steps_per_epoch=steps, epochs=epochs,
                 warmup_epochs=min(tp.lr_warmup_epochs, epochs - 1), warmup_decay=tp.lr_warmup_decay,
                 scheduler=tp.lr_scheduler, step_size=tp.lr_step_size, gamma=tp.lr_gamma, min_lr=tp.lr_min,
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = normalize(x, tp.channels_last)
-            with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())  # the loss is read every step, as any loop that logs it does
-            seen += len(idx)
-        rates.append(seen / (time.perf_counter() - t0))
+            loop.step(order[step * batch : (step + 1) * batch], lr)
+        rates.append(steps * batch / (time.perf_counter() - t0))
     return {"images_per_s": rates, "wall_s": time.perf_counter() - t_start}
+
+
+def interleaved_steps(p: Any, arch: str, amps: tuple[str, str], warmup: int, timed: int) -> dict[str, list[float]]:
+    """Step times of two BareLoops (one per AMP setting) run in turns, step by step, so that both see the same
+    machine: on a shared 2-core machine other jobs come and go within seconds. Warm-up steps are dropped."""
+    import torch
+
+    from pipeline.data.shards import read_manifest
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    images, labels = load_train_rows(p.data.shards_dir)
+    n_classes = int(read_manifest(p.data.shards_dir)["num_classes"])
+    loops = {amp: BareLoop(p, arch, amp, images, labels, n_classes) for amp in amps}
+    lr = p.train.lr * p.train.lr_warmup_decay  # a small constant LR: throughput does not depend on it
+    batch = p.train.batch_size
+    times: dict[str, list[float]] = {amp: [] for amp in amps}
+    rng = np.random.default_rng(p.seed)
+    for i in range(warmup + timed):
+        idx = rng.choice(len(images), batch, replace=False)
+        for amp in amps if i % 2 == 0 else amps[::-1]:
+            t0 = time.perf_counter()
+            loops[amp].step(idx, lr)
+            if i >= warmup:
+                times[amp].append(time.perf_counter() - t0)
+    return times
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -252,45 +297,53 @@ def train_loop_record(tmpdir: Path, quick: bool) -> dict[str, Any]:
     )
 
 
-def _amp_pair(p: Any, arch: str, epochs: int, max_steps: int | None, reps: int) -> dict[str, list[float]]:
-    """Steady images/s (epochs after the first) of bf16 and fp32, alternating which goes first."""
-    rates: dict[str, list[float]] = {"bf16": [], "off": []}
-    for rep in range(reps):
-        for amp in ("bf16", "off") if rep % 2 == 0 else ("off", "bf16"):
-            fit = bare_fit(p, arch, epochs, amp, max_steps=max_steps)
-            rates[amp].append(statistics.median(fit["images_per_s"][1:]))
-    return rates
-
-
 def amp_record(tmpdir: Path, quick: bool) -> dict[str, Any]:
     p = default_params(tmpdir, EPOCHS)
-    reps = AMP_REPS
+    batch = p.train.batch_size
     load_before = load1()
-    r18 = _amp_pair(p, ARCH, 2, None, reps)
-    r50 = _amp_pair(p, "resnet50", 2, 2 if quick else R50_STEPS, reps)
-    value, _ = median_spread(r18["bf16"])
-    base, _ = median_spread(r18["off"])
-    ratios = paired_ratios(r18["bf16"], r18["off"])
-    r50_ratios = paired_ratios(r50["bf16"], r50["off"])
-    r50_ratio = statistics.median(r50["bf16"]) / statistics.median(r50["off"])
-    supports = "bf16" if value > base and r50_ratio > 1 else ("off" if value < base and r50_ratio < 1 else "mixed")
+    out: dict[str, dict[str, Any]] = {}
+    for arch, timed in ((ARCH, R18_STEPS), ("resnet50", R50_STEPS)):
+        timed = max(3, timed // 2) if quick else timed
+        times = interleaved_steps(p, arch, ("bf16", "off"), AMP_WARMUP_STEPS, timed)
+        ratios = paired_ratios(times["off"], times["bf16"])  # (batch / t_bf16) / (batch / t_fp32)
+        out[arch] = {
+            "value": batch / statistics.median(times["bf16"]),
+            "baseline": batch / statistics.median(times["off"]),
+            "spread": [min(ratios), max(ratios)],
+            "n": timed,
+            # The fastest step of each: the least disturbed by other jobs (timeit's argument for the minimum).
+            "best_step_img_s": {
+                "bf16": round(batch / min(times["bf16"]), 1),
+                "fp32": round(batch / min(times["off"]), 1),
+            },
+        }
+    r18, r50 = out[ARCH], out["resnet50"]
+    verdicts = [f"{arch}: {'bf16' if o['value'] > o['baseline'] else 'fp32'} faster ({o['value'] / o['baseline']:.2f}x)"
+                for arch, o in out.items()]
+    faster = [o["value"] > o["baseline"] for o in out.values()]
+    supports = "bf16" if all(faster) else ("off" if not any(faster) else "bf16 only for some archs")
     return record(
-        "bf16_vs_fp32_cpu", value, "img/s", "fp32_cpu", base, reps, [min(ratios), max(ratios)],
+        "bf16_vs_fp32_cpu", r18["value"], "img/s", "fp32_cpu", r18["baseline"], r18["n"], r18["spread"],
         load_before=load_before,
         setup=(
-            f"bare loop (decode inline), {ARCH}, {p.train.train_crop_size} px, batch {p.train.batch_size}, "
-            f"channels_last {p.train.channels_last}, {os.cpu_count()} threads; epoch 2 of 2 timed"
+            f"bare loop (decode inline), {ARCH}, {p.train.train_crop_size} px crops, batch {batch}, channels_last "
+            f"{p.train.channels_last}, {os.cpu_count()} threads; bf16 and fp32 models stepped in turns, "
+            f"{AMP_WARMUP_STEPS} warm-up steps each dropped; images/s = batch / median step time; "
+            "n_runs = timed step pairs"
         ),
         cpu_bf16=cpu_bf16_flags(),
+        best_step_img_s=r18["best_step_img_s"],
         resnet50={
-            "value": round(statistics.median(r50["bf16"]), 1),
-            "baseline_value": round(statistics.median(r50["off"]), 1),
-            "ratio": round(r50_ratio, 3),
-            "spread": [round(min(r50_ratios), 3), round(max(r50_ratios), 3)],
-            "timed": f"epoch 2 of 2, {2 if quick else R50_STEPS} steps each",
+            "value": round(r50["value"], 1),
+            "baseline_value": round(r50["baseline"], 1),
+            "ratio": round(r50["value"] / r50["baseline"], 3),
+            "spread": [round(v, 3) for v in r50["spread"]],
+            "n_runs": r50["n"],
+            "best_step_img_s": r50["best_step_img_s"],
         },
         supports_default=(
-            f"params.yaml train.amp: {p.train.amp}; this measurement supports amp={supports} on this CPU"
+            f"params.yaml train.amp: {p.train.amp}; {'; '.join(verdicts)}: this measurement supports amp={supports} "
+            "on this CPU (medians; see spread and best_step_img_s before trusting a ratio near 1)"
         ),
     )
 

@@ -108,6 +108,12 @@ class TrainParams(_Section):
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts; -1 = forever.")
     storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False: accept what the user meant.
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
         if self.val_crop_size > self.val_resize_size:

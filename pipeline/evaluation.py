@@ -58,19 +58,6 @@ class _Predictor:
         return {"key": batch["key"], "label": batch["label"], "top5": top.indices.numpy().astype(np.int64)}
 
 
-class _TenCropDecode:
-    def __init__(self, resize: int, crop: int) -> None:
-        self.resize, self.crop = resize, crop
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        from pipeline.data.transforms import ten_crop_images
-
-        images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in batch["image"]])
-        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
-
-
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
                    concurrency: int | None = None) -> dict:
     """Exact top-1/top-5 error of models/ARCH over every val image, exactly once (checked against the
@@ -80,7 +67,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     import numpy as np
     import ray.data
 
-    from pipeline.data.ingest import DECODE_TASK_CPUS, ValDecode
+    from pipeline.data.ingest import val_dataset
     from pipeline.data.shards import read_manifest, shard_files
     from pipeline.training.checkpoint import load_model_dir
 
@@ -93,9 +80,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     files = shard_files(shards_dir, "val", verify=True)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = concurrency or max(1, int(cpus // 2))
-    decode = _TenCropDecode(tf["resize"], tf["crop"]) if ten_crop else ValDecode(tf["resize"], tf["crop"])
-    ds = ray.data.read_parquet(files, columns=["image", "label", "key"])
-    ds = ds.map_batches(decode, batch_format="numpy", batch_size=64, num_cpus=DECODE_TASK_CPUS)
+    ds = val_dataset(files, resize=tf["resize"], crop=tf["crop"], ten_crop=ten_crop)
     ds = ds.map_batches(
         _Predictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir), "threads": 1},
         batch_format="numpy", batch_size=batch_size, concurrency=actors, num_cpus=min(1.0, cpus / actors),

@@ -54,73 +54,198 @@ def example_batch(shards_dir: str, resize: int, crop: int, n: int = 2) -> np.nda
     return np.stack([val_image(b, resize, crop) for b in images]).astype(np.float32)
 
 
-def model_card(arch: str, meta: dict[str, Any], ev: dict[str, Any], dataset: str) -> str:
+PAPER = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016 (arXiv:1512.03385)"
+# What a serving client sends and gets back (README "Serving"): documented once, shown in every model card.
+REQUEST_FORMAT = ('POST /invocations {"inputs": [[[[...]]]]}: float32 pixels 0-255, (N, 3, crop, crop), RGB, '
+                  'after the eval resize + center crop -> {"predictions": [[p_0, ..., p_C-1], ...]}')
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}%"
+
+
+def model_card(
+    arch: str, meta: dict[str, Any], ev: dict[str, Any], dataset: str,
+    manifest: dict[str, Any] | None = None, lineage: dict[str, str] | None = None,
+) -> str:
+    """The registered version's description (Markdown): metrics, data, recipe, input/output, lineage and
+    references, all read from the self-describing model dir (`meta`), the evaluation JSON and the manifest."""
     from pipeline.evaluation import REFERENCE
 
-    cfg = meta.get("config", {}).get("train", {})
+    config = meta.get("config", {})
+    tp = config.get("train", {})
+    tf = meta["eval_transform"]
+    crop = tf["crop"]
+    num_classes = int(ev.get("num_classes", meta.get("num_classes", 0)))
+    chance = 100.0 * (1 - 1 / num_classes) if num_classes else None
+    synthetic = dataset == "synthetic"
+    title = f"# {arch} on {dataset}" + (" (SYNTHETIC data: its errors are not ImageNet numbers)" if synthetic else "")
+    lines = [title, "", f"{arch} (ResNet family, {PAPER}) trained and evaluated by resnet-pipeline.", "",
+             "## Metrics",
+             f"- top-1 error {_pct(ev['top1_err'])}, top-5 error {_pct(ev['top5_err'])} on {ev['n_images']} val "
+             f"images, {num_classes} classes, protocol: {ev.get('protocol', 'n/a')}.",
+             f"- chance-level top-1 error: {_pct(chance)}.", "", "## Data"]
+    if manifest is not None:
+        n_train = manifest.get("splits", {}).get("train", {}).get("n_images", "?")
+        n_val = manifest.get("splits", {}).get("val", {}).get("n_images", "?")
+        lines.append(f"- dataset `{dataset}` (source layout `{manifest['source']['layout']}`): {n_train} train / "
+                     f"{n_val} val images, {manifest.get('num_classes')} classes.")
+    eval_fp = str(ev.get("data_fingerprint") or (manifest or {}).get("fingerprint") or meta.get("data_fingerprint"))
+    train_fp = str(meta.get("data_fingerprint"))
+    lines.append(f"- data fingerprint (evaluation) `{eval_fp}`"
+                 + ("; trained on the same data." if train_fp == eval_fp else f"; trained on OTHER data `{train_fp}`."))
+    norm_wd = tp.get("norm_weight_decay")
+    lr = meta.get("lr", tp.get("lr"))
+    lr_text = "n/a" if lr is None else f"{float(lr):.4g}"
+    warmup = meta.get("lr_warmup_epochs", tp.get("lr_warmup_epochs"))
+    if tp.get("lr_scheduler") == "step":
+        schedule = f"step (every {tp.get('lr_step_size')} epochs x {tp.get('lr_gamma')})"
+    else:
+        schedule = f"{tp.get('lr_scheduler')} (to lr {tp.get('lr_min')})"
+    lines += [
+        "", "## Recipe",
+        f"- {meta.get('epochs_trained')} of {tp.get('epochs')} epochs; {str(tp.get('opt', '')).upper()} lr "
+        f"{lr_text} (global batch {tp.get('batch_size')}), momentum {tp.get('momentum')}, "
+        f"nesterov {tp.get('nesterov')}, weight decay {tp.get('weight_decay')} "
+        f"(norm/bias: {tp.get('weight_decay') if norm_wd is None else norm_wd}), label smoothing "
+        f"{tp.get('label_smoothing')}.",
+        f"- schedule {schedule}, warmup {warmup} epochs; amp {tp.get('amp')}; "
+        f"EMA decay {tp.get('model_ema_decay')}; mixup {tp.get('mixup_alpha')} / cutmix {tp.get('cutmix_alpha')}; "
+        f"auto augment {tp.get('auto_augment')}; train crop {tp.get('train_crop_size')} "
+        f"(min scale {tp.get('train_crop_min_scale')}).",
+        f"- model options: {meta.get('model_kwargs', {}) or 'defaults'}; seed {config.get('seed')}.",
+        "", "## Input and output",
+        f"- input: float32 RGB pixels 0-255, (N, 3, {crop}, {crop}), after resize {tf['resize']} "
+        f"({tf.get('interpolation', 'bilinear')}, antialias {tf.get('antialias', True)}) + center crop {crop}; "
+        "the model normalises them itself.",
+        f"- output: class probabilities (N, {num_classes}), columns in the order of the model's metadata "
+        "`classes` (names in `class_names`).",
+        f"- serving: {REQUEST_FORMAT}.",
+        "", "## Lineage",
+        f"- git commit `{meta.get('git_commit')}`"
+        + "".join(f"; {k} `{v}`" for k, v in (lineage or {}).items() if v) + ".",
+        "", "## References", f"- {PAPER}."]
     ref = REFERENCE.get(arch)
-    ref_line = (f"ImageNet reference (torchvision V1, 1-crop): top-1 {ref['cheat_top1']} / top-5 "
-                f"{ref['cheat_top5']}; paper (10-crop): {ref['paper_top1']} / {ref['paper_top5']}." if ref else "")
-    synthetic = " (SYNTHETIC data: not comparable with ImageNet)" if dataset == "synthetic" else ""
-    return "\n".join([
-        f"# {arch} on {dataset}{synthetic}",
-        f"- Metrics: top-1 error {ev['top1_err']:.2f}%, top-5 error {ev['top5_err']:.2f}% on {ev['n_images']} "
-        f"val images ({ev['protocol']}), {ev['num_classes']} classes.",
-        f"- Recipe: {meta.get('epochs_trained')} epochs, {cfg.get('opt')} lr {meta.get('config', {}).get('lr', '')} "
-        f"batch {cfg.get('batch_size')}, {cfg.get('lr_scheduler')} schedule, amp {cfg.get('amp')}.",
-        f"- Data fingerprint: {meta.get('data_fingerprint')}; git commit {meta.get('git_commit')}.",
-        f"- Input: float32 pixels 0-255, (N, 3, {meta['eval_transform']['crop']}, {meta['eval_transform']['crop']})"
-        f" after resize {meta['eval_transform']['resize']} + center crop; output: class probabilities.",
-        f"- {ref_line}",
-    ])
+    if ref:
+        lines.append(f"- ImageNet-1k val error of {arch}: torchvision V1 weights (1-crop 224) top-1 "
+                     f"{_pct(ref['cheat_top1'])} / top-5 {_pct(ref['cheat_top5'])}; paper (10-crop) top-1 "
+                     f"{_pct(ref['paper_top1'])} / top-5 {_pct(ref['paper_top5'])}.")
+    else:
+        lines.append(f"- no ImageNet-1k reference numbers for {arch}.")
+    return "\n".join(lines) + "\n"
 
 
 def decide_champion(new_err: float, new_fp: str, current: dict[str, str] | None) -> tuple[bool, str]:
-    """Pure rule: (move the alias?, why). Better = strictly lower top-1 error on the same data."""
+    """Pure rule: (move the alias?, why). Better = strictly lower top-1 error on the same data.
+
+    A champion evaluated on other data (another fingerprint: the dataset was re-prepared or changed) cannot
+    be compared with: the version evaluated on the pipeline's current data takes the alias, and the reason
+    says so. `current` holds the champion's version tags plus `version`."""
     if current is None:
         return True, "no champion yet"
     cur_fp = current.get("data_fingerprint", "")
     cur_err = float(current.get("top1_err", "inf"))
     if cur_fp != new_fp:
-        return True, f"champion v{current.get('version')} was evaluated on other data ({cur_fp[:8]}); replaced"
+        return True, (f"champion v{current.get('version')} was evaluated on other data ({cur_fp[:8] or 'unknown'}, "
+                      f"now {new_fp[:8]}): not comparable, the version on the current data takes the alias")
     if new_err < cur_err:
         return True, f"top-1 {new_err:.2f}% beats champion v{current.get('version')} ({cur_err:.2f}%)"
     return False, f"top-1 {new_err:.2f}% does not beat champion v{current.get('version')} ({cur_err:.2f}%)"
 
 
-def register_model(p: Params, arch: str, model_dir: str | Path, eval_path: str | Path) -> dict[str, Any]:
+def top_k(probs: np.ndarray, classes: list[str], class_names: dict[str, str], k: int = 5) -> list[list[dict[str, Any]]]:
+    """The served probabilities (N, C) -> per image the k most likely classes, best first, as
+    {"class_id", "wnid", "name", "prob"}. `classes` / `class_names` come from the model's metadata
+    (`tracking.model_metadata(uri)`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"class_id": int(i), "wnid": classes[int(i)], "name": class_names.get(classes[int(i)], ""),
+              "prob": float(row[int(i)])} for i in idx] for row, idx in zip(probs, order, strict=True)]
+
+
+def _read_json(path: str | Path | None) -> dict[str, Any]:
+    if path is None or not Path(path).is_file():
+        return {}
+    return json.loads(Path(path).read_text())
+
+
+def register_model(
+    p: Params, arch: str, model_dir: str | Path, eval_path: str | Path, *,
+    train_metrics_path: str | Path | None = None, error_table_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Register models/ARCH as a new version of `{arch}-{dataset}` with tags and a model card; move the
+    alias only by `decide_champion`. The register run logs the resolved config, the model's meta.json, the
+    evaluation JSON and (if given and present) the error table. Returns the record for reports/registry.json."""
     from pipeline import tracking
     from pipeline.data.shards import read_manifest
-    from pipeline.training.checkpoint import load_model_dir
+    from pipeline.training.checkpoint import META_FILE, load_model_dir
 
     manifest = read_manifest(p.data.shards_dir)
     model, meta = load_model_dir(model_dir)
     ev = json.loads(Path(eval_path).read_text())
+    fp = str(manifest["fingerprint"])
+    if ev.get("data_fingerprint") and str(ev["data_fingerprint"]) != fp:
+        raise ValueError(f"{eval_path} was computed on other data ({str(ev['data_fingerprint'])[:8]}) than "
+                         f"{p.data.shards_dir} ({fp[:8]}): rerun the evaluate stage before registering")
     dataset = dataset_name(manifest)
     name = p.registry.model_name.format(arch=arch, dataset=dataset)
-    fp = str(manifest["fingerprint"])
+    train_run_id = str(_read_json(train_metrics_path).get("mlflow_run_id") or "")
     run_id = tracking.start_run(p.tracking.experiment, f"register-{arch}",
                                 tracking.base_tags("register", p.digest(), fp),
-                                params={"arch": arch, "registered_name": name})
+                                params={"arch": arch, "registered_name": name, "alias": p.registry.alias})
+    try:
+        tracking.log_config(run_id, p.model_dump(mode="json"))
+        tracking.log_artifact(run_id, Path(model_dir) / META_FILE, "model_dir")
+        tracking.log_artifact(run_id, eval_path, "eval")
+        if error_table_path is not None and Path(error_table_path).is_file():
+            tracking.log_artifact(run_id, error_table_path, "reports")
+        record = _register(p, arch, name, dataset, fp, manifest, model, meta, ev, run_id, train_run_id)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return record
+
+
+def _register(
+    p: Params, arch: str, name: str, dataset: str, fp: str, manifest: dict[str, Any], model: nn.Module,
+    meta: dict[str, Any], ev: dict[str, Any], run_id: str, train_run_id: str,
+) -> dict[str, Any]:
+    from pipeline import tracking
+
+    alias = p.registry.alias
     tracking.log_metrics(run_id, {"top1_err": ev["top1_err"], "top5_err": ev["top5_err"]})
     tf = meta["eval_transform"]
     example = example_batch(p.data.shards_dir, tf["resize"], tf["crop"])
-    version_tags = {"arch": arch, "dataset": dataset, "top1_err": f"{ev['top1_err']:.4f}",
-                    "top5_err": f"{ev['top5_err']:.4f}", "data_fingerprint": fp,
-                    "git_commit": str(meta.get("git_commit")), "n_val_images": str(ev["n_images"])}
+    # repr() keeps every digit: the champion comparison reads these tags back and must not see a rounded value.
+    version_tags = {"arch": arch, "dataset": dataset, "top1_err": repr(float(ev["top1_err"])),
+                    "top5_err": repr(float(ev["top5_err"])), "n_val_images": str(ev["n_images"]),
+                    "num_classes": str(meta["num_classes"]), "eval_protocol": str(ev.get("protocol", "")),
+                    "data_fingerprint": fp, "train_data_fingerprint": str(meta.get("data_fingerprint")),
+                    "git_commit": str(meta.get("git_commit")), "params_digest": p.digest(),
+                    "train_run_id": train_run_id, "epochs_trained": str(meta.get("epochs_trained"))}
     metadata = {"classes": meta["classes"], "class_names": meta.get("class_names", {}), "eval_transform": tf,
-                "arch": arch, "dataset": dataset}
-    version = tracking.log_and_register_model(
-        run_id, InferenceModel(model).eval(), example, name, model_card(arch, meta, ev, dataset),
-        version_tags, metadata,
-    )
-    current = tracking.alias_version(name, p.registry.alias)
+                "arch": arch, "dataset": dataset, "num_classes": meta["num_classes"], "data_fingerprint": fp,
+                "output": "class probabilities (N, num_classes), columns in the order of `classes`"}
+    lineage = {"train run": train_run_id, "register run": run_id, "params digest": p.digest()}
+    card = model_card(arch, meta, ev, dataset, manifest=manifest, lineage=lineage)
+    about = (f"{arch} trained on {dataset} by resnet-pipeline. `@{alias}` is the version with the lowest top-1 "
+             "error on the current data; every version's description is its model card.")
+    version = tracking.log_and_register_model(run_id, InferenceModel(model).eval(), example, name, card,
+                                              version_tags, metadata, registered_description=about)
+    current = tracking.alias_version(name, alias)
     current_tags = None if current is None else {**current.tags, "version": str(current.version)}
-    move, why = decide_champion(ev["top1_err"], fp, current_tags)
+    move, why = decide_champion(float(ev["top1_err"]), fp, current_tags)
     if move:
-        tracking.set_alias(name, p.registry.alias, version)
-    tracking.set_tags(run_id, {"registered.version": version, "champion.moved": str(move), "champion.why": why})
-    tracking.end_run(run_id)
-    return {"arch": arch, "name": name, "version": version, "alias": p.registry.alias if move else None,
-            "champion_moved": move, "why": why, "top1_err": ev["top1_err"], "run_id": run_id,
-            "uri": f"models:/{name}/{version}"}
+        tracking.set_alias(name, alias, version)
+    champion = version if move else str(current.version)  # current is not None when move is False
+    decision = {"champion.moved": str(move).lower(), "champion.why": why, "champion.version": champion}
+    tracking.set_version_tags(name, version, decision)
+    tracking.set_tags(run_id, {"registered.name": name, "registered.version": version, **decision})
+    return {"arch": arch, "name": name, "version": version, "alias": alias if move else None,
+            "champion_moved": move, "why": why, "champion_version": champion,
+            "previous_champion_version": None if current is None else str(current.version),
+            "top1_err": ev["top1_err"], "top5_err": ev["top5_err"], "data_fingerprint": fp,
+            "run_id": run_id, "train_run_id": train_run_id or None,
+            "uri": f"models:/{name}/{version}", "champion_uri": f"models:/{name}@{alias}"}

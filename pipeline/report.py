@@ -84,8 +84,49 @@ def _figures(rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]]
     return paths
 
 
+def _confusion_figure(details: dict[str, dict[str, Any]], classes: list[str], out: Path) -> str | None:
+    """One confusion matrix per arch (rows: true class, columns: predicted), when there are <= 100 classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mats = {a: np.asarray(d["confusion"]) for a, d in details.items() if d.get("confusion") is not None}
+    if not mats:
+        return None
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
+    for ax, (arch, m) in zip(axes[0], mats.items(), strict=True):
+        norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(arch, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        if len(classes) <= 20:
+            ax.set_xticks(range(len(classes)))
+            ax.set_yticks(range(len(classes)))
+            ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return str(out)
+
+
+def per_class_rows(details: dict[str, dict[str, Any]], names: dict[str, str]) -> list[str]:
+    """Markdown rows: per-class top-1 error (%) for each arch (<= 100 classes)."""
+    archs = [a for a, d in details.items() if d.get("per_class_top1_err")]
+    if not archs or len(details[archs[0]]["per_class_top1_err"]) > 100:
+        return []
+    wnids = list(details[archs[0]]["per_class_top1_err"])
+    lines = ["| class | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for w in wnids:
+        cells = " | ".join(f"{details[a]['per_class_top1_err'].get(w, float('nan')):.1f}" for a in archs)
+        lines.append(f"| {w} {names.get(w, '')} | {cells} |")
+    return lines
+
+
 def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | Path, manifest: dict[str, Any],
-                 out_dir: str | Path) -> list[dict[str, Any]]:
+                 out_dir: str | Path, details_dir: str | Path | None = None) -> list[dict[str, Any]]:
     import csv
 
     from pipeline.models import build_model, count_params
@@ -106,9 +147,21 @@ def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | P
             with f.open() as fh:
                 curves[r["arch"]] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
     figures = _figures(rows, curves, out_dir)
+    details = {}
+    if details_dir is not None:
+        for r in rows:
+            f = Path(details_dir) / f"{r['arch']}_details.json"
+            if f.is_file():
+                details[r["arch"]] = json.loads(f.read_text())
+    confusion = _confusion_figure(details, [c["wnid"] for c in manifest["classes"]], out_dir / "confusion.png")
+    if confusion:
+        figures.append(confusion)
     dataset = {**manifest["source"], "num_classes": nc, "n_val": manifest["splits"]["val"]["n_images"],
                "fingerprint": manifest["fingerprint"]}
     md = render_markdown(rows, dataset, figures)
+    per_class = per_class_rows(details, {c["wnid"]: c["name"] for c in manifest["classes"]})
+    if per_class:
+        md += "\n## Per-class top-1 error (%)\n\n" + "\n".join(per_class) + "\n"
     tmp = out_dir / "error_table.md.tmp"
     tmp.write_text(md)
     tmp.replace(out_dir / "error_table.md")

@@ -1,17 +1,28 @@
 """Every MLflow call of the project lives here.
 
 Runs are addressed by explicit run ids through `MlflowClient` rather than MLflow's process-global
-"active run": stages, Ray workers and Tune trials live in different processes, and only one process at
-a time writes to the embedded SQLite store (PITFALLS.md: SQLite allows one writer).
+"active run": stages, Ray workers and Tune trials live in different processes. Within one training run
+only the driver and Ray Train's rank 0 write (PITFALLS.md: SQLite allows one writer; MLflow's SQLite
+engine waits up to 20 s on a lock, and our writes are single small batches, so the two never collide
+for long); several machines, or several stages at once, need `mlflow server`
+(`infra/mlflow/local/serve.sh`).
+
+Credentials: a tracking server's user and password come only from `MLFLOW_TRACKING_USERNAME` /
+`MLFLOW_TRACKING_PASSWORD`, which MLflow's REST client reads itself. Nothing here reads, logs, tags or
+stores them; nor is the tracking URI (which may embed a database password) logged or tagged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # All runs of one `dvc repro` share this tag; set PIPELINE_RUN_GROUP to name the group yourself.
@@ -35,6 +46,9 @@ def _client() -> Any:
 
 
 def git_commit() -> str:
+    """HEAD of the repository; on a cluster (uploaded without .git) the entrypoint exports PIPELINE_GIT_COMMIT."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        return os.environ["PIPELINE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -65,7 +79,21 @@ def _experiment_id(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
-    return str(client.create_experiment(name))
+    return str(client.create_experiment(name, artifact_location=_sqlite_artifact_location(name)))
+
+
+def _sqlite_artifact_location(experiment: str) -> str | None:
+    """A SQLite store keeps artifacts under ./mlruns of whichever directory first created the experiment
+    (a Ray worker's, a test's); pin them beside the database file instead: `<db folder>/mlruns/<experiment>`
+    (the repository's git-ignored mlruns/ for the embedded store). Servers choose their own (None)."""
+    import re
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db = db if db.is_absolute() else Path.cwd() / db
+    return str(db.parent / "mlruns" / re.sub(r"[^A-Za-z0-9._-]", "_", experiment))
 
 
 def find_run(experiment: str, tag: str, value: str) -> str | None:
@@ -139,6 +167,65 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
         client.set_tag(run_id, k, v)
 
 
+def log_config(run_id: str, config: Mapping[str, Any], artifact_file: str = "config/params.yaml") -> None:
+    """The resolved parameters (`Params.model_dump(mode="json")`) as a YAML artifact of the run: the
+    flat `params` of a run are truncated strings, this file is the config that actually ran."""
+    _client().log_dict(run_id, dict(config), artifact_file)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    _client().log_text(run_id, text, artifact_file)
+
+
+@contextmanager
+def system_metrics(
+    run_id: str | None, sampling_interval_s: float = 10.0, node_id: str | None = None
+) -> Iterator[None]:
+    """Log this machine's utilisation to `run_id` while the block runs: `system/cpu_utilization_percentage`,
+    `system/system_memory_usage_percentage`, disk and network, and `system/gpu_{i}_*` when `nvidia-ml-py`
+    is installed and a GPU is visible. One sample every `sampling_interval_s` seconds (MLflow's
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides it); steps continue after a resumed run's.
+
+    MLflow's own `start_run(log_system_metrics=True)` needs the process-global active run; its
+    `SystemMetricsMonitor` takes the run id, so it fits our explicit-run-id style and never touches the
+    fluent run state. The monitor stops by itself if the run ends. Monitoring never fails the block: a
+    monitor that cannot start is a warning. `run_id=None` does nothing.
+
+        with tracking.system_metrics(run_id):
+            outcome = run(trainer)   # trainer.fit() in the driver
+    """
+    monitor = None
+    if run_id:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            _client()
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True,
+                                           node_id=node_id, tracking_uri=tracking_uri())
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - metrics are an aid, never a reason to stop training
+            _log.warning("system metrics are not logged: %s", exc)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            _stop_monitor(monitor)
+
+
+def _stop_monitor(monitor: Any) -> None:
+    try:
+        monitor.finish()
+        # MLflow's loop exits on shutdown without publishing the samples taken since its last publish, so
+        # a block shorter than one interval would log nothing: publish what is left.
+        leftover = monitor.aggregate_metrics()
+        if leftover:
+            monitor.publish_metrics(leftover)
+            monitor.mlflow_logger.flush()
+    except Exception as exc:  # noqa: BLE001
+        _log.warning("system metrics: final flush failed: %s", exc)
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 
@@ -170,31 +257,40 @@ def log_and_register_model(
     description: str,
     version_tags: Mapping[str, str],
     metadata: Mapping[str, Any],
+    registered_description: str | None = None,
 ) -> str:
     """Log `model` as pt2 with a pyfunc signature and register it; returns the new version number.
 
     `example` is a numpy batch of >= 2 images: a batch of 1 would specialise the exported batch
-    dimension to 1 (PITFALLS.md), so the stored model would refuse other batch sizes.
+    dimension to 1 (PITFALLS.md), so the stored model would refuse other batch sizes. A numpy example
+    (not a tensor) keeps the pyfunc flavour, which `mlflow models serve` needs. The stored model is the
+    exported program and its weights, with no bundled code (`code: null`): it loads with
+    `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`, where MLflow first checks that the pt2 archive holds no
+    pickle payload (tests/test_mlflow.py).
+
+    `registered_description` describes the registered model itself; it is set only when this call creates it.
     """
     import mlflow
     import numpy as np
+    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     # log_model runs a pip dry-run to pin requirements; offline it would fail (PITFALLS.md).
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
-    if example.shape[0] < 2:
+    if example.ndim < 1 or example.shape[0] < 2:
         raise ValueError("the input example needs a batch of at least 2 (dynamic batch dimension)")
     client = _client()
-    import torch
-
     with torch.no_grad():
         out = model(torch.from_numpy(example)).numpy()
     # -1 marks the batch dimension dynamic in the signature, which also makes the pt2 export dynamic.
+    # The specs are unnamed: a request is then a plain array, {"inputs": [[[[...]]]]}.
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(example.dtype), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(out.dtype), (-1, *out.shape[1:]))]),
     )
+    # log_model logs into the fluent active run; leaving the `with` ends the run, which the caller
+    # still writes to and ends itself: set it back to RUNNING.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
@@ -205,12 +301,14 @@ def log_and_register_model(
             metadata=dict(metadata),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
+    client.update_run(run_id, status="RUNNING")
     try:
         client.get_registered_model(registered_name)
     except Exception:  # noqa: BLE001 - MLflow raises its own RestException for "not found"
-        client.create_registered_model(registered_name)
+        client.create_registered_model(registered_name, description=registered_description)
+    # model_id links the version to the logged model; a tracking server refuses a models:/m-... source without it.
     mv = client.create_model_version(registered_name, info.model_uri, run_id=run_id, description=description,
-                                     tags=dict(version_tags))
+                                     tags={k: str(v) for k, v in version_tags.items()}, model_id=info.model_id)
     _wait_ready(client, registered_name, mv.version)
     return str(mv.version)
 
@@ -224,6 +322,27 @@ def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60) -> 
             return
         time.sleep(0.5)
     raise TimeoutError(f"model {name} v{version} not READY after {timeout_s}s")
+
+
+def set_version_tags(name: str, version: str, tags: Mapping[str, str]) -> None:
+    client = _client()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def model_versions(name: str) -> list[Any]:
+    """Every version of registered model `name`, oldest first."""
+    versions = _client().search_model_versions(f"name = '{name}'")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def model_metadata(uri: str) -> dict[str, Any]:
+    """The `metadata` a logged model carries (classes, class names, eval transform, ...), read from its
+    MLmodel file without loading the weights."""
+    import mlflow.models
+
+    _client()
+    return dict(mlflow.models.get_model_info(uri).metadata or {})
 
 
 def alias_version(name: str, alias: str) -> Any | None:

@@ -36,27 +36,29 @@ def trial_resources(
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial: a TorchTrainer whose per-epoch reports reach Tune, so ASHA can stop it early."""
+    """One trial. workers_per_trial >= 1: a TorchTrainer whose reports reach Tune via TuneReportCallback.
+    0: the loop runs in this trial process and reports to Tune itself (no worker group to start)."""
     from ray import tune
 
+    from pipeline.data.ingest import train_dataset
+    from pipeline.training.loop import TuneTrialSession, run_loop
     from pipeline.training.trainer import build_trainer, make_job
 
     p = Params.model_validate(config["params"])
     job = make_job(p, p.tune.arch, float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None,
                    train_fraction=p.tune.train_fraction)
     job.threads = int(config["threads"])
-    workers = p.tune.workers_per_trial
-    callbacks = []
-    if workers > 0:
-        from ray.tune.integration.ray_train import TuneReportCallback
+    if p.tune.workers_per_trial == 0:
+        job.extra["local_mode"] = True
+        ds = train_dataset(job.train_files, crop=p.train.train_crop_size, min_scale=p.train.train_crop_min_scale,
+                           seed=p.seed)
+        run_loop(job, TuneTrialSession(ds))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-        callbacks.append(TuneReportCallback())
-    else:
-        # In-process Train (local mode) runs no callbacks: the loop reports to Tune itself.
-        job.extra["report_to_tune"] = True
     trainer = build_trainer(
-        job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}", num_workers=workers,
-        storage_path=config["storage_path"], callbacks=callbacks or None,
+        job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}",
+        num_workers=p.tune.workers_per_trial, storage_path=config["storage_path"], callbacks=[TuneReportCallback()],
     )
     trainer.fit()
 
@@ -139,16 +141,16 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         "not_run": sum(r["epochs_run"] == 0 for r in rows),
         "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs},
     }
-    _log_tune(p, manifest, rows, result, name)
     write_csv_atomic(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
     write_json_atomic(out_dir / "best.json", result)
     _plot_trials(rows, out_dir / "lr_vs_error.png")
+    _log_tune(p, manifest, rows, result, name, out_dir)
     ray.shutdown()
     return result
 
 
 def _log_tune(p: Params, manifest: dict[str, Any], rows: list[dict[str, Any]], best: dict[str, Any],
-              name: str) -> None:
+              name: str, out_dir: Path) -> None:
     """One parent run for the search and a child run per trial, with its params and curve."""
     from pipeline import tracking
 
@@ -167,6 +169,9 @@ def _log_tune(p: Params, manifest: dict[str, Any], rows: list[dict[str, Any]], b
     tracking.log_metrics(parent, {"best_val_top1_err": best["val_top1_err"], "best_lr": best["lr"],
                                   "best_lr_warmup_epochs": best["lr_warmup_epochs"]})
     tracking.set_tags(parent, {"ray.tune_name": name})
+    tracking.log_config(parent, p.model_dump(mode="json"))
+    for f in ("trials.csv", "best.json", "lr_vs_error.png"):
+        tracking.log_artifact(parent, out_dir / f)
     tracking.end_run(parent)
 
 

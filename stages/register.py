@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pipeline.cli import stage_args
 
 
+def _args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default="reports/registry.json")
+    # Logged as an artifact of each register run when present (dvc.yaml lists it as a dependency, so the
+    # report stage has written it first).
+    ap.add_argument("--error-table", default="reports/error_table.md")
+
+
 def main() -> None:
-    p, args = stage_args(__doc__, lambda ap: ap.add_argument("--out", default="reports/registry.json"))
+    p, args = stage_args(__doc__, _args)
     from pipeline.registry import register_model
     from pipeline.training.trainer import write_json_atomic
 
     records = []
     for arch in p.model.archs:
-        rec = register_model(p, arch, f"models/{arch}", f"metrics/eval/{arch}.json")
+        rec = register_model(p, arch, f"models/{arch}", f"metrics/eval/{arch}.json",
+                             train_metrics_path=f"metrics/train/{arch}.json", error_table_path=args.error_table)
         records.append(rec)
         print(f"register: {rec['uri']} alias={rec['alias']} ({rec['why']})")
     write_json_atomic(args.out, records)

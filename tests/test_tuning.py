@@ -26,7 +26,7 @@ def test_trial_resources_fit_small_and_large_machines() -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_tune_on_two_cpus_with_more_trials_than_fit_finishes(synthetic_shards, tmp_path, monkeypatch) -> None:
     import ray
 
@@ -36,7 +36,8 @@ def test_tune_on_two_cpus_with_more_trials_than_fit_finishes(synthetic_shards, t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = load_params(ROOT / "params.yaml", [
         f"data.shards_dir={synthetic_shards}", f"train.storage_path={tmp_path / 'ray'}", "train.batch_size=16",
-        "tune.num_samples=3", "tune.epochs=2", "tune.workers_per_trial=1", "tune.time_budget_s=300",
+        "tune.num_samples=3", "tune.epochs=1", "tune.lr_warmup_epochs=[0]", "tune.workers_per_trial=0",
+        "tune.time_budget_s=400",
         "tune.train_fraction=1.0",
     ])
     if ray.is_initialized():

@@ -50,6 +50,22 @@ command -v dvc >/dev/null || die "dvc is not on PATH: the cluster image must ins
 SUBMISSION_ID=$(job_meta job_submission_id)
 log "job ${SUBMISSION_ID:-<not a Ray job>} on $(uname -n), uploaded code in $SRC"
 
+# Provenance: without .git, pipeline.tracking cannot read the commit. `ray job submit` passes it as job
+# metadata (docs/cluster.md); code baked into the image carries it in .pipeline-commit.
+COMMIT=$(job_meta git_commit)
+if [[ -z "$COMMIT" && -f "$SRC/.pipeline-commit" ]]; then
+    COMMIT=$(<"$SRC/.pipeline-commit")
+fi
+export PIPELINE_GIT_COMMIT=${COMMIT:-${PIPELINE_GIT_COMMIT:-unknown}}
+if [[ -z "${PIPELINE_RUN_GROUP:-}" ]]; then
+    if [[ "$PIPELINE_GIT_COMMIT" != unknown ]]; then
+        PIPELINE_RUN_GROUP="commit-${PIPELINE_GIT_COMMIT:0:12}"
+    else
+        PIPELINE_RUN_GROUP="ray-${SUBMISSION_ID:-$(date -u +%Y%m%dT%H%M%SZ)}"
+    fi
+fi
+export PIPELINE_RUN_GROUP
+
 # 1. The persistent workspace.
 if [[ -n "${PIPELINE_WORKSPACE:-}" ]]; then
     mkdir -p "$PIPELINE_WORKSPACE" || die "cannot create PIPELINE_WORKSPACE=$PIPELINE_WORKSPACE"
@@ -79,22 +95,6 @@ if [[ -n "${PIPELINE_PARAMS:-}" ]]; then
     log "params: $PIPELINE_PARAMS (copied to params.yaml)"
 fi
 
-# Provenance: without .git, pipeline.tracking cannot read the commit. `ray job submit` passes it as job
-# metadata (docs/cluster.md); code baked into the image carries it in .pipeline-commit.
-COMMIT=$(job_meta git_commit)
-if [[ -z "$COMMIT" && -f "$SRC/.pipeline-commit" ]]; then
-    COMMIT=$(<"$SRC/.pipeline-commit")
-fi
-export PIPELINE_GIT_COMMIT=${COMMIT:-${PIPELINE_GIT_COMMIT:-unknown}}
-if [[ -z "${PIPELINE_RUN_GROUP:-}" ]]; then
-    if [[ "$PIPELINE_GIT_COMMIT" != unknown ]]; then
-        PIPELINE_RUN_GROUP="commit-${PIPELINE_GIT_COMMIT:0:12}"
-    else
-        PIPELINE_RUN_GROUP="ray-${SUBMISSION_ID:-$(date -u +%Y%m%dT%H%M%SZ)}"
-    fi
-fi
-export PIPELINE_RUN_GROUP
-
 log "workspace: $(pwd -P)"
 log "commit: $PIPELINE_GIT_COMMIT, MLflow run group: $PIPELINE_RUN_GROUP"
 log "MLflow: ${MLFLOW_TRACKING_URI:-<unset: the embedded sqlite:///$(pwd -P)/mlflow.db>}"
@@ -111,8 +111,10 @@ fi
 log "dvc repro $*"
 dvc repro "$@"
 
-log "done; metrics:"
-dvc metrics show || true
+if [[ $# -eq 0 ]]; then   # the whole DAG ran: show its results (stage targets leave metrics half-made)
+    log "done; metrics:"
+    dvc metrics show || true
+fi
 if [[ -f reports/error_table.md ]]; then
     log "reports/error_table.md:"
     cat reports/error_table.md

@@ -12,13 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.transforms import batch_seed, train_image, val_image
+from pipeline.data.transforms import batch_seed, ten_crop_images, train_image, val_image
 
-# One logical CPU per decode task. Fractional requests let Ray run many decode tasks at once, and on a small
-# machine every extra task is a new Python worker process (~1-2 s of CPU to start): seen here as a dozen
-# `ray::IDLE` processes eating the cores the training workers needed. The local Ray adds logical CPUs for
-# data (pipeline.training.trainer.init_ray), so ingest never starves next to the workers (PITFALLS.md).
-DECODE_TASK_CPUS = 1.0
+# Half a logical CPU per read and per decode task. Smaller requests let Ray run many tasks at once, and on a
+# small machine every extra task is a new Python worker process (~1-2 s of CPU to start): seen here as a
+# dozen `ray::IDLE` processes eating the training workers' cores. Larger ones deadlock: with one CPU left to
+# Ray Data (a 2-CPU Ray running a trial), a 1-CPU read task holds it and the 1-CPU decode task never runs
+# (seen in tests/test_tuning.py). A read and a decode together fit in one CPU. The local Ray adds logical
+# CPUs for data (pipeline.training.trainer.init_ray), so ingest never starves next to the workers.
+DECODE_TASK_CPUS = 0.5
+READ_TASK_CPUS = 0.5
 
 
 class TrainDecode:
@@ -53,13 +56,18 @@ class ValDecode:
         return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
 
 
-def _use_file_datasource() -> None:
+def _configure_data_context() -> None:
     """Ray 2.60's V2 Parquet datasource (ListFiles -> ReadFilesParquetV2) reads our shards as one block
     after a ~2.5 s listing task, every epoch: 3.8-6.4 s per pass over 1,000 images vs 0.6 s with the
-    file-based datasource, which also streams (first batch after 0.2 s). Measured: bench/ and the README."""
+    file-based datasource, which also streams (first batch after 0.2 s; measured here, see README).
+    Progress bars only on a terminal: in logs (CI, `ray job logs`) they are thousands of redraw lines."""
+    import sys
+
     from ray.data import DataContext
 
-    DataContext.get_current().use_datasource_v2 = False
+    ctx = DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = sys.stderr.isatty()
 
 
 def train_dataset(
@@ -69,11 +77,12 @@ def train_dataset(
     import ray.data
     from ray.data import FileShuffleConfig
 
-    _use_file_datasource()
+    _configure_data_context()
     ds = ray.data.read_parquet(
         list(files),
         columns=["image", "label", "key"],
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+        num_cpus=READ_TASK_CPUS,
     )
     return ds.map_batches(
         TrainDecode(crop, min_scale),
@@ -83,11 +92,27 @@ def train_dataset(
     )
 
 
-def val_dataset(files: Sequence[str], *, resize: int, crop: int, decode_batch: int = 64) -> Any:
+class TenCropDecode:
+    """map_batches function for the paper's 10-crop test: uint8 (N, 10, 3, crop, crop)."""
+
+    def __init__(self, resize: int, crop: int) -> None:
+        self.resize = resize
+        self.crop = crop
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in batch["image"]])
+        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
+
+
+def val_dataset(
+    files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False, decode_batch: int = 64
+) -> Any:
+    """A lazy Ray Dataset of val images after the eval transform (1 center crop, or 10 crops), keys kept."""
     import ray.data
 
-    _use_file_datasource()
-    ds = ray.data.read_parquet(list(files), columns=["image", "label", "key"])
-    return ds.map_batches(
-        ValDecode(resize, crop), batch_format="numpy", batch_size=decode_batch, num_cpus=DECODE_TASK_CPUS
+    _configure_data_context()
+    ds = ray.data.read_parquet(
+        list(files), columns=["image", "label", "key"], num_cpus=READ_TASK_CPUS
     )
+    decode = TenCropDecode(resize, crop) if ten_crop else ValDecode(resize, crop)
+    return ds.map_batches(decode, batch_format="numpy", batch_size=decode_batch, num_cpus=DECODE_TASK_CPUS)

@@ -111,24 +111,78 @@ def evaluate_files(
     return c1, c5, n
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+class TrainSession:
+    """Ray Train's per-worker API (a TorchTrainer worker, or its in-process local mode)."""
 
-    job = Job(**config)
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> Any:
+        return self._train.get_checkpoint()
+
+    def train_shard(self) -> Any:
+        return self._train.get_dataset_shard("train")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ckpt = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+
+class TuneTrialSession:
+    """A Tune trial that trains in its own process (tune.workers_per_trial: 0): Tune's API instead of
+    Train's, since Ray refuses ray.train.* inside a Tune function (ray-project/ray#49454)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._dataset = dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def checkpoint(self) -> Any:
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def train_shard(self) -> Any:
+        return self._dataset
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)  # ASHA reads this and may stop the trial here
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The TorchTrainer worker function."""
+    run_loop(Job(**config), TrainSession())
+
+
+def run_loop(job: Job, session: Any) -> None:
+    """The training loop proper; `session` is where data comes from and reports go."""
     p = Params.model_validate(job.params)
     tp = p.train
     torch.set_num_threads(job.threads)
     rank, world_size = dist.world()
     torch.manual_seed(p.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device
     memory_format = torch.channels_last if tp.channels_last else torch.contiguous_format
 
     model = _build_model(job, p).to(device=device, memory_format=memory_format)
     if tp.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world_size > 1:
-        model = ray.train.torch.prepare_model(model)
+        model = session.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     ema = None
     if tp.model_ema_decay > 0:
@@ -141,8 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=tp.label_smoothing)
     train_fwd = torch.compile(model) if tp.compile else model
 
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    start_epoch, history, resumed_at = 0, [], []
+    checkpoint = session.checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_train_state(ckpt_dir)
@@ -153,13 +207,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        resumed_at = [*state.get("resumed_at", []), start_epoch]
         if dist.is_rank0():
             print(f"[train {job.arch}] resumed from checkpoint: epoch {start_epoch} of {job.epochs} done", flush=True)
 
     per_worker_batch = tp.batch_size // max(world_size, 1)
     # streaming_split(equal=True) gives every rank floor(n / world) rows; drop_last keeps steps equal.
     steps_per_epoch = max(job.n_train // max(world_size, 1) // per_worker_batch, 1)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = session.train_shard()
     my_val_files = dist.shard_for_rank(job.val_files, rank, world_size)
     mix_gen = torch.Generator().manual_seed(p.seed + 7 * rank)
 
@@ -244,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
         history.append(metrics)
-        _report(job, p, core, optimizer, scaler, ema, epoch + 1, history, metrics)
+        _report(session, job, p, core, optimizer, scaler, ema, epoch + 1, history, metrics, resumed_at)
 
 
 def _maybe_inject_failure(epoch: int, step: int, rank: int) -> None:
@@ -260,15 +315,13 @@ def _maybe_inject_failure(epoch: int, step: int, rank: int) -> None:
 
 
 def _report(
-    job: Job, p: Params, core: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    ema: Any, epoch: int, history: list[dict[str, Any]], metrics: dict[str, Any],
+    session: Any, job: Job, p: Params, core: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    ema: Any, epoch: int, history: list[dict[str, Any]], metrics: dict[str, Any], resumed_at: list[int],
 ) -> None:
     """Every rank reports once per epoch (Train V2 synchronises on it); only rank 0 attaches the checkpoint
     and writes to MLflow."""
-    import ray.train
-
     if not dist.is_rank0():
-        ray.train.report(metrics)
+        session.report(metrics, None)
         return
     state = {
         "model": core.state_dict(),
@@ -277,6 +330,7 @@ def _report(
         "ema": ema.module.state_dict() if ema is not None else None,
         "epoch": epoch,
         "history": history,
+        "resumed_at": resumed_at,  # epochs at which a restarted worker group or driver picked the run up
         "rng": torch.get_rng_state(),
         "arch": job.arch,
         "model_kwargs": model_kwargs(p, job.arch),
@@ -299,16 +353,12 @@ def _report(
 
         tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
     if job.extra.get("local_mode"):
-        # In-process runs (num_workers=0): nothing copies the checkpoint, so one directory per run is
-        # rewritten each epoch and is itself the checkpoint.
+        # In-process runs: nothing copies the checkpoint, so one directory per run is rewritten each epoch
+        # and is itself the checkpoint.
         ckpt_dir = job.extra.setdefault("local_ckpt_dir", tempfile.mkdtemp(prefix="resnet-ckpt-"))
         save_train_state(ckpt_dir, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
-        if job.extra.get("report_to_tune"):
-            from ray import tune
-
-            tune.report(metrics)  # the trial is this process: ASHA reads this and may stop the trial
+        session.report(metrics, ckpt_dir)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_train_state(tmp, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, tmp)

@@ -198,16 +198,20 @@ def train_arch(
                 **_flat("train", p.train.model_dump()), **_flat("model", p.model.model_dump())},
         resume_key=name,
     )
+    tracking.log_config(run_id, p.model_dump(mode="json"))
     init_ray()
     job = make_job(p, arch, lr, warmup, p.train.epochs, run_id)
     t0 = time.perf_counter()
     try:
-        outcome = run(build_trainer(job, p, name=name, num_workers=p.train.num_workers,
-                                    storage_path=p.train.storage_path))
+        with tracking.system_metrics(run_id):
+            outcome = run(build_trainer(job, p, name=name, num_workers=p.train.num_workers,
+                                        storage_path=p.train.storage_path))
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     wall = time.perf_counter() - t0
+    for epoch in outcome.state.get("resumed_at", []):
+        print(f"train {arch}: resumed from checkpoint at epoch {epoch} (not started over)", flush=True)
     export_model_dir(out_dir, outcome.state)
     last = outcome.history[-1]
     final = {
@@ -216,6 +220,7 @@ def train_arch(
         "val_top5_err": last["val_top5_err"], "images_per_s": last["images_per_s"],
         "train_time_s": sum(h["epoch_time_s"] for h in outcome.history), "wall_time_s": wall,
         "mlflow_run_id": run_id,
+        "resumed_at_epochs": list(outcome.state.get("resumed_at", [])),
     }
     write_json_atomic(metrics_path, final)
     write_csv_atomic(curve_path, [{k: v for k, v in h.items()} for h in outcome.history])
