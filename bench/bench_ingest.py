@@ -113,13 +113,15 @@ def make_imagenet_tree(
 # ------------------------------------------------------------------------------------------------ passes
 
 
-def _timed_pass(batches: Iterable[dict[str, Any]] | Iterable[tuple[Any, Any]]) -> tuple[int, float, float]:
+def _timed_pass(
+    batches: Iterable[dict[str, Any]] | Iterable[tuple[Any, Any]], crop: int
+) -> tuple[int, float, float]:
     """(images, seconds for the whole pass, seconds to the first batch), consuming an iterable of batches."""
     n, first = 0, None
     t0 = time.perf_counter()
     for batch in batches:
         images = batch["image"] if isinstance(batch, dict) else batch[0]
-        if images.dtype.is_floating_point or tuple(images.shape[1:]) != (3, 224, 224):
+        if images.dtype.is_floating_point or tuple(images.shape[1:]) != (3, crop, crop):
             raise AssertionError(f"unexpected batch {images.dtype} {tuple(images.shape)}")
         n += images.shape[0]
         if first is None:
@@ -162,12 +164,11 @@ def ray_pass_fn(
 
     def one_pass() -> tuple[int, float, float]:
         # The training loop's arguments (pipeline/training/loop.py), minus device=: CPU here.
-        return _timed_pass(
-            ds.iter_torch_batches(
-                batch_size=BATCH, dtypes={"image": torch.uint8, "label": torch.int64},
-                local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2,
-            )
+        batches = ds.iter_torch_batches(
+            batch_size=BATCH, dtypes={"image": torch.uint8, "label": torch.int64},
+            local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2,
         )
+        return _timed_pass(batches, crop)
 
     return one_pass
 
@@ -212,7 +213,7 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
     load_before = load1()
     # The DataLoader's workers are forked before Ray starts its threads (forking a threaded process is unsafe).
     loader = imagefolder_loader(raw / "train", crop, min_scale)
-    passes: dict[str, Callable[[], tuple[int, float, float]]] = {"imagefolder": lambda: _timed_pass(loader)}
+    passes: dict[str, Callable[[], tuple[int, float, float]]] = {"imagefolder": lambda: _timed_pass(loader, crop)}
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=PROCS, include_dashboard=False, log_to_driver=False)
@@ -286,6 +287,7 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
             )
         )
     return records
+
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="bench_ingest-") as tmp:

@@ -16,6 +16,19 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def reference_weights_note() -> str:
+    """Whether torchvision's pretrained ImageNet weights are on this machine (we never download them)."""
+    import os
+
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    found = sorted(p.name for p in hub.glob("resnet*.pth")) if hub.is_dir() else []
+    if not found:
+        return (f"Reference weights: torchvision's pretrained ResNets are not present locally (looked in `{hub}`); "
+                "the reference columns are the published numbers, not re-evaluated here.")
+    return (f"Reference weights found locally: {', '.join(found)}. They load into our models with strict=True "
+            "(tests/test_models.py); evaluating them needs the real ImageNet val set.")
+
+
 def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures: list[str]) -> str:
     synthetic = dataset.get("layout") == "synthetic"
     lines = ["# ResNet error table", ""]
@@ -41,6 +54,7 @@ def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures
             f"{_fmt(r['diff_top1_vs_cheatsheet'])} | {_fmt(r['epochs'])} | {_fmt(r['train_time_s'])} | "
             f"{_fmt(r['images_per_s'])} |"
         )
+    lines += ["", reference_weights_note()]
     proto = rows[0]["protocol"] if rows else ""
     lines += ["", f"Protocol (ours): {proto}. Cheatsheet = torchvision V1 weights (resize 256, center crop 224); "
               "paper = He et al. 2015, Table 3 (10-crop); ResNet-18's paper entry is Table 2 (top-1 only).", ""]

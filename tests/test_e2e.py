@@ -136,3 +136,30 @@ def test_champions_load_from_registry_and_classify_3_images(repro: dict) -> None
     )
     out = run([sys.executable, "-c", script, *[r["name"] for r in records]], repo, repro["env"], 300)
     assert out.stdout.count("[") == len(ARCHS)
+
+
+@pytest.mark.e2e
+def test_predict_from_checkpoint_and_registry_and_bad_image(repro: dict) -> None:
+    repo: Path = repro["repo"]
+    image = sorted((repo / "data/synthetic/val").glob("*.JPEG"))[0]
+    for model in ("models/resnet18", "models:/resnet18-synthetic@champion"):
+        out = run([sys.executable, "-m", "pipeline", "predict", "--model", model, "--image", str(image), "--topk", "3"],
+                  repo, repro["env"], 300)
+        lines = out.stdout.strip().splitlines()
+        assert lines[0] == str(image) and len(lines) == 4, out.stdout
+        assert "synthetic" in lines[1]  # class names travel with the model
+    bad = repo / "broken.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", "models/resnet18", "--image",
+                          str(bad)], cwd=repo, env=repro["env"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "broken.JPEG" in out.stderr
+
+
+@pytest.mark.e2e
+def test_dvc_metrics_and_plots_show(repro: dict) -> None:
+    repo: Path = repro["repo"]
+    metrics = run(["dvc", "metrics", "show"], repo, repro["env"], 120).stdout
+    for arch in ARCHS:
+        assert f"metrics/eval/{arch}.json" in metrics and f"metrics/train/{arch}.json" in metrics
+    run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, repro["env"], 120)
+    assert (repo / "dvc_plots/index.html").is_file()

@@ -59,7 +59,9 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
 
 @pytest.mark.ray
 def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
-    params = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4)
+    # storage_path as a URI (pyarrow filesystem), as on a cluster with shared storage.
+    params = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4,
+                          storage_path=f"file://{tmp_path / 'ckpt'}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
