@@ -74,6 +74,10 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     epochs: int = Field(90, ge=1, le=10_000, description="Training epochs (the paper: 90).")
+    epochs_by_arch: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-arch epochs overriding `epochs` (e.g. a shorter smoke run for the deepest nets).",
+    )
     batch_size: int = Field(256, ge=1, le=1 << 20, description="GLOBAL batch size, fixed for any worker count.")
     opt: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, le=100, description="Peak LR for batch_size (paper: 0.1 at 256).")
@@ -114,8 +118,13 @@ class TrainParams(_Section):
         # YAML 1.1 reads a bare `off` as False: accept what the user meant.
         return "off" if v is False else v
 
+    def epochs_for(self, arch: str) -> int:
+        return self.epochs_by_arch.get(arch, self.epochs)
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
+        if any(e < 1 for e in self.epochs_by_arch.values()):
+            raise ValueError("epochs_by_arch values must be >= 1")
         if self.val_crop_size > self.val_resize_size:
             raise ValueError("val_crop_size must be <= val_resize_size")
         if self.lr_warmup_epochs >= self.epochs and self.epochs > 1:

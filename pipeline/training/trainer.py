@@ -188,6 +188,8 @@ def train_arch(
 
     p = with_absolute_paths(p)
     lr, warmup, hp_source = tuned_hparams(p, best_path)
+    epochs = p.train.epochs_for(arch)
+    warmup = min(warmup, max(epochs - 1, 0))
     manifest = read_manifest(p.data.shards_dir)
     # Same params + same data -> same Ray run name -> a rerun after a crash resumes from its checkpoint.
     name = f"train-{arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}-lr{lr:.4g}-w{warmup}"
@@ -200,7 +202,7 @@ def train_arch(
     )
     tracking.log_config(run_id, p.model_dump(mode="json"))
     init_ray()
-    job = make_job(p, arch, lr, warmup, p.train.epochs, run_id)
+    job = make_job(p, arch, lr, warmup, epochs, run_id)
     t0 = time.perf_counter()
     try:
         with tracking.system_metrics(run_id):
