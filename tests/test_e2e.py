@@ -26,6 +26,7 @@ TINY = {
     "data.rows_per_shard": 32,
     "model.archs": ARCHS,
     "train.epochs": 2,
+    "train.epochs_by_arch": {},
     "train.batch_size": 16,
     "tune.num_samples": 2,
     "tune.epochs": 2,

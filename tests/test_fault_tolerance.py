@@ -35,26 +35,28 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
     from pipeline.training.trainer import train_arch
 
     marker = tmp_path / "killed.txt"
-    # Kill rank 1 in the middle of the second epoch (epoch index 1, after its 2nd step).
-    monkeypatch.setenv("PIPELINE_KILL_WORKER", f"1,2,1,{marker}")
+    # Kill rank 1 in the middle of the third epoch (epoch index 2, after its 2nd step). Not the second: Ray's
+    # controller registers a reported checkpoint asynchronously, so a crash seconds after a report may resume
+    # from the checkpoint before it (seen in CI) -- what must never happen is starting over.
+    monkeypatch.setenv("PIPELINE_KILL_WORKER", f"2,2,1,{marker}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     if ray.is_initialized():
         ray.shutdown()  # workers must inherit the environment above
-    p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=2, max_failures=2))
+    p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=2, max_failures=2, epochs=4))
     try:
         final = train_arch(p, "resnet18", out_dir=tmp_path / "models/resnet18",
                            metrics_path=tmp_path / "metrics.json", curve_path=tmp_path / "curve.csv", best_path=None)
     finally:
         ray.shutdown()
     assert marker.exists(), "the fault was not injected"
-    assert final["epochs"] == 3
-    assert final["resumed_at_epochs"] == [1]  # the restarted worker group picked up after epoch 1
+    assert final["epochs"] == 4
+    assert len(final["resumed_at_epochs"]) == 1 and final["resumed_at_epochs"][0] >= 1, final  # not started over
     curve = (tmp_path / "curve.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in curve[1:]] == ["1", "2", "3"]
+    assert [line.split(",")[0] for line in curve[1:]] == ["1", "2", "3", "4"]
     runs = tracking.experiment_runs(p.tracking.experiment)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     steps = [s for s, _ in tracking.metric_history(runs[0].info.run_id, "val_top1_err")]
-    assert sorted(steps) == [1, 2, 3]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
 
 
 @pytest.mark.ray
@@ -72,7 +74,8 @@ def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
                             start_new_session=True)
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not list((tmp_path / "ckpt").glob("train-*/checkpoint_*/checkpoint.pt")):
+        # Two checkpoints on disk: the first is surely registered with Ray's controller by then.
+        while time.time() < deadline and len(list((tmp_path / "ckpt").glob("train-*/checkpoint_*/checkpoint.pt"))) < 2:
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.5)
         assert time.time() < deadline, "no checkpoint appeared"
