@@ -135,15 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.training.trainer import init_ray
 
     if args.cmd == "train":
-        from pipeline.data.prepare import prepare_shards
+        from pipeline.data.prepare import prepare_from_params
         from pipeline.training.trainer import train_arch
 
         if args.data:
-            d = p.data
-            prepare_shards(d.raw_dir, d.shards_dir, source=d.source, classes=d.classes,
-                           first_n_classes=d.first_n_classes, max_per_class=d.max_per_class, max_side=d.max_side,
-                           jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard, workers=d.workers,
-                           max_rejected=d.max_rejected)
+            prepare_from_params(p.data)
         final = train_arch(p, args.arch, out_dir=args.out or f"models/{args.arch}",
                            metrics_path=f"metrics/train/{args.arch}.json", curve_path=f"plots/train/{args.arch}.csv")
         print(f"trained {args.arch}: val top-1 err {final['val_top1_err']:.2f}%")

@@ -69,13 +69,14 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
 
     from pipeline.data.ingest import val_dataset
     from pipeline.data.shards import read_manifest, shard_files
-    from pipeline.training.checkpoint import load_model_dir
+    from pipeline.training.checkpoint import read_model_meta
 
-    _, meta = load_model_dir(model_dir)
-    if meta.get("data_fingerprint") and meta["data_fingerprint"] != read_manifest(shards_dir)["fingerprint"]:
+    # The driver needs only the description; the weights are loaded once per inference actor.
+    meta = read_model_meta(model_dir)
+    manifest = read_manifest(shards_dir)
+    if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
         raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
     tf = meta["eval_transform"]
-    manifest = read_manifest(shards_dir)
     expected = int(manifest["splits"]["val"]["n_images"])
     files = shard_files(shards_dir, "val", verify=True)
     cpus = float(ray.cluster_resources().get("CPU", 1))

@@ -18,16 +18,12 @@ def main() -> None:
             fail(f"{len(problems)} problem(s) in {p.data.shards_dir}")
         print(f"verify: every shard in {p.data.shards_dir} matches its manifest checksum")
         return
-    from pipeline.data.prepare import prepare_shards
+    from pipeline.data.prepare import prepare_from_params
     from pipeline.data.sources import DataError
 
     d = p.data
     try:
-        manifest = prepare_shards(
-            d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
-            max_per_class=d.max_per_class, max_side=d.max_side, jpeg_quality=d.jpeg_quality,
-            rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected,
-        )
+        manifest = prepare_from_params(d)
     except DataError as exc:
         fail(str(exc))
     splits = manifest["splits"]

@@ -459,3 +459,12 @@ def prepare_shards(
     }
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def prepare_from_params(d: Any) -> dict[str, Any]:
+    """prepare_shards with the `data` section of params.yaml (pipeline.config.DataParams)."""
+    return prepare_shards(
+        d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
+        max_per_class=d.max_per_class, max_side=d.max_side, jpeg_quality=d.jpeg_quality,
+        rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected,
+    )

@@ -49,6 +49,14 @@ def export_model_dir(out_dir: str | Path, train_state: dict[str, Any]) -> Path:
     return out_dir
 
 
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """models/ARCH/meta.json: the description without loading the weights."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no trained model at {path} (run the train stage first)")
+    return json.loads(file.read_text())
+
+
 def load_model_dir(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """models/ARCH/ -> (model in eval mode, description)."""
     from pipeline.models import build_model
