@@ -101,12 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--pretrained", nargs="?", const="torchvision", metavar="WEIGHTS",
+                    help="fine-tune from torchvision's ImageNet weights found in torch.hub's cache (never "
+                         "downloaded), or from the .pth file given")
     tr.add_argument("--params", default="params.yaml")
     tr.add_argument("--out", help="model directory (default models/ARCH)")
     ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on the val shards")
     ev.add_argument("--model", required=True)
     ev.add_argument("--params", default="params.yaml")
     ev.add_argument("--ten-crop", action="store_true")
+    an = sub.add_parser("analyze", help="residual/gradient flow, feature maps, skip contribution and summary "
+                                        "of a trained model for one image (PNG, JSON, text)")
+    an.add_argument("--model", required=True, help="a trained model directory, e.g. models/resnet18")
+    an.add_argument("--image", required=True, help="one image file")
+    an.add_argument("--out", default="reports/analysis", help="output folder (default reports/analysis)")
+    an.add_argument("--layer", help="residual block of the residual-flow figure (default layer2.0 or the first)")
     args = parser.parse_args(argv)
 
     if args.cmd == "predict":
@@ -114,6 +123,17 @@ def main(argv: list[str] | None = None) -> None:
             print(rec["image"])
             for p in rec["top"]:
                 print(f"  {p['class_id']:>5}  {p['wnid']:<12} {p['prob']:.4f}  {p['name']}")
+        return
+    if args.cmd == "analyze":
+        from pipeline.analysis.model_report import AnalysisInputError, analyze_model_dir
+
+        try:
+            written = analyze_model_dir(args.model, args.image, args.out, layer=args.layer)
+        except (AnalysisInputError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        for what, path in written.items():
+            print(f"{what:>17}: {path}")
         return
     from pipeline.config import ParamsError, load_params
 
@@ -127,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             overrides.append(f"train.batch_size={args.batch_size}")
         if args.lr:
             overrides += [f"train.lr={args.lr}", "train.use_tuned=false"]
+        if args.pretrained:
+            overrides.append(f"train.pretrained={args.pretrained}")
     try:
         p = load_params(args.params, overrides)
     except ParamsError as exc:
@@ -135,9 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.training.trainer import init_ray
 
     if args.cmd == "train":
+        from pipeline.cli import fail
         from pipeline.data.prepare import prepare_from_params
-        from pipeline.training.trainer import train_arch
+        from pipeline.models.pretrained import PretrainedNotFound
+        from pipeline.training.trainer import pretrained_weights, train_arch
 
+        try:
+            pretrained_weights(p, args.arch)  # before a possibly hours-long prepare
+        except PretrainedNotFound as exc:
+            fail(str(exc), 2)
         if args.data:
             prepare_from_params(p.data)
         final = train_arch(p, args.arch, out_dir=args.out or f"models/{args.arch}",

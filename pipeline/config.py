@@ -111,6 +111,18 @@ class TrainParams(_Section):
     use_gpu: bool = False
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts; -1 = forever.")
     storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
+    pretrained: str | None = Field(
+        None, description="Fine-tune from torchvision's ImageNet weights: 'torchvision' (looked up in torch.hub's "
+        "cache, never downloaded) or a .pth path; null = train from scratch."
+    )
+    log_grad_stats: bool = Field(
+        False,
+        description="Log per-layer weight-gradient L2 norms (grad_norm/*) and dead-ReLU ratios (dead_relu/*) "
+        "to MLflow with the epoch metrics; measured on one batch, so off costs nothing.",
+    )
+    grad_stats_every_epochs: int = Field(
+        1, ge=1, le=10_000, description="With log_grad_stats: measure in every N-th epoch (on its last batch)."
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -166,6 +178,53 @@ class TuneParams(_Section):
         return self
 
 
+class DegradationParams(_Section):
+    """The degradation experiment (He et al. 2015, section 4.1 Fig. 4; section 4.2 Fig. 6): plain and residual
+    networks of two depths trained in-process with one recipe. Settings not listed here come from `train`."""
+
+    # Off unless a params file turns it on: a preset without this section (configs/) must not start training
+    # four extra networks on ImageNet-size shards.
+    enabled: bool = Field(False, description="false: the stage only writes a summary saying it was switched off.")
+    archs: list[str] = Field(
+        default_factory=lambda: ["plain20", "plain56", "resnet20", "resnet56"],
+        min_length=2,
+        description="Models compared, plain (name containing 'plain') and residual; all get the same recipe.",
+    )
+    epochs: int = Field(4, ge=1, le=1000, description="Epochs per model.")
+    batch_size: int = Field(64, ge=1, le=1 << 16, description="Batch size (one process).")
+    lr: float = Field(0.1, gt=0, le=100, description="Peak LR (the paper's CIFAR recipe: 0.1).")
+    lr_warmup_epochs: int = Field(0, ge=0, description="Linear warmup epochs (the paper warms up only ResNet-110).")
+    train_images: int | None = Field(None, ge=1, description="Train images per epoch (first N rows); null = all.")
+    threads: int = Field(2, ge=1, le=512, description="torch intra-op threads of the in-process run.")
+    shortcut: Literal["A", "B", "C"] = Field(
+        "A", description="Residual nets' shortcut option (sec. 3.3); A = zero-padding, no extra parameters, as in "
+        "the paper's plain-vs-residual comparisons (Fig. 4 right, Fig. 6)."
+    )
+    zero_init_residual: bool = Field(
+        False, description="Zero each block's last BN weight; false = the paper's init (plain nets have no such "
+        "option, so true would give the ResNets a head start)."
+    )
+    grad_batch: int = Field(16, ge=1, le=4096, description="Val images in the gradient-flow comparison batch.")
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        from pipeline.models import MODELS
+
+        unknown = [a for a in archs if a not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown arch {unknown}; choose from {sorted(MODELS)}")
+        if len(set(archs)) != len(archs):
+            raise ValueError("archs must not repeat a model")
+        return archs
+
+    @model_validator(mode="after")
+    def _warmup(self) -> DegradationParams:
+        if self.lr_warmup_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError("lr_warmup_epochs must be smaller than epochs")
+        return self
+
+
 class RegistryParams(_Section):
     model_name: str = Field("{arch}-{dataset}", description="Registered name; {arch} and {dataset} filled in.")
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -182,6 +241,7 @@ class Params(_Section):
     train: TrainParams = Field(default_factory=TrainParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tune: TuneParams = Field(default_factory=TuneParams)
+    degradation: DegradationParams = Field(default_factory=DegradationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 

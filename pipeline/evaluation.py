@@ -32,13 +32,14 @@ def error_pct(correct: int, total: int) -> float:
 
 
 class _Predictor:
-    """Ray Data actor: loads models/ARCH once, returns top-5 class ids (and top-1 prob) per image."""
+    """Ray Data actor: loads the model once (models/ARCH, or a weights blob sent through Ray's object store),
+    returns the top-5 class ids per image."""
 
-    def __init__(self, model_dir: str, threads: int) -> None:
-        from pipeline.training.checkpoint import load_model_dir
+    def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None) -> None:
+        from pipeline.training.checkpoint import load_model_dir, model_from_blob
 
         torch.set_num_threads(threads)
-        self.model, _ = load_model_dir(model_dir)
+        self.model, _ = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -64,11 +65,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     manifest: no duplicates from distributed padding, none skipped)."""
     import os
 
-    import numpy as np
-    import ray.data
-
-    from pipeline.data.ingest import val_dataset
-    from pipeline.data.shards import read_manifest, shard_files
+    from pipeline.data.shards import read_manifest
     from pipeline.training.checkpoint import read_model_meta
 
     # The driver needs only the description; the weights are loaded once per inference actor.
@@ -76,6 +73,40 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     manifest = read_manifest(shards_dir)
     if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
         raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
+    return _evaluate(meta, {"model_dir": os.path.abspath(model_dir)}, shards_dir, manifest,
+                     batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency)
+
+
+def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batch_size: int,
+                       ten_crop: bool = False, weights: str | None = None) -> dict | None:
+    """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with exactly the
+    code and transform our own models get: the report's reference row. None when the weights are not on this
+    machine; {"skipped": why} when the dataset is not 1000-class ImageNet (the weights' classes are
+    ImageNet-1k's sorted wnids, our labels are the dataset's sorted wnids: they agree only on ImageNet-1k)."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.models.pretrained import IMAGENET_CLASSES, find_weights, load_state_dict
+
+    path = find_weights(arch, weights)
+    if path is None:
+        return None
+    manifest = read_manifest(shards_dir)
+    if int(manifest["num_classes"]) != IMAGENET_CLASSES:
+        return {"weights": path.name, "skipped": f"the dataset has {manifest['num_classes']} classes, "
+                f"torchvision's weights predict the {IMAGENET_CLASSES} ImageNet-1k classes"}
+    meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {}, "eval_transform": eval_transform}
+    blob = {"state_dict": load_state_dict(path), **meta}
+    res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop)
+    return {"weights": path.name, **{k: res[k] for k in ("top1_err", "top5_err", "n_images", "protocol")}}
+
+
+def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
+              ten_crop: bool, concurrency: int | None = None) -> dict:
+    import numpy as np
+    import ray.data
+
+    from pipeline.data.ingest import val_dataset
+    from pipeline.data.shards import shard_files
+
     tf = meta["eval_transform"]
     expected = int(manifest["splits"]["val"]["n_images"])
     files = shard_files(shards_dir, "val", verify=True)
@@ -83,7 +114,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     actors = concurrency or max(1, int(cpus // 2))
     ds = val_dataset(files, resize=tf["resize"], crop=tf["crop"], ten_crop=ten_crop)
     ds = ds.map_batches(
-        _Predictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir), "threads": 1},
+        _Predictor, fn_constructor_kwargs={"threads": 1, **predictor_kwargs},
         batch_format="numpy", batch_size=batch_size, concurrency=actors, num_cpus=min(1.0, cpus / actors),
     )
     keys, labels, top5 = [], [], []
@@ -148,6 +179,7 @@ def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[st
         arch = ev["arch"]
         ref = REFERENCE.get(arch, {})
         tr = trains.get(arch, {})
+        tv = ev.get("torchvision_reference") or {}
         chance = 100.0 * (1 - 1 / ev["num_classes"])
         rows.append({
             "arch": arch,
@@ -161,6 +193,9 @@ def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[st
             "paper_top1_err": ref.get("paper_top1"),
             "paper_top5_err": ref.get("paper_top5"),
             "diff_top1_vs_cheatsheet": round(ev["top1_err"] - ref["cheat_top1"], 2) if ref else None,
+            # torchvision's weights re-evaluated by our code on this val set (None: not found or not ImageNet-1k).
+            "torchvision_top1_err": _round_or_none(tv.get("top1_err")),
+            "torchvision_top5_err": _round_or_none(tv.get("top5_err")),
             "n_val_images": ev["n_images"],
             "num_classes": ev["num_classes"],
             "protocol": ev["protocol"],
@@ -169,3 +204,7 @@ def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[st
             "images_per_s": round(tr["images_per_s"], 1) if "images_per_s" in tr else None,
         })
     return sorted(rows, key=lambda r: (r["layers"] if isinstance(r["layers"], int) else 10_000, r["arch"]))
+
+
+def _round_or_none(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 2)

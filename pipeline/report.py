@@ -16,20 +16,28 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def reference_weights_note() -> str:
-    """Whether torchvision's pretrained ImageNet weights are on this machine (we never download them)."""
-    import os
+def reference_weights_note(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]]) -> str:
+    """What the "torchvision (our eval)" column holds: torchvision's weights found on this machine and
+    re-evaluated by the evaluate stage with our code, skipped (not ImageNet-1k), or absent (we never download)."""
+    from pipeline.models.pretrained import hub_checkpoints_dir
 
-    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    found = sorted(p.name for p in hub.glob("resnet*.pth")) if hub.is_dir() else []
-    if not found:
-        return (f"Reference weights: torchvision's pretrained ResNets are not present locally (looked in `{hub}`); "
-                "the reference columns are the published numbers, not re-evaluated here.")
-    return (f"Reference weights found locally: {', '.join(found)}. They load into our models with strict=True "
-            "(tests/test_models.py); evaluating them needs the real ImageNet val set.")
+    evaluated = [f"{a} ({r['weights']})" for a, r in references.items() if "top1_err" in r]
+    skipped = [f"{a} ({r['weights']}): {r['skipped']}" for a, r in references.items() if "skipped" in r]
+    absent = [r["arch"] for r in rows if r["arch"] not in references]
+    parts = []
+    if evaluated:
+        parts.append("torchvision's pretrained weights evaluated here with our evaluation code and transform: "
+                     + ", ".join(evaluated) + ".")
+    if skipped:
+        parts.append("Found but not evaluated: " + "; ".join(skipped) + ".")
+    if absent:
+        parts.append(f"Not present locally for {', '.join(absent)} (looked in `{hub_checkpoints_dir()}`; we never "
+                     "download): the reference columns are the published numbers, not re-evaluated here.")
+    return "Reference weights: " + " ".join(parts)
 
 
-def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures: list[str]) -> str:
+def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures: list[str],
+                    references: dict[str, dict[str, Any]] | None = None) -> str:
     synthetic = dataset.get("layout") == "synthetic"
     lines = ["# ResNet error table", ""]
     if synthetic:
@@ -43,18 +51,20 @@ def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures
         f"classes, {dataset.get('n_val')} val images, fingerprint `{str(dataset.get('fingerprint'))[:12]}`.",
         "",
         "| model | layers | params (M) | top-1 err | top-5 err | chance top-1 | cheatsheet top-1 / top-5 "
-        "| paper top-1 / top-5 (10-crop) | Δ top-1 vs cheatsheet | epochs | train time (s) | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| paper top-1 / top-5 (10-crop) | torchvision weights, our eval, top-1 / top-5 | Δ top-1 vs cheatsheet "
+        "| epochs | train time (s) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arch']} | {_fmt(r['layers'])} | {_fmt(r['params_m'])} | {_fmt(r['top1_err'])} | "
             f"{_fmt(r['top5_err'])} | {_fmt(r['chance_top1_err'])} | {_fmt(r['cheatsheet_top1_err'])} / "
             f"{_fmt(r['cheatsheet_top5_err'])} | {_fmt(r['paper_top1_err'])} / {_fmt(r['paper_top5_err'])} | "
+            f"{_fmt(r['torchvision_top1_err'])} / {_fmt(r['torchvision_top5_err'])} | "
             f"{_fmt(r['diff_top1_vs_cheatsheet'])} | {_fmt(r['epochs'])} | {_fmt(r['train_time_s'])} | "
             f"{_fmt(r['images_per_s'])} |"
         )
-    lines += ["", reference_weights_note()]
+    lines += ["", reference_weights_note(rows, references or {})]
     proto = rows[0]["protocol"] if rows else ""
     lines += ["", f"Protocol (ours): {proto}. Cheatsheet = torchvision V1 weights (resize 256, center crop 224); "
               "paper = He et al. 2015, Table 3 (10-crop); ResNet-18's paper entry is Table 2 (top-1 only).", ""]
@@ -172,7 +182,8 @@ def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | P
         figures.append(confusion)
     dataset = {**manifest["source"], "num_classes": nc, "n_val": manifest["splits"]["val"]["n_images"],
                "fingerprint": manifest["fingerprint"]}
-    md = render_markdown(rows, dataset, figures)
+    references = {ev["arch"]: ev["torchvision_reference"] for ev in evals if ev.get("torchvision_reference")}
+    md = render_markdown(rows, dataset, figures, references)
     per_class = per_class_rows(details, {c["wnid"]: c["name"] for c in manifest["classes"]})
     if per_class:
         md += "\n## Per-class top-1 error (%)\n\n" + "\n".join(per_class) + "\n"

@@ -14,13 +14,18 @@ def main() -> None:
         ap.add_argument("--best", default="tune/best.json", help="tuned lr/warmup (used when train.use_tuned)")
 
     p, args = stage_args(__doc__, add)
+    from pipeline.cli import fail
+    from pipeline.models.pretrained import PretrainedNotFound
     from pipeline.training.trainer import train_arch
 
     arch = args.arch
-    final = train_arch(
-        p, arch, out_dir=args.out or f"models/{arch}", metrics_path=args.metrics or f"metrics/train/{arch}.json",
-        curve_path=args.curve or f"plots/train/{arch}.csv", best_path=args.best,
-    )
+    try:
+        final = train_arch(
+            p, arch, out_dir=args.out or f"models/{arch}", metrics_path=args.metrics or f"metrics/train/{arch}.json",
+            curve_path=args.curve or f"plots/train/{arch}.csv", best_path=args.best,
+        )
+    except PretrainedNotFound as exc:
+        fail(str(exc), 2)
     print(f"train {arch}: {final['epochs']} epochs, val top-1 err {final['val_top1_err']:.2f}%, "
           f"{final['images_per_s']:.0f} img/s, {final['wall_time_s']:.0f}s")
 

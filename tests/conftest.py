@@ -349,3 +349,42 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     prepare_shards(base / "raw", base / "shards", max_side=64, rows_per_shard=16, workers=1, progress=False)
     return base / "shards"
+
+
+# --- a copy of the repository with its own params (end-to-end and cluster tests) ------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_repo(dest: Path) -> Path:
+    """The tracked and untracked-but-not-ignored files, as a fresh clone would have them (no .git)."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def set_param(tree: dict, dotted: str, value: object) -> None:
+    """`set_param(params, "train.epochs", 2)` on a params.yaml tree (the section must exist)."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def write_params(repo: Path, overrides: Mapping[str, object]) -> dict:
+    """Rewrite `repo`/params.yaml (a copy: see copy_repo) with dotted-key overrides; returns the new tree."""
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in overrides.items():
+        set_param(params, key, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import copy_repo, write_params
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ["resnet18", "resnet50"]  # one BasicBlock and one Bottleneck net; `make repro` runs all five
@@ -34,25 +34,6 @@ TINY = {
 }
 
 
-def _set(tree: dict, dotted: str, value: object) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        tree = tree[key]
-    tree[leaf] = value
-
-
-def copy_repo(dest: Path) -> Path:
-    """The tracked and untracked-but-not-ignored files, as a fresh clone would have them."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -63,10 +44,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subpr
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo = copy_repo(tmp_path_factory.mktemp("clone"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in TINY.items():
-        _set(params, key, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, TINY)
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -87,3 +87,22 @@ def test_nonfinite_loss_stops_with_epoch_and_step(ray_local, synthetic_shards, t
     job = make_job(p, "resnet18", 1e12, 0, p.train.epochs, None)
     with pytest.raises(Exception, match=r"non-finite training loss at epoch \d+ step \d+"):
         run(build_trainer(job, p, name="nan", num_workers=0, storage_path=str(tmp_path / "ckpt")))
+
+
+@pytest.mark.ray
+def test_grad_stats_reach_mlflow_through_ray_train(ray_local, synthetic_shards, tmp_path, monkeypatch) -> None:
+    """train.log_grad_stats: per-layer gradient norms and dead-ReLU ratios travel with the epoch metrics
+    through Ray Train's report to MLflow, and stay out of the per-epoch history (the curve CSV)."""
+    from pipeline import tracking
+    from pipeline.training.trainer import build_trainer, make_job, run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = tiny_params(synthetic_shards, tmp_path / "ckpt", epochs=1, log_grad_stats="true")
+    run_id = tracking.start_run(p.tracking.experiment, "grad-stats", {"test": "ray"})
+    job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, run_id)
+    outcome = run(build_trainer(job, p, name="gradstats", num_workers=0, storage_path=str(tmp_path / "ckpt")))
+    assert not any(k.startswith(("grad_norm/", "dead_relu/")) for k in outcome.history[-1])
+    logged = tracking.run_metrics(run_id)
+    assert logged["grad_norm/total"] > 0 and logged["grad_norm/conv1"] > 0 and "grad_norm/fc" in logged
+    assert 0.0 <= logged["dead_relu/mean"] <= 1.0 and "dead_relu/layer1.0.relu.call2" in logged
+    assert [step for step, _ in tracking.metric_history(run_id, "grad_norm/total")] == [1]

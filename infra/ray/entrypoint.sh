@@ -45,7 +45,8 @@ print((cfg.get("metadata") or {}).get(sys.argv[1], ""))' "$1"
 SRC=$(pwd -P)
 [[ -f "$SRC/dvc.yaml" && -d "$SRC/.dvc" ]] ||
     die "$SRC has no dvc.yaml or .dvc/: submit from the repository root (--working-dir .)"
-command -v dvc >/dev/null || die "dvc is not on PATH: the cluster image must install requirements.txt"
+command -v dvc >/dev/null ||
+    die "dvc is not on PATH: the cluster image must install requirements.txt (a local head: run \`ray start\` with .venv/bin on PATH)"
 
 SUBMISSION_ID=$(job_meta job_submission_id)
 log "job ${SUBMISSION_ID:-<not a Ray job>} on $(uname -n), uploaded code in $SRC"

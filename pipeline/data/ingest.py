@@ -7,41 +7,54 @@ the data CPUs and the GPU overlap. Train V2 splits the train dataset across work
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from pipeline.data.transforms import batch_seed, ten_crop_images, train_image, val_image
 
-# Half a logical CPU per read and per decode task. Smaller requests let Ray run many tasks at once, and on a
-# small machine every extra task is a new Python worker process (~1-2 s of CPU to start): seen here as a
-# dozen `ray::IDLE` processes eating the training workers' cores. Larger ones deadlock: with one CPU left to
-# Ray Data (a 2-CPU Ray running a trial), a 1-CPU read task holds it and the 1-CPU decode task never runs
-# (seen in tests/test_tuning.py). A read and a decode together fit in one CPU. The local Ray adds logical
-# CPUs for data (pipeline.training.trainer.init_ray), so ingest never starves next to the workers.
-DECODE_TASK_CPUS = 0.5
-READ_TASK_CPUS = 0.5
+# One Ray Data operator per pass: read a shard file and decode it in the SAME task (Ray fuses ReadParquet and
+# MapBatches when the map takes whole blocks, batch_size=None, and asks for the same resources). Measured here
+# (bench/bench_ingest.py, 2 cores, 500x375 JPEGs): two operators (read 0.5 CPU -> decode 0.5 CPU in 64-row
+# batches) ran at ~100 img/s; the fused operator at 1 CPU per task at ~210 img/s. Two operators also cost a
+# deadlock risk: a 1-CPU read task could hold the last free CPU while its decode task waited. One fused task
+# needs one CPU and holds nothing while queued. Fractional CPUs are slower: 0.5 runs 4 decode tasks on 2 cores
+# (~115 img/s, the same machine and run). The local Ray adds logical CPUs for data
+# (pipeline.training.trainer.init_ray), so ingest never starves next to the training workers.
+TASK_CPUS = 1.0
+# Rows decoded per output block: a whole 1,024-row ImageNet shard decodes to ~150 MB at 224 px, so the fused
+# task yields it in slices (peak memory of one slice, and the trainer gets its first rows sooner).
+DECODE_BATCH = 64
+
+
+def _slices(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(batch["key"])
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 class TrainDecode:
-    """map_batches function: JPEG bytes -> RandomResizedCrop + flip, uint8 (N, 3, crop, crop)."""
+    """map_batches function: JPEG bytes -> RandomResizedCrop + flip, uint8 (N, 3, crop, crop), yielded in
+    slices of DECODE_BATCH rows."""
 
-    def __init__(self, crop: int, min_scale: float, seed: int | None = None) -> None:
+    def __init__(self, crop: int, min_scale: float, seed: int | None = None, keep_keys: bool = False) -> None:
         self.crop = crop
         self.min_scale = min_scale
         self.seed = seed
+        self.keep_keys = keep_keys  # off for training: torch batches cannot hold strings
         self.calls = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch["key"]
-        # seed None: fresh OS entropy per batch, so every epoch augments differently (Ray Data gives the
-        # function no epoch number); a seed makes a single pass reproducible (tests, benchmarks).
-        seed = None if self.seed is None else batch_seed(self.seed, self.calls, list(keys))
-        self.calls += 1
-        rng = np.random.default_rng(seed)
-        images = np.stack([train_image(b, self.crop, rng, self.min_scale) for b in batch["image"]])
-        return {"image": images, "label": batch["label"].astype(np.int64)}
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for part in _slices(batch, DECODE_BATCH):
+            keys = part["key"]
+            # seed None: fresh OS entropy per slice, so every epoch augments differently (Ray Data gives the
+            # function no epoch number); a seed makes a single pass reproducible (tests, benchmarks).
+            seed = None if self.seed is None else batch_seed(self.seed, self.calls, list(keys))
+            self.calls += 1
+            rng = np.random.default_rng(seed)
+            images = np.stack([train_image(b, self.crop, rng, self.min_scale) for b in part["image"]])
+            out = {"image": images, "label": part["label"].astype(np.int64)}
+            yield {**out, "key": keys} if self.keep_keys else out
 
 
 class ValDecode:
@@ -51,9 +64,10 @@ class ValDecode:
         self.resize = resize
         self.crop = crop
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.stack([val_image(b, self.resize, self.crop) for b in batch["image"]])
-        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for part in _slices(batch, DECODE_BATCH):
+            images = np.stack([val_image(b, self.resize, self.crop) for b in part["image"]])
+            yield {"image": images, "label": part["label"].astype(np.int64), "key": part["key"]}
 
 
 def _configure_data_context() -> None:
@@ -70,26 +84,25 @@ def _configure_data_context() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty()
 
 
-def train_dataset(
-    files: Sequence[str], *, crop: int, min_scale: float, seed: int, decode_batch: int = 64
-) -> Any:
-    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
+def _read(files: Sequence[str], **kw: Any) -> Any:
+    """One read block per shard file (no splitting into smaller blocks: that would unfuse read and decode)."""
     import ray.data
-    from ray.data import FileShuffleConfig
 
     _configure_data_context()
-    ds = ray.data.read_parquet(
-        list(files),
-        columns=["image", "label", "key"],
-        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
-        num_cpus=READ_TASK_CPUS,
+    return ray.data.read_parquet(
+        list(files), columns=["image", "label", "key"], num_cpus=TASK_CPUS, override_num_blocks=len(files), **kw
     )
-    return ds.map_batches(
-        TrainDecode(crop, min_scale),
-        batch_format="numpy",
-        batch_size=decode_batch,
-        num_cpus=DECODE_TASK_CPUS,
-    )
+
+
+def train_dataset(
+    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False
+) -> Any:
+    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
+    from ray.data import FileShuffleConfig
+
+    ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    decode = TrainDecode(crop, min_scale, keep_keys=keep_keys)
+    return ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
 
 
 class TenCropDecode:
@@ -99,20 +112,13 @@ class TenCropDecode:
         self.resize = resize
         self.crop = crop
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in batch["image"]])
-        return {"image": images, "label": batch["label"].astype(np.int64), "key": batch["key"]}
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for part in _slices(batch, DECODE_BATCH):
+            images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in part["image"]])
+            yield {"image": images, "label": part["label"].astype(np.int64), "key": part["key"]}
 
 
-def val_dataset(
-    files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False, decode_batch: int = 64
-) -> Any:
+def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False) -> Any:
     """A lazy Ray Dataset of val images after the eval transform (1 center crop, or 10 crops), keys kept."""
-    import ray.data
-
-    _configure_data_context()
-    ds = ray.data.read_parquet(
-        list(files), columns=["image", "label", "key"], num_cpus=READ_TASK_CPUS
-    )
     decode = TenCropDecode(resize, crop) if ten_crop else ValDecode(resize, crop)
-    return ds.map_batches(decode, batch_format="numpy", batch_size=decode_batch, num_cpus=DECODE_TASK_CPUS)
+    return _read(files).map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)

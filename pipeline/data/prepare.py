@@ -317,7 +317,13 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     # forkserver/spawn, never fork: the parent may hold threads (pyarrow, torch pools), and forking a
     # threaded process can deadlock the child.
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # Workers fork from a server that has imported this module once (numpy, pyarrow, PIL), instead of each
+    # importing it again (takes effect when the forkserver starts: the first pool of the process).
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 # ------------------------------------------------------------------------------------------------- entry

@@ -59,13 +59,20 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
 
 def load_model_dir(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """models/ARCH/ -> (model in eval mode, description)."""
-    from pipeline.models import build_model
-
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no trained model at {file} (run the train stage first)")
     blob = torch.load(file, map_location="cpu", weights_only=True)
+    return model_from_blob(blob)
+
+
+def model_from_blob(blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """{"state_dict", "arch", "num_classes", "model_kwargs", ...} (model.pt's content) -> (model in eval
+    mode, the description without the weights)."""
+    from pipeline.models import build_model
+
+    blob = dict(blob)
     model = build_model(blob["arch"], num_classes=blob["num_classes"], **blob.get("model_kwargs", {}))
     model.load_state_dict(blob.pop("state_dict"), strict=True)
     model.eval()

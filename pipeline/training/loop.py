@@ -50,6 +50,7 @@ class Job:
     git_commit: str = "unknown"
     mlflow_run_id: str | None = None
     threads: int = 1
+    pretrained_path: str | None = None  # torchvision weights to start from (train.pretrained)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_config(self) -> dict[str, Any]:
@@ -74,7 +75,12 @@ def model_kwargs(p: Params, arch: str) -> dict[str, Any]:
 def _build_model(job: Job, p: Params) -> nn.Module:
     from pipeline.models import build_model
 
-    return build_model(job.arch, num_classes=job.num_classes, **model_kwargs(p, job.arch))
+    model = build_model(job.arch, num_classes=job.num_classes, **model_kwargs(p, job.arch))
+    if job.pretrained_path:  # fine-tuning: torchvision's backbone, a fresh head for other classes
+        from pipeline.models.pretrained import init_from_pretrained, load_state_dict
+
+        init_from_pretrained(model, load_state_dict(job.pretrained_path))
+    return model
 
 
 def _amp(p: Params, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -180,7 +186,12 @@ def run_loop(job: Job, session: Any) -> None:
 
     model = _build_model(job, p).to(device=device, memory_format=memory_format)
     if tp.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cpu":  # torch's SyncBatchNorm raises on CPU tensors: say so once, train with plain BN
+            if dist.is_rank0():
+                print(f"[train {job.arch}] train.sync_bn ignored: SyncBatchNorm needs GPUs (per-worker BN on CPU)",
+                      flush=True)
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world_size > 1:
         model = session.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -222,6 +233,10 @@ def run_loop(job: Job, session: Any) -> None:
         model.train()
         t0 = time.perf_counter()
         loss_sum, seen, correct, step, nonfinite = 0.0, 0, 0, 0, 0
+        # Off (the default): no extra work and no host sync. On: one batch per measured epoch, every rank alike
+        # (no rank waits in a collective the others skip, SyncBN included); rank 0 reports.
+        grad_stats: dict[str, float] = {}
+        measure_epoch = tp.log_grad_stats and (epoch + 1) % tp.grad_stats_every_epochs == 0
         data_wait = 0.0  # seconds blocked on the input pipeline: > a few % of the epoch = input-bound
         t_fetch = time.perf_counter()
         batches = train_shard.iter_torch_batches(
@@ -257,8 +272,12 @@ def run_loop(job: Job, session: Any) -> None:
                 nonfinite = 0
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            measure = measure_epoch and step == steps_per_epoch - 1  # the epoch's last batch
+            if tp.clip_grad_norm or measure:
+                scaler.unscale_(optimizer)  # a no-op when the scaler is off
+            if measure:
+                grad_stats = gradient_stats(core, x)  # the raw gradients: before clipping and the step
             if tp.clip_grad_norm:
-                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tp.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
@@ -299,7 +318,28 @@ def run_loop(job: Job, session: Any) -> None:
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
         history.append(metrics)
-        _report(session, job, p, core, optimizer, scaler, ema, epoch + 1, history, metrics, resumed_at)
+        # Gradient statistics travel with the epoch's metrics to MLflow and Ray, but stay out of `history`: the
+        # per-epoch curve keeps its columns (and epochs without a measurement would lack them).
+        _report(session, job, p, core, optimizer, scaler, ema, epoch + 1, history, {**metrics, **grad_stats},
+                resumed_at)
+
+
+def gradient_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """MLflow metrics of one measured batch: `grad_norm/<layer>` (L2 norm of each conv/linear weight's
+    gradient, as backward left it), `grad_norm/total` (their joint L2 norm), `dead_relu/<relu>.call<k>` (share
+    of exact zeros at the k-th call of that ReLU on `images`, the model in its current mode) and
+    `dead_relu/mean`. The paper (section 4.1) argues that with BN the plain nets' gradients stay healthy."""
+    from pipeline.analysis.measure import dead_relu_ratio, gradient_norms
+
+    norms = gradient_norms(model)
+    dead = dead_relu_ratio(model, images)
+    stats = {f"grad_norm/{name}": value for name, value in norms.items()}
+    stats["grad_norm/total"] = math.sqrt(sum(value * value for value in norms.values()))
+    # MLflow metric names allow no '#': "layer1.0.relu#2" -> "layer1.0.relu.call2".
+    stats.update({f"dead_relu/{name.replace('#', '.call')}": value for name, value in dead.items()})
+    if dead:
+        stats["dead_relu/mean"] = sum(dead.values()) / len(dead)
+    return stats
 
 
 def _maybe_inject_failure(epoch: int, step: int, rank: int) -> None:

@@ -75,6 +75,7 @@ def build_trainer(
         # Keep the last two: the newest can be half-uploaded when a node dies.
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
+        worker_runtime_env=_worker_env(),
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -83,6 +84,17 @@ def build_trainer(
         run_config=run_config,
         datasets={"train": ds},
     )
+
+
+def _worker_env() -> dict[str, Any]:
+    """Rank 0 logs to MLflow: give the workers the driver's store when it is the embedded SQLite file. They
+    import `pipeline` from the Ray job's working_dir, which is not the driver's folder when the cluster
+    entrypoint runs in a PIPELINE_WORKSPACE, so they would derive another file ("Run ... not found"). A
+    server URI is not sent: it may embed a password, and the nodes' environment sets it."""
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri()
+    return {"env_vars": {"MLFLOW_TRACKING_URI": uri}} if uri.startswith("sqlite:") else {}
 
 
 def _storage(path: str) -> str:
@@ -133,7 +145,18 @@ def make_job(
         git_commit=tracking.git_commit(),
         mlflow_run_id=mlflow_run_id,
         threads=worker_threads(p.train.cpus_per_worker),
+        pretrained_path=pretrained_weights(p, arch),
     )
+
+
+def pretrained_weights(p: Params, arch: str) -> str | None:
+    """train.pretrained -> the weights file every worker loads; a clear error before Ray starts when absent."""
+    if p.train.pretrained is None:
+        return None
+    from pipeline.models.pretrained import require_weights
+
+    where = None if p.train.pretrained == "torchvision" else p.train.pretrained
+    return str(require_weights(arch, where).resolve())
 
 
 def tuned_hparams(p: Params, best_path: str | Path | None) -> tuple[float, int, str]:
@@ -187,6 +210,7 @@ def train_arch(
     from pipeline.training.checkpoint import export_model_dir
 
     p = with_absolute_paths(p)
+    pretrained_weights(p, arch)  # missing weights fail here, before an MLflow run or Ray starts
     lr, warmup, hp_source = tuned_hparams(p, best_path)
     epochs = p.train.epochs_for(arch)
     warmup = min(warmup, max(epochs - 1, 0))

@@ -1,0 +1,90 @@
+"""`run_loop` without Ray: the train shards decoded in this process, reports kept in memory.
+
+For runs so small that Ray's start-up would be most of the cost: the degradation experiment trains four
+CIFAR-size networks for a few epochs inside a ~90 s budget on 2 cores, where `ray.init` plus a Ray Data cold
+start per run (~5 s each, README "Performance") would eat a third of it. The training itself is
+`pipeline.training.loop.run_loop`, unchanged: same optimiser, schedule, augmentation (`train_image`, the
+function Ray Data's `TrainDecode` calls), evaluation, metrics and MLflow logging as the train stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class InMemoryShard:
+    """The part of a Ray Data shard that `run_loop` uses (`iter_torch_batches`), over Parquet train shards
+    read once into memory (JPEG bytes; a few MB for the embedded set). Each epoch is a full shuffle seeded by
+    the loop's `local_shuffle_seed`, decoded and augmented with the project's `train_image`."""
+
+    def __init__(self, files: Sequence[str], *, crop: int, min_scale: float, limit: int | None = None) -> None:
+        import pyarrow.parquet as pq
+
+        images: list[bytes] = []
+        labels: list[int] = []
+        for path in files:
+            table = pq.read_table(path, columns=["image", "label"])
+            images += table.column("image").to_pylist()
+            labels += [int(v) for v in table.column("label").to_pylist()]
+            if limit is not None and len(images) >= limit:
+                break
+        # prepare shuffles rows across shards, so the first `limit` rows are a random subset of the classes.
+        self.images = images[:limit] if limit is not None else images
+        self.labels = np.asarray(labels[: len(self.images)], dtype=np.int64)
+        self.crop = crop
+        self.min_scale = min_scale
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def iter_torch_batches(
+        self, *, batch_size: int, drop_last: bool = True, local_shuffle_seed: int | None = None,
+        device: torch.device | str = "cpu", **_ray_options: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches {"image": uint8 (N, 3, crop, crop), "label": int64 (N,)}. Ray-only options (dtypes,
+        prefetch, shuffle buffer) are accepted and have nothing to do here."""
+        from pipeline.data.transforms import train_image
+
+        rng = np.random.default_rng(local_shuffle_seed)
+        order = rng.permutation(len(self.images))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            pixels = np.stack([train_image(self.images[i], self.crop, rng, self.min_scale) for i in index])
+            yield {
+                "image": torch.from_numpy(pixels).to(device),  # (N, 3, crop, crop) uint8
+                "label": torch.from_numpy(self.labels[index]).to(device),
+            }
+
+
+class InProcessSession:
+    """The session `run_loop` talks to (see `TrainSession`), for a single process without Ray: no checkpoint
+    to resume from, the model unwrapped, every report appended to `reports` (with its `time.perf_counter()`
+    in `report_times`), the newest checkpoint directory in `checkpoint_dir`."""
+
+    def __init__(self, shard: InMemoryShard, device: torch.device | None = None) -> None:
+        self._shard = shard
+        self.device = device or torch.device("cpu")
+        self.reports: list[dict[str, Any]] = []
+        self.report_times: list[float] = []
+        self.checkpoint_dir: str | None = None
+
+    def checkpoint(self) -> None:
+        return None
+
+    def train_shard(self) -> InMemoryShard:
+        return self._shard
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        self.report_times.append(time.perf_counter())
+        if checkpoint_dir:
+            self.checkpoint_dir = checkpoint_dir

@@ -1,0 +1,186 @@
+"""torchvision's pretrained weights, found locally: the report's reference row is evaluated with our code, and
+`--pretrained` fine-tuning starts from them. No download: the "weights" are a torchvision model's state_dict
+saved under torchvision's file name in a temporary TORCH_HOME (real pretrained weights need the network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from pipeline.models import build_model
+from pipeline.models.pretrained import PretrainedNotFound, find_weights, init_from_pretrained, require_weights
+from tests.conftest import write_image
+
+RESIZE, CROP = 36, 32
+N_VAL = 40
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home / "hub" / "checkpoints"
+
+
+def _torchvision_predictions(model: torch.nn.Module, files: list[Path]) -> list[int]:
+    """Top-1 classes of torchvision's own eval pipeline (PIL decode + the ImageClassification preset)."""
+    from torchvision.transforms._presets import ImageClassification
+
+    tf = ImageClassification(crop_size=CROP, resize_size=RESIZE)
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        return model(x).argmax(dim=1).tolist()
+
+
+def test_reference_row_is_torchvision_weights_through_our_evaluation(torch_home: Path, tmp_path: Path) -> None:
+    """A 1000-class ImageFolder set whose val images are filed under the class torchvision's own pipeline
+    predicts for them: torchvision's top-1 error is 0% by construction, so ours must be exactly 0% too; any
+    difference in decoding, resizing, cropping, normalising or class order shows up as errors."""
+    import ray
+
+    from pipeline.data.prepare import prepare_shards
+    from pipeline.evaluation import evaluate_reference
+    from pipeline.training.trainer import init_ray
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=1000).eval()
+    # Random BN statistics make the random net's logits depend on the image (default ones give near-ties).
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(tv.state_dict(), torch_home / "resnet18-f37072fd.pth")
+
+    raw = tmp_path / "raw"
+    for c in range(1000):  # every class needs a train folder; 16x12 px keeps this at ~1 s
+        write_image(raw / "train" / f"c{c:04d}" / "t.jpg", size=(16, 12), seed=c)
+    staged = [write_image(tmp_path / "staged" / f"v{i:03d}.jpg", size=(48, 40), seed=10_000 + i)
+              for i in range(N_VAL)]
+    predicted = _torchvision_predictions(tv, staged)
+    assert len(set(predicted)) > 3, "the test needs a net whose predictions vary with the image"
+    for f, c in zip(staged, predicted, strict=True):
+        dest = raw / "val" / f"c{c:04d}" / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        f.rename(dest)
+    manifest = prepare_shards(raw, tmp_path / "shards", max_side=512, rows_per_shard=512, workers=1,
+                              progress=False)
+    assert manifest["num_classes"] == 1000 and manifest["splits"]["val"]["n_images"] == N_VAL
+
+    init_ray()
+    try:
+        ref = evaluate_reference("resnet18", str(tmp_path / "shards"), batch_size=16,
+                                 eval_transform={"resize": RESIZE, "crop": CROP})
+    finally:
+        ray.shutdown()
+    assert ref is not None
+    assert ref["weights"] == "resnet18-f37072fd.pth"
+    assert ref["n_images"] == N_VAL
+    assert ref["top1_err"] == 0.0 and ref["top5_err"] == 0.0
+
+
+def test_reference_is_absent_or_skipped_and_the_report_says_so(torch_home: Path, synthetic_shards: Path) -> None:
+    from pipeline.evaluation import evaluate_reference, table_rows
+    from pipeline.report import render_markdown
+
+    kw = {"batch_size": 8, "eval_transform": {"resize": RESIZE, "crop": CROP}}
+    assert evaluate_reference("resnet34", str(synthetic_shards), **kw) is None  # nothing on this machine
+    torch.save(torchvision.models.resnet34().state_dict(), torch_home / "resnet34-b627a593.pth")
+    skipped = evaluate_reference("resnet34", str(synthetic_shards), **kw)  # 4 classes: not ImageNet-1k
+    assert skipped == {"weights": "resnet34-b627a593.pth", "skipped": skipped["skipped"]}
+    assert "4 classes" in skipped["skipped"]
+
+    evals = [{"arch": a, "top1_err": 10.0, "top5_err": 1.0, "n_images": 16, "num_classes": 4, "protocol": "p"}
+             for a in ("resnet18", "resnet50")]
+    evals[1]["torchvision_reference"] = {"weights": "resnet50-0676ba61.pth", "top1_err": 24.0, "top5_err": 7.0,
+                                         "n_images": 16, "protocol": "p"}
+    rows = table_rows(evals, {}, {})
+    assert rows[1]["torchvision_top1_err"] == 24.0 and rows[0]["torchvision_top1_err"] is None
+    md = render_markdown(rows, {"layout": "folders"}, [], {"resnet50": evals[1]["torchvision_reference"]})
+    assert "| 24.00 / 7.00 |" in md
+    assert "evaluated here with our evaluation code and transform: resnet50 (resnet50-0676ba61.pth)" in md
+    assert "Not present locally for resnet18" in md and str(torch_home) in md
+
+
+def test_find_and_require_weights(torch_home: Path, tmp_path: Path) -> None:
+    assert find_weights("resnet50") is None
+    with pytest.raises(PretrainedNotFound, match=r"resnet50 at .*resnet50-0676ba61\.pth.*never downloads"):
+        require_weights("resnet50")
+    (torch_home / "resnet50-11ad3fa6.pth").write_bytes(b"v2")
+    assert find_weights("resnet50").name == "resnet50-11ad3fa6.pth"
+    (torch_home / "resnet50-0676ba61.pth").write_bytes(b"v1")
+    assert find_weights("resnet50").name == "resnet50-0676ba61.pth"  # V1 (the cheatsheet's numbers) first
+    explicit = tmp_path / "mine.pth"
+    explicit.write_bytes(b"x")
+    assert require_weights("resnet50", explicit) == explicit
+
+
+def test_init_from_pretrained_keeps_the_backbone_and_replaces_a_foreign_head() -> None:
+    tv = torchvision.models.resnet18()
+    state = tv.state_dict()
+    ours = build_model("resnet18", num_classes=7)
+    fresh_fc = ours.fc.weight.detach().clone()
+    missing = init_from_pretrained(ours, state)
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    assert torch.equal(ours.conv1.weight, state["conv1.weight"])
+    assert torch.equal(ours.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert torch.equal(ours.fc.weight, fresh_fc)
+    same = build_model("resnet18", num_classes=1000)
+    assert init_from_pretrained(same, state) == []  # same classes: the head is kept too
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.allclose(same.eval()(x), tv.eval()(x), atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        init_from_pretrained(build_model("resnet34", num_classes=1000), state)
+
+
+def test_train_pretrained_without_weights_is_a_clear_error(torch_home: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--arch", "resnet50", "--pretrained", "--lr", "0.001",
+         "--out", str(tmp_path / "model")],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --pretrained: no torchvision weights for resnet50 at")
+    assert str(torch_home) in proc.stderr and "resnet50-0676ba61.pth" in proc.stderr
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.ray
+def test_fine_tuning_starts_from_the_pretrained_backbone(torch_home: Path, synthetic_shards: Path,
+                                                          tmp_path: Path) -> None:
+    """`train.pretrained: torchvision` on a 4-class set: the backbone starts from the file's weights (after an
+    epoch at a tiny lr it is still there), the 1000-class head is replaced by a fresh 4-class one."""
+    import ray
+
+    from pipeline.config import load_params
+    from pipeline.training.trainer import build_trainer, init_ray, make_job, run
+
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, torch_home / "resnet18-f37072fd.pth")
+    root = Path(__file__).resolve().parent.parent
+    p = load_params(root / "params.yaml", [
+        f"data.shards_dir={synthetic_shards}", f"train.storage_path={tmp_path}", "train.epochs=1",
+        "train.batch_size=16", "train.lr_warmup_epochs=0", "train.use_tuned=false", "train.pretrained=torchvision",
+        "train.weight_decay=0", "train.momentum=0"])
+    job = make_job(p, "resnet18", 1e-7, 0, 1, None)
+    assert job.pretrained_path == str(torch_home / "resnet18-f37072fd.pth")
+    init_ray()
+    try:
+        outcome = run(build_trainer(job, p, name="finetune", num_workers=0, storage_path=str(tmp_path)))
+    finally:
+        ray.shutdown()
+    trained = outcome.state["model"]
+    assert trained["fc.weight"].shape == (4, 512)
+    for key in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.conv2.weight"):
+        assert torch.allclose(trained[key], state[key], atol=1e-4), key
