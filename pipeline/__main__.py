@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> None:
                            metrics_path=f"metrics/train/{args.arch}.json", curve_path=f"plots/train/{args.arch}.csv")
         print(f"trained {args.arch}: val top-1 err {final['val_top1_err']:.2f}%")
         return
-    from pipeline.evaluation import evaluate_model
+    from pipeline.evaluation import evaluate_model, uses_ray
 
-    init_ray()
-    res = evaluate_model(args.model, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=args.ten_crop)
+    if uses_ray(p.data.shards_dir, p.eval.ray_min_images):
+        init_ray()
+    res = evaluate_model(args.model, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=args.ten_crop,
+                         ray_min_images=p.eval.ray_min_images)
     print(f"{res['arch']}: top-1 err {res['top1_err']:.2f}%, top-5 err {res['top5_err']:.2f}% "
           f"on {res['n_images']} images ({res['protocol']})")
 

@@ -147,6 +147,11 @@ class TrainParams(_Section):
 class EvalParams(_Section):
     batch_size: int = Field(256, ge=1, le=1 << 20)
     ten_crop: bool = Field(False, description="The paper's 10-crop test (sec. 3.4) instead of 1 center crop.")
+    ray_min_images: int = Field(
+        5000, ge=0, description="Val sets of at least this many images run as Ray Data batch inference over the "
+        "cluster; smaller ones in the stage's own process (Ray's start-up and actor pool cost ~15 s, more than "
+        "evaluating a few hundred images). 0 = always Ray."
+    )
 
 
 class TuneParams(_Section):

@@ -3,7 +3,7 @@ ranks and batches are exact (torchvision's `evaluate` sums counts and checks the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -60,9 +60,11 @@ class _Predictor:
 
 
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
-                   concurrency: int | None = None) -> dict:
+                   concurrency: int | None = None, ray_min_images: int = 0) -> dict:
     """Exact top-1/top-5 error of models/ARCH over every val image, exactly once (checked against the
-    manifest: no duplicates from distributed padding, none skipped)."""
+    manifest: no duplicates from distributed padding, none skipped). Val sets of `ray_min_images` or more go
+    through Ray Data batch inference (Ray must be initialised); smaller ones are evaluated in this process with
+    the same decode and predictor code."""
     import os
 
     from pipeline.data.shards import read_manifest
@@ -74,11 +76,18 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
         raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
     return _evaluate(meta, {"model_dir": os.path.abspath(model_dir)}, shards_dir, manifest,
-                     batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency)
+                     batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images)
+
+
+def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
+    """Whether evaluating this val set goes through Ray (`eval.ray_min_images`)."""
+    from pipeline.data.shards import read_manifest
+
+    return int(read_manifest(shards_dir)["splits"]["val"]["n_images"]) >= ray_min_images
 
 
 def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batch_size: int,
-                       ten_crop: bool = False, weights: str | None = None) -> dict | None:
+                       ten_crop: bool = False, weights: str | None = None, ray_min_images: int = 0) -> dict | None:
     """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with exactly the
     code and transform our own models get: the report's reference row. None when the weights are not on this
     machine; {"skipped": why} when the dataset is not 1000-class ImageNet (the weights' classes are
@@ -95,21 +104,18 @@ def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batc
                 f"torchvision's weights predict the {IMAGENET_CLASSES} ImageNet-1k classes"}
     meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {}, "eval_transform": eval_transform}
     blob = {"state_dict": load_state_dict(path), **meta}
-    res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop)
+    res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop,
+                    ray_min_images=ray_min_images)
     return {"weights": path.name, **{k: res[k] for k in ("top1_err", "top5_err", "n_images", "protocol")}}
 
 
-def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
-              ten_crop: bool, concurrency: int | None = None) -> dict:
-    import numpy as np
-    import ray.data
+def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int, predictor_kwargs: dict,
+                     concurrency: int | None) -> Iterator[dict]:
+    """Batch inference over the cluster: decode tasks feed a pool of predictor actors (one per two CPUs)."""
+    import ray
 
     from pipeline.data.ingest import val_dataset
-    from pipeline.data.shards import shard_files
 
-    tf = meta["eval_transform"]
-    expected = int(manifest["splits"]["val"]["n_images"])
-    files = shard_files(shards_dir, "val", verify=True)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = concurrency or max(1, int(cpus // 2))
     ds = val_dataset(files, resize=tf["resize"], crop=tf["crop"], ten_crop=ten_crop)
@@ -117,8 +123,44 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
         _Predictor, fn_constructor_kwargs={"threads": 1, **predictor_kwargs},
         batch_format="numpy", batch_size=batch_size, concurrency=actors, num_cpus=min(1.0, cpus / actors),
     )
+    yield from ds.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def _local_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int,
+                       predictor_kwargs: dict) -> Iterator[dict]:
+    """The same decode functions and predictor as the Ray path, called in this process, shard by shard."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.data.ingest import TenCropDecode, ValDecode
+
+    decode = TenCropDecode(tf["resize"], tf["crop"]) if ten_crop else ValDecode(tf["resize"], tf["crop"])
+    predictor = _Predictor(threads=torch.get_num_threads(), **predictor_kwargs)
+    for path in files:
+        table = pq.read_table(path, columns=["image", "label", "key"])
+        rows = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "key")}
+        rows["label"] = table.column("label").to_numpy()
+        for i in range(0, table.num_rows, batch_size):
+            part = {k: v[i : i + batch_size] for k, v in rows.items()}
+            for decoded in decode(part):
+                yield predictor(decoded)
+
+
+def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
+              ten_crop: bool, concurrency: int | None = None, ray_min_images: int = 0) -> dict:
+    import numpy as np
+
+    from pipeline.data.shards import shard_files
+
+    tf = meta["eval_transform"]
+    expected = int(manifest["splits"]["val"]["n_images"])
+    files = shard_files(shards_dir, "val", verify=True)
+    if expected >= ray_min_images:
+        batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency)
+    else:
+        batches = _local_predictions(files, tf, ten_crop, batch_size, predictor_kwargs)
     keys, labels, top5 = [], [], []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in batches:
         keys.extend(batch["key"].tolist())
         labels.append(batch["label"])
         top5.append(batch["top5"])
@@ -141,6 +183,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
         np.add.at(confusion, (y, pred[:, 0]), 1)
     return {
         "arch": meta["arch"],
+        "runner": "ray" if expected >= ray_min_images else "in-process",
         "top1_err": error_pct(int(hit1.sum()), len(y)),
         "top5_err": error_pct(int(hit5.sum()), len(y)),
         "n_images": len(y),

@@ -12,19 +12,21 @@ def main() -> None:
         ap.add_argument("--out", help="metrics JSON (default metrics/eval/ARCH.json)")
 
     p, args = stage_args(__doc__, add)
-    from pipeline.evaluation import evaluate_model, evaluate_reference
+    from pipeline.evaluation import evaluate_model, evaluate_reference, uses_ray
     from pipeline.training.checkpoint import read_model_meta
     from pipeline.training.trainer import init_ray, write_json_atomic
 
-    init_ray()
+    if uses_ray(p.data.shards_dir, p.eval.ray_min_images):
+        init_ray()
     model_dir = args.model or f"models/{args.arch}"
-    result = evaluate_model(model_dir, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=p.eval.ten_crop)
+    result = evaluate_model(model_dir, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=p.eval.ten_crop,
+                            ray_min_images=p.eval.ray_min_images)
     details = {k: result.pop(k) for k in ("per_class_top1_err", "confusion")}
     # The reference row: torchvision's weights for this arch, when they are on this machine, through the same
     # code and transform. Not a DVC dependency (they live outside the repository), so after adding them run
     # `dvc repro --force evaluate@ARCH`.
     reference = evaluate_reference(args.arch, p.data.shards_dir, batch_size=p.eval.batch_size,
-                                   ten_crop=p.eval.ten_crop,
+                                   ten_crop=p.eval.ten_crop, ray_min_images=p.eval.ray_min_images,
                                    eval_transform=read_model_meta(model_dir)["eval_transform"])
     if reference is not None:
         result["torchvision_reference"] = reference
@@ -34,7 +36,7 @@ def main() -> None:
     write_json_atomic(args.out or f"metrics/eval/{args.arch}.json", result)
     write_json_atomic(f"reports/eval/{args.arch}_details.json", details)
     print(f"evaluate {args.arch}: top-1 err {result['top1_err']:.2f}%, top-5 err {result['top5_err']:.2f}% "
-          f"on {result['n_images']} images ({result['protocol']})")
+          f"on {result['n_images']} images ({result['protocol']}, {result['runner']})")
 
 
 if __name__ == "__main__":

@@ -72,16 +72,20 @@ def test_reference_row_is_torchvision_weights_through_our_evaluation(torch_home:
                               progress=False)
     assert manifest["num_classes"] == 1000 and manifest["splits"]["val"]["n_images"] == N_VAL
 
+    kw = {"batch_size": 16, "eval_transform": {"resize": RESIZE, "crop": CROP}}
+    # Below eval.ray_min_images the same decode + predictor code runs in this process; at or above it, as Ray
+    # Data batch inference. Both must count the same.
+    local = evaluate_reference("resnet18", str(tmp_path / "shards"), ray_min_images=10**9, **kw)
     init_ray()
     try:
-        ref = evaluate_reference("resnet18", str(tmp_path / "shards"), batch_size=16,
-                                 eval_transform={"resize": RESIZE, "crop": CROP})
+        ref = evaluate_reference("resnet18", str(tmp_path / "shards"), ray_min_images=0, **kw)
     finally:
         ray.shutdown()
     assert ref is not None
     assert ref["weights"] == "resnet18-f37072fd.pth"
     assert ref["n_images"] == N_VAL
     assert ref["top1_err"] == 0.0 and ref["top5_err"] == 0.0
+    assert local == ref
 
 
 def test_reference_is_absent_or_skipped_and_the_report_says_so(torch_home: Path, synthetic_shards: Path) -> None:
