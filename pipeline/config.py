@@ -20,6 +20,18 @@ class ParamsError(ValueError):
     """A parameter file or override is wrong; the message names the file and the key."""
 
 
+def _check_archs(archs: list[str]) -> list[str]:
+    """Every name is a model we build, and none repeats (a repeated arch would train twice into one folder)."""
+    from pipeline.models import MODELS  # local: keep `import pipeline.config` light
+
+    unknown = [a for a in archs if a not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown arch {unknown}; choose from {sorted(MODELS)}")
+    if len(set(archs)) != len(archs):
+        raise ValueError("archs must not repeat a model")
+    return archs
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,12 +76,7 @@ class ModelParams(_Section):
     @field_validator("archs")
     @classmethod
     def _known_archs(cls, archs: list[str]) -> list[str]:
-        from pipeline.models import MODELS  # local: keep `import pipeline.config` light
-
-        unknown = [a for a in archs if a not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown arch {unknown}; choose from {sorted(MODELS)}")
-        return archs
+        return _check_archs(archs)
 
 
 class TrainParams(_Section):
@@ -214,14 +221,7 @@ class DegradationParams(_Section):
     @field_validator("archs")
     @classmethod
     def _known_archs(cls, archs: list[str]) -> list[str]:
-        from pipeline.models import MODELS
-
-        unknown = [a for a in archs if a not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown arch {unknown}; choose from {sorted(MODELS)}")
-        if len(set(archs)) != len(archs):
-            raise ValueError("archs must not repeat a model")
-        return archs
+        return _check_archs(archs)
 
     @model_validator(mode="after")
     def _warmup(self) -> DegradationParams:

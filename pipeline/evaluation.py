@@ -46,7 +46,8 @@ class _Predictor:
 
         from pipeline.data.transforms import normalize
 
-        x = torch.from_numpy(batch["image"])  # (N, 3, H, W) or (N, 10, 3, H, W) uint8
+        # Ray hands out read-only views of the object store; torch wants writable memory (copied only if not).
+        x = torch.from_numpy(np.require(batch["image"], requirements="W"))  # (N, 3, H, W) or (N, 10, 3, H, W) uint8
         ten = x.ndim == 5
         if ten:
             n, crops = x.shape[:2]
@@ -113,6 +114,7 @@ def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int
                      concurrency: int | None) -> Iterator[dict]:
     """Batch inference over the cluster: decode tasks feed a pool of predictor actors (one per two CPUs)."""
     import ray
+    import ray.data
 
     from pipeline.data.ingest import val_dataset
 
@@ -120,8 +122,8 @@ def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int
     actors = concurrency or max(1, int(cpus // 2))
     ds = val_dataset(files, resize=tf["resize"], crop=tf["crop"], ten_crop=ten_crop)
     ds = ds.map_batches(
-        _Predictor, fn_constructor_kwargs={"threads": 1, **predictor_kwargs},
-        batch_format="numpy", batch_size=batch_size, concurrency=actors, num_cpus=min(1.0, cpus / actors),
+        _Predictor, fn_constructor_kwargs={"threads": 1, **predictor_kwargs}, batch_format="numpy",
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=min(1.0, cpus / actors),
     )
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 

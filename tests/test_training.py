@@ -70,7 +70,7 @@ def test_in_process_training_exports_a_self_describing_model(ray_local, syntheti
 def test_two_gloo_workers_train_and_report_exact_val_counts(ray_local, synthetic_shards, tmp_path) -> None:
     from pipeline.training.trainer import build_trainer, make_job, run
 
-    p = tiny_params(synthetic_shards, tmp_path / "ckpt", epochs=1)
+    p = tiny_params(synthetic_shards, tmp_path / "ckpt", epochs=1, cpus_per_worker=1)
     job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, None)
     outcome = run(build_trainer(job, p, name="ddp2", num_workers=2, storage_path=str(tmp_path / "ckpt")))
     last = outcome.history[-1]
@@ -106,3 +106,16 @@ def test_grad_stats_reach_mlflow_through_ray_train(ray_local, synthetic_shards, 
     assert logged["grad_norm/total"] > 0 and logged["grad_norm/conv1"] > 0 and "grad_norm/fc" in logged
     assert 0.0 <= logged["dead_relu/mean"] <= 1.0 and "dead_relu/layer1.0.relu.call2" in logged
     assert [step for step, _ in tracking.metric_history(run_id, "grad_norm/total")] == [1]
+
+
+@pytest.mark.ray
+def test_workers_holding_every_cpu_fail_fast_instead_of_starving_ingest(ray_local, synthetic_shards, tmp_path) -> None:
+    import ray
+
+    from pipeline.training.trainer import build_trainer, make_job
+
+    cpus = int(ray.cluster_resources()["CPU"])  # init_ray: the cores + 2 for data
+    p = tiny_params(synthetic_shards, tmp_path / "ckpt", cpus_per_worker=cpus / 2)
+    job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, None)
+    with pytest.raises(ValueError, match=r"train.num_workers=2 x train.cpus_per_worker=.* leaves 0 for Ray Data"):
+        build_trainer(job, p, name="starved", num_workers=2, storage_path=str(tmp_path / "ckpt"))

@@ -21,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -335,6 +336,7 @@ def plot_degradation(curves: Mapping[str, Sequence[Mapping[str, float]]], out: P
             )
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         style_keys = [
             Line2D([], [], color="grey", linestyle="--", linewidth=1.0, label="train"),

@@ -62,6 +62,7 @@ def build_trainer(
 
     tp = p.train
     job.extra["local_mode"] = num_workers == 0
+    check_data_cpus(num_workers, tp.cpus_per_worker)
     ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
     scaling = ScalingConfig(
         num_workers=num_workers,
@@ -84,6 +85,23 @@ def build_trainer(
         run_config=run_config,
         datasets={"train": ds},
     )
+
+
+def check_data_cpus(num_workers: int, cpus_per_worker: float) -> None:
+    """Fail fast, not hang: training workers that hold every CPU of the cluster leave Ray Data none, and ingest
+    never starts (PITFALLS.md: the run waits forever on "Active & requested resources: 1/0 CPU")."""
+    import ray
+
+    from pipeline.data.ingest import TASK_CPUS
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    left = total - num_workers * cpus_per_worker
+    if num_workers > 0 and left < TASK_CPUS:
+        raise ValueError(
+            f"train.num_workers={num_workers} x train.cpus_per_worker={cpus_per_worker:g} takes {total - left:g} of "
+            f"the cluster's {total:g} CPUs and leaves {left:g} for Ray Data's decode tasks (each needs {TASK_CPUS:g}): "
+            "lower train.cpus_per_worker or train.num_workers, or add CPUs"
+        )
 
 
 def _worker_env() -> dict[str, Any]:
@@ -225,7 +243,8 @@ def train_arch(
         resume_key=name,
     )
     tracking.log_config(run_id, p.model_dump(mode="json"))
-    init_ray()
+    # A local Ray gets the workers' CPUs plus LOCAL_DATA_CPUS for Ray Data, whatever the worker layout.
+    init_ray(min_cpus=p.train.num_workers * p.train.cpus_per_worker + LOCAL_DATA_CPUS)
     job = make_job(p, arch, lr, warmup, epochs, run_id)
     t0 = time.perf_counter()
     try:
