@@ -128,24 +128,21 @@ def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
 
-def _local_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int,
-                       predictor_kwargs: dict) -> Iterator[dict]:
-    """The same decode functions and predictor as the Ray path, called in this process, shard by shard."""
+def _local_predictions(files: list[str], tf: dict, ten_crop: bool, predictor_kwargs: dict) -> Iterator[dict]:
+    """The same decode function and predictor as the Ray path, called in this process, shard by shard."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.data.ingest import TenCropDecode, ValDecode
+    from pipeline.data.ingest import ValDecode
 
-    decode = TenCropDecode(tf["resize"], tf["crop"]) if ten_crop else ValDecode(tf["resize"], tf["crop"])
+    decode = ValDecode(tf["resize"], tf["crop"], ten_crop)
     predictor = _Predictor(threads=torch.get_num_threads(), **predictor_kwargs)
     for path in files:
         table = pq.read_table(path, columns=["image", "label", "key"])
         rows = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "key")}
         rows["label"] = table.column("label").to_numpy()
-        for i in range(0, table.num_rows, batch_size):
-            part = {k: v[i : i + batch_size] for k, v in rows.items()}
-            for decoded in decode(part):
-                yield predictor(decoded)
+        for decoded in decode(rows):  # slices of ingest.DECODE_BATCH rows
+            yield predictor(decoded)
 
 
 def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
@@ -160,7 +157,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
     if expected >= ray_min_images:
         batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency)
     else:
-        batches = _local_predictions(files, tf, ten_crop, batch_size, predictor_kwargs)
+        batches = _local_predictions(files, tf, ten_crop, predictor_kwargs)
     keys, labels, top5 = [], [], []
     for batch in batches:
         keys.extend(batch["key"].tolist())

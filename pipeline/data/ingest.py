@@ -58,15 +58,17 @@ class TrainDecode:
 
 
 class ValDecode:
-    """map_batches function: JPEG bytes -> resize + center crop, uint8 (N, 3, crop, crop), keys kept."""
+    """map_batches function: JPEG bytes -> resize + center crop, uint8 (N, 3, crop, crop), or with `ten_crop`
+    the paper's 10 crops (sec. 3.4), uint8 (N, 10, 3, crop, crop); keys kept."""
 
-    def __init__(self, resize: int, crop: int) -> None:
+    def __init__(self, resize: int, crop: int, ten_crop: bool = False) -> None:
         self.resize = resize
         self.crop = crop
+        self.transform = ten_crop_images if ten_crop else val_image
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for part in _slices(batch, DECODE_BATCH):
-            images = np.stack([val_image(b, self.resize, self.crop) for b in part["image"]])
+            images = np.stack([self.transform(b, self.resize, self.crop) for b in part["image"]])
             yield {"image": images, "label": part["label"].astype(np.int64), "key": part["key"]}
 
 
@@ -105,20 +107,7 @@ def train_dataset(
     return ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
 
 
-class TenCropDecode:
-    """map_batches function for the paper's 10-crop test: uint8 (N, 10, 3, crop, crop)."""
-
-    def __init__(self, resize: int, crop: int) -> None:
-        self.resize = resize
-        self.crop = crop
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for part in _slices(batch, DECODE_BATCH):
-            images = np.stack([ten_crop_images(b, self.resize, self.crop) for b in part["image"]])
-            yield {"image": images, "label": part["label"].astype(np.int64), "key": part["key"]}
-
-
 def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False) -> Any:
     """A lazy Ray Dataset of val images after the eval transform (1 center crop, or 10 crops), keys kept."""
-    decode = TenCropDecode(resize, crop) if ten_crop else ValDecode(resize, crop)
+    decode = ValDecode(resize, crop, ten_crop)
     return _read(files).map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
