@@ -1,7 +1,7 @@
 """ingest_vs_imagefolder: decoded + augmented train batches per second, our Parquet-shard Ray Data ingest over
 torchvision's ImageFolder + DataLoader, measured side by side in one process.
 
-Input: ~600 ImageNet-like JPEGs (500x330..375, a fifth portrait 375x500, quality 90, photo-like content of
+Input: 3,000 ImageNet-like JPEGs (400 with --quick; 500x330..375, a fifth portrait 375x500, quality 90, photo-like content of
 ~85 KB each, from bench.bench_prepare) in ImageNet's `folders` layout (`train/<wnid>/*.JPEG`, `val/<wnid>/`).
 Both pipelines produce the same thing: RandomResizedCrop(224, scale=(0.08, 1)) + horizontal flip, uint8
 (N, 3, 224, 224) batches of 64 (normalisation happens later, on the training device, in both designs).
@@ -24,8 +24,9 @@ run adds `ingest_shards256_vs_imagefolder`: shards at max_side=256 (smaller JPEG
 decode: FFCV's max_resolution lever, as in its 256-px ImageNet files), against the same baseline in the same
 alternation.
 
-A pass is 1,500 images (the full run): Ray Data pays a per-epoch start-up (planning, launching the first tasks,
-~1 s here) that a real epoch (1.28 M images) amortises and a 600-image pass does not.
+A pass is 3,000 images (the full run): Ray Data pays a per-epoch start-up (planning, launching the first tasks,
+~1-1.5 s to the first batch here, recorded as first_batch_s) that a real epoch (1.28 M images) amortises and a
+600-image pass does not; 1,500-image passes measured 1.25x where 3,000 measured 1.29x (same code, same hour).
 
     python -m bench.bench_ingest [--quick]     # prints the records as JSON
 """
@@ -48,7 +49,7 @@ from bench.common import load1, median_spread, paired_ratios, record
 # Real ImageNet wnids (tench, English springer, cassette player, chain saw, church): the folders layout wants
 # n######## names. The images are not those classes' photos, only photo-sized stand-ins.
 WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079")
-TRAIN_PER_CLASS = 300  # 1,500 train images
+TRAIN_PER_CLASS = 600  # 3,000 train images
 VAL_PER_CLASS = 2
 QUICK_TRAIN_PER_CLASS = 80  # 400
 BATCH = 64

@@ -13,6 +13,7 @@ from torchvision.transforms._presets import ImageClassification
 from pipeline.data.transforms import (
     MEAN,
     STD,
+    TENSOR_MIN_PIXELS,
     normalize,
     random_resized_crop_box,
     ten_crop_images,
@@ -44,6 +45,28 @@ def test_train_crop_is_deterministic_for_a_seed_and_in_bounds() -> None:
     for _ in range(200):
         left, top, w, h = random_resized_crop_box(120, 90, rng, (0.08, 1.0), (3 / 4, 4 / 3))
         assert 0 <= left and 0 <= top and left + w <= 120 and top + h <= 90 and w > 0 and h > 0
+
+
+def test_train_tensor_path_matches_the_pil_path() -> None:
+    """>= TENSOR_MIN_PIXELS and shorter side < 2 x crop: torchvision's decoder and tensor resize. Same draws (box,
+    flip) as the PIL path and, within antialiasing round-off, the same pixels."""
+    size, crop = (160, 120), 96
+    assert size[0] * size[1] >= TENSOR_MIN_PIXELS and min(size) < 2 * crop  # the tensor path's conditions
+    data = jpeg_bytes(size, seed=5)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    flips = 0
+    for seed in range(8):
+        ours = train_image(data, crop, np.random.default_rng(seed), 0.35)
+        rng = np.random.default_rng(seed)
+        left, top, w, h = random_resized_crop_box(*size, rng, (0.35, 1.0), (3 / 4, 4 / 3))
+        ref = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            flips += 1
+        ref_chw = np.asarray(ref).transpose(2, 0, 1).astype(np.int16)
+        assert ours.shape == (3, crop, crop) and ours.dtype == np.uint8
+        assert np.abs(ours.astype(np.int16) - ref_chw).mean() < 2.0, seed
+    assert 0 < flips < 8  # both branches ran
 
 
 def test_ten_crop_shapes_and_mirror() -> None:
