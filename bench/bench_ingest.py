@@ -1,8 +1,9 @@
 """ingest_vs_imagefolder: decoded + augmented train batches per second, our Parquet-shard Ray Data ingest over
 torchvision's ImageFolder + DataLoader, measured side by side in one process.
 
-Input: 3,000 ImageNet-like JPEGs (400 with --quick; 500x330..375, a fifth portrait 375x500, quality 90, photo-like content of
-~85 KB each, from bench.bench_prepare) in ImageNet's `folders` layout (`train/<wnid>/*.JPEG`, `val/<wnid>/`).
+Input: 3,000 ImageNet-like JPEGs (400 with --quick; 500x330..375, a fifth portrait 375x500, quality 90,
+photo-like content of ~85 KB each, from bench.bench_prepare) in ImageNet's `folders` layout
+(`train/<wnid>/*.JPEG`, `val/<wnid>/`).
 Both pipelines produce the same thing: RandomResizedCrop(224, scale=(0.08, 1)) + horizontal flip, uint8
 (N, 3, 224, 224) batches of 64 (normalisation happens later, on the training device, in both designs).
 

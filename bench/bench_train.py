@@ -2,8 +2,8 @@
 loop, and of bf16 autocast over fp32 on CPU, measured side by side in one process.
 
 Data: the embedded default's synthetic set (params.yaml `data.synthetic`: 10 classes, 48 px) with TRAIN_PER_CLASS
-train images per class, generated with `generate_synthetic_imagenet` and prepared with `prepare_shards` into a temp dir, with
-params.yaml's max_side / rows_per_shard.
+train images per class, generated with `generate_synthetic_imagenet` and prepared with `prepare_shards` into a
+temp dir, with params.yaml's max_side / rows_per_shard.
 
 train_loop_vs_bare_torch
 (a) ours: `init_ray()`, `make_job`, `build_trainer`, `run`: params.yaml exactly as the embedded default trains

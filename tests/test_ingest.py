@@ -46,6 +46,11 @@ def test_train_pass_has_every_row_once_and_files_reshuffle_each_epoch(ray_2cpus,
     assert batch["image"].shape == (8, 3, 24, 24) and batch["image"].dtype == np.uint8
     # Read and decode run as ONE fused operator (a task per shard file), not two operators.
     assert "ReadParquet->MapBatches(TrainDecode)" in ds.stats()
+    # ... which gets the whole CPU budget from the start (no per-operator reservation), and only this dataset.
+    from ray.data import DataContext
+
+    assert ds.context.op_resource_reservation_enabled is False
+    assert DataContext.get_current().op_resource_reservation_enabled is True
 
 
 def test_two_workers_see_disjoint_rows_each_epoch(ray_2cpus, synthetic_shards: Path) -> None:

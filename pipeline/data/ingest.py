@@ -8,7 +8,6 @@ the data CPUs and the GPU overlap. Train V2 splits the train dataset across work
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -87,27 +86,6 @@ def _configure_data_context() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty()
 
 
-@contextmanager
-def _one_operator_budget() -> Iterator[None]:
-    """Datasets built inside get Ray Data's whole CPU budget for their one fused operator from the start.
-
-    Ray Data's per-operator reservation (`op_resource_reservation_enabled`, on by default) holds back half of
-    the budget for operators that a multi-operator pipeline may need later; with one operator on a small
-    machine it runs a single task until the first ones finish. Measured here (2 CPUs, 6 tasks of 0.5 s): the
-    second task started ~1 s late and the pass took 2.4-2.5 s; off, both started at once and it took 1.6 s.
-    A Dataset keeps a copy of the context it was built in, so the switch stays with it (into Train's
-    workers too) and other datasets keep Ray's default."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    try:
-        yield
-    finally:
-        ctx.op_resource_reservation_enabled = saved
-
-
 def _read(files: Sequence[str], **kw: Any) -> Any:
     """One read block per shard file (no splitting into smaller blocks: that would unfuse read and decode)."""
     import ray.data
@@ -124,10 +102,16 @@ def train_dataset(
     """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
     from ray.data import FileShuffleConfig
 
-    with _one_operator_budget():
-        ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-        decode = TrainDecode(crop, min_scale, keep_keys=keep_keys)
-        return ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    decode = TrainDecode(crop, min_scale, keep_keys=keep_keys)
+    ds = ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    # The whole CPU budget for this one fused operator from the start. Ray Data's per-operator reservation (on by
+    # default) holds back half the budget for operators a multi-operator pipeline may need later; with one
+    # operator on 2 CPUs it ran a single task for the first ~1 s of every execution (6 tasks of 0.5 s: 2.4-2.5 s
+    # per pass; off: both tasks at once, 1.6 s). Set on this Dataset's own context, which Train's workers
+    # receive with it; other datasets (evaluation's read -> predictor-actor pipeline) keep Ray's default.
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False) -> Any:

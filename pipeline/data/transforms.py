@@ -38,7 +38,11 @@ STD = (0.229, 0.224, 0.225)
 def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
     """Decode JPEG bytes to RGB. With `min_side`, let libjpeg downscale by 1/2..1/8 in the DCT while
     the image stays >= min_side (PIL `draft`): ~2-4x faster decodes of ImageNet-size photos."""
-    img = Image.open(io.BytesIO(data))
+    return _opened_to_rgb(Image.open(io.BytesIO(data)), min_side)
+
+
+def _opened_to_rgb(img: Image.Image, min_side: int | None) -> Image.Image:
+    """`decode_rgb` for an image whose header PIL has already read (`Image.open` decodes lazily)."""
     if min_side is not None and img.format == "JPEG":
         w, h = img.size
         scale = min(w, h) / float(min_side)
@@ -116,7 +120,7 @@ def train_image(
     if (img.format == "JPEG" and img.mode == "RGB" and min(img.size) < 2 * crop
             and img.width * img.height >= TENSOR_MIN_PIXELS):
         return _train_image_tensor(data, img.width, img.height, crop, rng, min_scale, hflip)
-    img = decode_rgb(data, min_side=crop)
+    img = _opened_to_rgb(img, min_side=crop)  # the header is parsed once per image
     left, top, w, h = random_resized_crop_box(img.width, img.height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
     # PIL resizes straight from the box: crop + resize in one pass, antialiased like torchvision's PIL path.
     out = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
