@@ -188,7 +188,7 @@ def run_in_process(shards: Path, tmp_path: Path, *sets: str) -> tuple[list[dict]
     job = make_job(p, "resnet20", 0.05, 0, p.train.epochs, run_id)
     shard = InMemoryShard(job.train_files, crop=32, min_scale=0.35, limit=32)
     job.n_train, job.threads = len(shard), 1
-    job.extra.update({"local_mode": True, "local_ckpt_dir": str(tmp_path / "ckpt")})
+    job.checkpoint_dir = str(tmp_path / "ckpt")
     (tmp_path / "ckpt").mkdir(parents=True)
     session = InProcessSession(shard)
     run_loop(job, session)
