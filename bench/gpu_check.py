@@ -532,16 +532,32 @@ def shm_free() -> int | None:
         return None
 
 
-def decode_loader(ds: DecodeChunks, workers: int, device: Any, *, persistent: bool) -> Any:
-    """A DataLoader over `ds` (one item = one chunk), forkserver workers, pinned memory on a GPU.
+PREFETCH = 2  # chunks each decode worker keeps ready
 
-    Decoded chunks travel to the main process through /dev/shm; containers often give it 64 MiB, so the
-    chunks in flight (workers x prefetch) must fit in it: check here rather than die with a bus error."""
+
+def _shm_need(chunk: int, workers: int, crop: int) -> int:
+    return workers * PREFETCH * chunk * 3 * crop * crop * 2  # x2: a chunk being received while the next is written
+
+
+def fit_chunk(chunk: int, workers: int, crop: int) -> int:
+    """The largest power-of-two share of `chunk` whose chunks in flight fit in half of /dev/shm's free space.
+
+    Decoded chunks travel from the workers through /dev/shm, and containers often give it 64 MiB: smaller chunks
+    then (more messages, same images) rather than a bus error."""
+    free = shm_free()
+    if workers == 0 or free is None:
+        return chunk
+    while chunk > 1 and _shm_need(chunk, workers, crop) > free / 2:
+        chunk //= 2
+    return chunk
+
+
+def decode_loader(ds: DecodeChunks, workers: int, device: Any, *, persistent: bool) -> Any:
+    """A DataLoader over `ds` (one item = one chunk), forkserver workers, pinned memory on a GPU."""
     import torch
 
-    per_chunk = ds.chunk * 3 * ds.crop * ds.crop
-    prefetch = 2
-    need = workers * prefetch * per_chunk * 2  # x2: a chunk being received while the next is written
+    prefetch = PREFETCH
+    need = _shm_need(ds.chunk, workers, ds.crop)
     free = shm_free()
     if free is not None and need > free:
         raise RuntimeError(f"/dev/shm has {free / 2**20:.0f} MiB free, the decode pool needs ~{need / 2**20:.0f} MiB "
@@ -678,9 +694,13 @@ def _cudnn_benchmark() -> bool:
     return bool(torch.backends.cudnn.benchmark)
 
 
+COUNTED_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce")
+
+
 class _CountAllReduce:
-    """Counts torch.distributed.all_reduce calls (dist.py calls it through the module attribute): proof that
-    the loop's collectives went through the process group."""
+    """Counts the collectives called through `torch.distributed.<name>` (dist.py looks them up on the module at
+    each call): proof that the loop's sums went through the process group. A dist.py that imported the functions
+    by name would escape the count; the error below says where to look."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -690,18 +710,24 @@ class _CountAllReduce:
     def installed(self) -> Iterator[None]:
         import torch.distributed as torch_dist
 
-        real = torch_dist.all_reduce
+        real = {name: getattr(torch_dist, name) for name in COUNTED_COLLECTIVES if hasattr(torch_dist, name)}
 
-        def counting(tensor: Any, *a: Any, **kw: Any) -> Any:
-            self.calls += 1
-            self.devices.add(str(getattr(tensor, "device", "?")))
-            return real(tensor, *a, **kw)
+        def counting(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def wrapper(tensor: Any, *a: Any, **kw: Any) -> Any:
+                self.calls += 1
+                self.devices.add(str(getattr(tensor, "device", type(tensor).__name__)))
+                return fn(tensor, *a, **kw)
 
-        torch_dist.all_reduce = counting
+            return wrapper
+
+        for name, fn in real.items():
+            setattr(torch_dist, name, counting(fn))
         try:
             yield
         finally:
-            torch_dist.all_reduce = real
+            for name, fn in real.items():
+                setattr(torch_dist, name, fn)
 
 
 @contextlib.contextmanager
@@ -832,8 +858,9 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountAllReduce, for
         if not math.isfinite(float(r["train_loss"])):
             problems.append(f"epoch {r['epoch']}: train_loss {r['train_loss']}")
     if calls == 0:
-        problems.append("no all_reduce went through the process group: collectives were not forced, so a CPU "
-                        "tensor in a collective would go unnoticed")
+        problems.append(f"no collective ({', '.join(COUNTED_COLLECTIVES)}) went through torch.distributed: "
+                        "collectives were not forced (or dist.py no longer calls them as torch.distributed.<name>), "
+                        "so a CPU tensor in a collective would go unnoticed")
     if not session.checkpoint_dir:
         problems.append("no checkpoint was reported")
     if problems:
@@ -845,7 +872,7 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountAllReduce, for
     ctx.add(
         f"run_loop_{amp}_vs_synthetic", value, "img/s", base_name, base, len(steady),
         [spread_abs[0] / base, spread_abs[1] / base], amp=amp, backend=backend, world_size=1,
-        collectives_forced=forced, all_reduce_calls=calls, all_reduce_devices=sorted(counter.devices),
+        collectives_forced=forced, collective_calls=calls, collective_devices=sorted(counter.devices),
         val_source=val_source, epochs=epochs, steps_per_epoch=n_shard // s.batch, n_train=n_shard,
         n_val=data.n_val, wall_s=round(wall, 1), images_per_s_by_epoch=_rounded([r["images_per_s"] for r in reports]),
         history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in reports],
@@ -897,7 +924,10 @@ def _chunks_to_batches(loader: Any, batch: int, device: Any) -> Iterator[tuple[A
 def section_decode(ctx: Ctx) -> None:
     s, data = ctx.sizes, ctx.data()
     workers = decode_workers()
-    ds = DecodeChunks(data.train_files, mode="train", crop=s.crop, min_scale=s.min_scale, chunk=s.chunk,
+    chunk = fit_chunk(s.chunk, workers, s.crop)  # a power of two, so whole chunks fill each batch
+    if s.batch % chunk:
+        raise RuntimeError(f"chunk {chunk} does not divide batch {s.batch}")
+    ds = DecodeChunks(data.train_files, mode="train", crop=s.crop, min_scale=s.min_scale, chunk=chunk,
                       limit=s.decode_images)
     if ds.n_images < s.batch:
         raise RuntimeError(f"{ds.n_images} train images < batch {s.batch}")
@@ -930,7 +960,7 @@ def section_decode(ctx: Ctx) -> None:
         waits.append(wait / seconds)
         return n / seconds
 
-    ctx.log(f"decode pool: {workers} workers x chunks of {s.chunk}, {ds.n_images} images a pass; warm-up pass")
+    ctx.log(f"decode pool: {workers} workers x chunks of {chunk}, {ds.n_images} images a pass; warm-up pass")
     synth_images, synth_labels = synthetic_batch(ctx)
     timed_steps(trainer, synth_images, synth_labels, s.warmup)  # cuDNN and the allocator warm before timing
     decode_pass()  # workers start, import torch, read the shards
@@ -941,7 +971,7 @@ def section_decode(ctx: Ctx) -> None:
     dec, dec_spread = median_spread(rates["decode"])
     ctx.results["cpu_decode"] = dec
     shm = shm_free()
-    common = {"workers": workers, "chunk": s.chunk, "images_per_pass": ds.n_images, "passes_per_rep": s.decode_passes,
+    common = {"workers": workers, "chunk": chunk, "images_per_pass": ds.n_images, "passes_per_rep": s.decode_passes,
               "shm_free_mib": None if shm is None else round(shm / 2**20),
               "decode": f"pipeline.data.transforms.train_image (RandomResizedCrop({s.crop}, scale=({s.min_scale}, "
                         "1)) + flip) in a DataLoader process pool (forkserver), pinned memory on a GPU"}
@@ -1059,10 +1089,12 @@ def _val_batches(ctx: Ctx, data: Data) -> tuple[list[tuple[Any, Any]], str]:
             ctx.notes.append(f"eval: InMemoryValShard.iter_torch_batches(batch_size=, device=) refused ({exc}): "
                              "val decoded by the bench's pool")
             out = []
-    ds = DecodeChunks(data.val_files, mode="val", crop=s.crop, resize=s.val_resize, chunk=s.eval_batch)
     # The CPU check decodes its 20 images in this process: a worker's start-up (import torch) would cost more,
-    # and the decode section already runs the pool.
-    loader = decode_loader(ds, min(decode_workers(), len(ds)) if ctx.on_gpu else 0, ctx.device, persistent=False)
+    # and the decode section already runs the pool. A small /dev/shm makes the batches smaller (fit_chunk).
+    workers = min(decode_workers(), math.ceil(data.n_val / s.eval_batch)) if ctx.on_gpu else 0
+    chunk = fit_chunk(s.eval_batch, workers, s.crop)
+    ds = DecodeChunks(data.val_files, mode="val", crop=s.crop, resize=s.val_resize, chunk=chunk)
+    loader = decode_loader(ds, workers, ctx.device, persistent=False)
     for chunk in loader:
         out.append((chunk["image"].to(ctx.device), chunk["label"].to(ctx.device, dtype=torch.int64)))
     return out, "val_image in a DataLoader pool (no InMemoryValShard.iter_torch_batches in this pipeline yet)"

@@ -135,7 +135,7 @@ def test_run_loop_went_through_a_forced_single_rank_gloo_group(cpu_run) -> None:
     for name, epochs in (("run_loop_bf16_vs_synthetic", 2), ("run_loop_fp16_vs_synthetic", 1)):
         r = by_name[name]
         assert r["backend"] == "gloo" and r["world_size"] == 1, r
-        assert r["all_reduce_calls"] > 0 and r["all_reduce_devices"] == ["cpu"], r
+        assert r["collective_calls"] > 0 and r["collective_devices"] == ["cpu"], r
         assert r["collectives_forced"], r
         assert r["baseline_found"] is True, r  # the synthetic section ran first and gave the bound
         assert [h["epoch"] for h in r["history"]] == list(range(1, epochs + 1)), r["history"]
@@ -225,3 +225,14 @@ def test_carried_wheels_are_the_locked_versions() -> None:
     # pydantic pins pydantic-core exactly: the carried pair must be the one pydantic asks for.
     core_pin = next(r for r in metadata.requires("pydantic") or [] if _norm(r).startswith("pydantic-core"))
     assert core_pin.endswith(f"=={pins['pydantic-core']}"), core_pin
+
+
+def test_decode_chunks_shrink_to_fit_a_small_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: 64 * 2**20)  # docker's default --shm-size
+    chunk = gpu_check.fit_chunk(64, 15, 224)
+    assert 1 <= chunk < 64 and 256 % chunk == 0
+    assert gpu_check._shm_need(chunk, 15, 224) <= 32 * 2**20 < gpu_check._shm_need(chunk * 2, 15, 224)
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: 64 * 2**30)
+    assert gpu_check.fit_chunk(64, 15, 224) == 64
