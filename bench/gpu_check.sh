@@ -10,7 +10,7 @@ fi
 GPU_SITE=${GPU_SITE:-/tmp/resnet-gpu-site}
 # What bench.gpu_check imports beyond torch/torchvision/numpy/Pillow/pyarrow/PyYAML (pipeline.config: pydantic;
 # pipeline.data.prepare: tqdm).
-NEEDED="import pydantic, yaml, tqdm"
+NEEDED="import pydantic, yaml, tqdm; assert int(pydantic.VERSION.split('.')[0]) >= 2, 'pydantic ' + pydantic.VERSION + ' < 2'"
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if ! "$GPU_PYTHON" -c "$NEEDED" 2>/dev/null && ((${#wheels[@]})); then

@@ -195,6 +195,16 @@ def test_the_time_budget_skips_sections_with_exit_3(tmp_path: Path) -> None:
     assert "time budget" in records[0]["error"]
 
 
+def test_the_watchdog_stops_a_run_past_the_hard_limit_and_keeps_the_records(tmp_path: Path) -> None:
+    # 3 s from the start is inside these sections on any machine (imports, JPEGs, shards, a training run).
+    code, text, records, _ = _run_check(tmp_path, "--sections", "train_loop,eval", "--budget-s", "1",
+                                        "--hard-limit-s", "3")
+    assert code == 1, text[-3000:]
+    assert "HARD LIMIT" in text
+    stopped = [r for r in records if r["status"] == "error" and "hard limit" in r["error"]]
+    assert len(stopped) == 1 and stopped[0]["name"].startswith("gpu_check_"), records
+
+
 def test_the_import_guard_refuses_and_remembers() -> None:
     guard = RefuseImports()
     with pytest.raises(ModuleNotFoundError, match="refused"):
