@@ -112,9 +112,16 @@ class TrainParams(_Section):
     train_crop_min_scale: float = Field(0.08, gt=0, le=1)
     val_resize_size: int = Field(256, ge=8, le=4096)
     val_crop_size: int = Field(224, ge=8, le=4096)
+    val_every_epochs: int = Field(
+        1, ge=1, le=10_000, description="Validate every N epochs (and always after the last); epochs between "
+        "report the last validation's errors."
+    )
     use_tuned: bool = Field(True, description="Take lr and lr_warmup_epochs from tune/best.json.")
     num_workers: int = Field(2, ge=0, le=4096, description="Ray Train workers; 0 = in-process (tests).")
-    cpus_per_worker: float = Field(1.0, gt=0, le=512)
+    cpus_per_worker: float = Field(
+        1.0, gt=0, le=512, description="CPUs reserved per training worker (also its torch threads). A GPU worker "
+        "needs 1-2: decoding runs in Ray Data tasks on the node's other CPUs."
+    )
     use_gpu: bool = False
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts; -1 = forever.")
     storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
@@ -158,6 +165,15 @@ class EvalParams(_Section):
         5000, ge=0, description="Val sets of at least this many images run as Ray Data batch inference over the "
         "cluster; smaller ones in the stage's own process (Ray's start-up and actor pool cost ~15 s, more than "
         "evaluating a few hundred images). 0 = always Ray."
+    )
+
+
+    gpus_per_actor: float = Field(
+        1.0, ge=0, le=8, description="GPUs per inference actor when train.use_gpu or the cluster has GPUs "
+        "(a fraction shares one GPU between actors); 0 = CPU inference."
+    )
+    max_actors: int | None = Field(
+        None, ge=1, le=4096, description="Most inference actors; null = one per GPU share (GPU) or per 2 CPUs."
     )
 
 
@@ -239,6 +255,15 @@ class TrackingParams(_Section):
     experiment: str = Field("resnet-pipeline", min_length=1)
 
 
+class ClusterParams(_Section):
+    """How stages get their resources; never changes a result (no DVC stage depends on it)."""
+
+    wait_for_resources_s: float = Field(
+        900, ge=0, le=86_400, description="On a cluster that can grow (RAY_ADDRESS set): how long a stage waits "
+        "for the autoscaler to bring up what it asked for before it stops naming what is missing."
+    )
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0)
     data: DataParams = Field(default_factory=DataParams)
@@ -249,6 +274,7 @@ class Params(_Section):
     degradation: DegradationParams = Field(default_factory=DegradationParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    cluster: ClusterParams = Field(default_factory=ClusterParams)
 
     def digest(self) -> str:
         """A short hash of the resolved parameters (tagged on every MLflow run)."""

@@ -8,17 +8,39 @@ from collections.abc import Iterator, Sequence
 import torch
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
-    """Number of samples whose target is among the top-k logits, for each k (k capped at #classes).
-
-    logits: (N, C); target: (N,). Ties are broken by torch.topk's order.
-    """
+def topk_counts(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """Per k, the number of samples whose target is among the top-k logits, as an int64 tensor on the logits'
+    device (no host synchronisation: the training loop sums these on the GPU). Targets < 0 mark padding rows
+    (equal-size val splits across ranks) and are never counted. k is capped at the number of classes; ties are
+    broken by torch.topk's order."""
     if logits.ndim != 2 or target.ndim != 1 or logits.shape[0] != target.shape[0]:
         raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)}, {tuple(target.shape)}")
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices  # (N, maxk)
-    hit = pred.eq(target.view(-1, 1))  # (N, maxk)
-    return [int(hit[:, : min(k, maxk)].any(dim=1).sum().item()) for k in ks]
+    hit = pred.eq(target.view(-1, 1)) & (target >= 0).view(-1, 1)  # (N, maxk)
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """`topk_counts` as Python ints (one host read)."""
+    return [int(v) for v in topk_counts(logits, target, ks).tolist()]
+
+
+def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: bool,
+                amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """THE evaluation forward pass, shared by validation in the training loop and the evaluate stage, so both
+    give the same numbers: uint8 (N, 3, H, W) on the model's device -> normalise (ImageNet mean/std) -> the
+    model in eval mode under the run's autocast dtype (train.amp; None = fp32) -> float32 logits (N, C)."""
+    from pipeline.data.transforms import normalize
+
+    x = normalize(images, channels_last)
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(x).float()
+
+
+def amp_dtype_of(amp: str | None) -> torch.dtype | None:
+    """train.amp -> the autocast dtype (None: fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
 
 
 def error_pct(correct: int, total: int) -> float:
@@ -32,36 +54,45 @@ def error_pct(correct: int, total: int) -> float:
 
 
 class _Predictor:
-    """Ray Data actor: loads the model once (models/ARCH, or a weights blob sent through Ray's object store),
-    returns the top-5 class ids per image."""
+    """Ray Data actor: loads the model once (models/ARCH, or a weights blob sent through Ray's object store)
+    onto its device, returns the top-5 class ids per image. The device is the GPU Ray gave this actor
+    (`num_gpus` > 0 sets CUDA_VISIBLE_DEVICES to it), else the CPU. The forward pass is `eval_logits`, with the
+    run's own autocast dtype and memory format (meta config), as validation during training uses."""
 
     def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None) -> None:
         from pipeline.training.checkpoint import load_model_dir, model_from_blob
 
         torch.set_num_threads(threads)
-        self.model, _ = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
+        model, meta = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
+        train = (meta.get("config") or {}).get("train") or {}
+        self.amp_dtype = amp_dtype_of(train.get("amp"))
+        self.channels_last = bool(train.get("channels_last", False))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one batch shape: pick the fastest kernels once
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format).eval()
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from pipeline.data.transforms import normalize
-
         # Ray hands out read-only views of the object store; torch wants writable memory (copied only if not).
         x = torch.from_numpy(np.require(batch["image"], requirements="W"))  # (N, 3, H, W) or (N, 10, 3, H, W) uint8
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
         ten = x.ndim == 5
         if ten:
             n, crops = x.shape[:2]
             x = x.flatten(0, 1)
-        with torch.no_grad():
-            probs = self.model(normalize(x)).softmax(dim=1)
+        probs = eval_logits(self.model, x, channels_last=self.channels_last, amp_dtype=self.amp_dtype).softmax(dim=1)
         if ten:
             probs = probs.view(n, crops, -1).mean(dim=1)  # average the 10 crops' probabilities (sec. 3.4)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
-        return {"key": batch["key"], "label": batch["label"], "top5": top.indices.numpy().astype(np.int64)}
+        return {"key": batch["key"], "label": batch["label"], "top5": top.indices.cpu().numpy().astype(np.int64)}
 
 
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
-                   concurrency: int | None = None, ray_min_images: int = 0) -> dict:
+                   concurrency: int | None = None, ray_min_images: int = 0, layout: dict | None = None) -> dict:
     """Exact top-1/top-5 error of models/ARCH over every val image, exactly once (checked against the
     manifest: no duplicates from distributed padding, none skipped). Val sets of `ray_min_images` or more go
     through Ray Data batch inference (Ray must be initialised); smaller ones are evaluated in this process with
@@ -77,7 +108,8 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
         raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
     return _evaluate(meta, {"model_dir": os.path.abspath(model_dir)}, shards_dir, manifest,
-                     batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images)
+                     batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images,
+                     layout=layout)
 
 
 def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
@@ -88,7 +120,8 @@ def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
 
 
 def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batch_size: int,
-                       ten_crop: bool = False, weights: str | None = None, ray_min_images: int = 0) -> dict | None:
+                       ten_crop: bool = False, weights: str | None = None, ray_min_images: int = 0,
+                       layout: dict | None = None) -> dict | None:
     """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with exactly the
     code and transform our own models get: the report's reference row. None when the weights are not on this
     machine; {"skipped": why} when the dataset is not 1000-class ImageNet (the weights' classes are
@@ -106,24 +139,50 @@ def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batc
     meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {}, "eval_transform": eval_transform}
     blob = {"state_dict": load_state_dict(path), **meta}
     res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop,
-                    ray_min_images=ray_min_images)
+                    ray_min_images=ray_min_images, layout=layout)
     return {"weights": path.name, **{k: res[k] for k in ("top1_err", "top5_err", "n_images", "protocol")}}
 
 
+def predictor_layout(resources: dict, *, use_gpu: bool, gpus_per_actor: float, max_actors: int | None,
+                     concurrency: int | None = None) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) for batch inference. GPUs when the run trained on them
+    (train.use_gpu: on an autoscaling cluster the GPU nodes may not be up yet) or the cluster has some, and
+    eval.gpus_per_actor > 0; else one CPU actor per 2 CPUs. Pure (tests drive it with made-up clusters)."""
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    if gpus_per_actor > 0 and (use_gpu or gpus > 0):
+        fit = int(gpus // gpus_per_actor) if gpus > 0 else 1
+        actors = concurrency or max_actors or max(1, fit)
+        return actors, 1.0, gpus_per_actor
+    actors = concurrency or max_actors or max(1, int(cpus // 2))
+    return actors, min(1.0, cpus / actors), 0.0
+
+
 def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int, predictor_kwargs: dict,
-                     concurrency: int | None) -> Iterator[dict]:
-    """Batch inference over the cluster: decode tasks feed a pool of predictor actors (one per two CPUs)."""
+                     concurrency: int | None, layout: dict | None = None) -> Iterator[dict]:
+    """Batch inference over the cluster: decode tasks feed a pool of predictor actors (GPU or CPU, see
+    `predictor_layout`). The pool starts with one actor and grows to `actors` as the cluster has room, so an
+    autoscaling cluster starts work on the first GPU node instead of waiting for all of them."""
     import ray
     import ray.data
 
     from pipeline.data.ingest import val_dataset
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    actors = concurrency or max(1, int(cpus // 2))
+    layout = layout or {}
+    actors, cpus, gpus = predictor_layout(
+        dict(ray.cluster_resources()), use_gpu=layout.get("use_gpu", False),
+        gpus_per_actor=layout.get("gpus_per_actor", 1.0), max_actors=layout.get("max_actors"), concurrency=concurrency)
+    if gpus > 0:
+        from pipeline.cluster import wait_for_resources
+
+        wait_for_resources([{"CPU": cpus, "GPU": gpus}], what="evaluation's first GPU predictor",
+                           keys="eval.gpus_per_actor (0 = CPU inference)",
+                           timeout_s=layout.get("wait_for_resources_s", 900))
     ds = val_dataset(files, resize=tf["resize"], crop=tf["crop"], ten_crop=ten_crop)
     ds = ds.map_batches(
-        _Predictor, fn_constructor_kwargs={"threads": 1, **predictor_kwargs}, batch_format="numpy",
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=min(1.0, cpus / actors),
+        _Predictor, fn_constructor_kwargs={"threads": max(1, int(cpus)), **predictor_kwargs}, batch_format="numpy",
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus,
+        **({"num_gpus": gpus} if gpus > 0 else {}),
     )
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
@@ -146,7 +205,8 @@ def _local_predictions(files: list[str], tf: dict, ten_crop: bool, predictor_kwa
 
 
 def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
-              ten_crop: bool, concurrency: int | None = None, ray_min_images: int = 0) -> dict:
+              ten_crop: bool, concurrency: int | None = None, ray_min_images: int = 0,
+              layout: dict | None = None) -> dict:
     import numpy as np
 
     from pipeline.data.shards import shard_files
@@ -155,7 +215,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
     expected = int(manifest["splits"]["val"]["n_images"])
     files = shard_files(shards_dir, "val", verify=True)
     if expected >= ray_min_images:
-        batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency)
+        batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency, layout)
     else:
         batches = _local_predictions(files, tf, ten_crop, predictor_kwargs)
     keys, labels, top5 = [], [], []

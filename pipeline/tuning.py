@@ -4,6 +4,7 @@ function that starts one TorchTrainer per trial and reports through TuneReportCa
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def _trial(config: dict[str, Any]) -> None:
     0: the loop runs in this trial process and reports to Tune itself (no worker group to start)."""
     from ray import tune
 
-    from pipeline.data.ingest import train_dataset
+    from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.training.loop import TuneTrialSession, run_loop
     from pipeline.training.trainer import build_trainer, make_job
 
@@ -49,10 +50,12 @@ def _trial(config: dict[str, Any]) -> None:
                    train_fraction=p.tune.train_fraction)
     job.threads = int(config["threads"])
     if p.tune.workers_per_trial == 0:
-        job.extra["local_mode"] = True
+        job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")  # Tune copies it at each report
         ds = train_dataset(job.train_files, crop=p.train.train_crop_size, min_scale=p.train.train_crop_min_scale,
                            seed=p.seed)
-        run_loop(job, TuneTrialSession(ds))
+        val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
+                          keep_keys=False)
+        run_loop(job, TuneTrialSession(ds, val))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -70,6 +73,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from pipeline.cluster import cluster_can_grow, release_request, wait_for_resources
     from pipeline.data.shards import read_manifest
     from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
 
@@ -77,9 +81,23 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     t = p.tune
     out_dir = Path(out_dir)
     resources = init_ray()
-    concurrent, per_worker, trial_request = trial_resources(
-        resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
-    )
+    gpu = {"GPU": 1.0} if p.train.use_gpu else {}
+    if cluster_can_grow():
+        # A cluster that can grow: size from what the params ask for, not from the nodes up right now (on an
+        # autoscaling cluster that is a head with no GPU). Tune queues the trials that do not fit yet; wait
+        # only for the first one's resources, so a cluster that cannot bring them up fails with a message.
+        per_worker = p.train.cpus_per_worker
+        concurrent = t.max_concurrent_trials or t.num_samples
+        trial_request = per_worker if t.workers_per_trial == 0 else TRIAL_DRIVER_CPUS
+        one_trial = ([{"CPU": per_worker, **gpu}] if t.workers_per_trial == 0 else
+                     [{"CPU": TRIAL_DRIVER_CPUS}] + [{"CPU": per_worker, **gpu}] * t.workers_per_trial)
+        wait_for_resources(one_trial + [{"CPU": DATA_CPU_RESERVE}], what="the first tune trial",
+                           keys="train.cpus_per_worker, tune.workers_per_trial or train.use_gpu",
+                           timeout_s=p.cluster.wait_for_resources_s)
+    else:
+        concurrent, per_worker, trial_request = trial_resources(
+            resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
+        )
     manifest = read_manifest(p.data.shards_dir)
     name = experiment_name or f"tune-{t.arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}"
     storage = _storage(p.train.storage_path)
@@ -105,7 +123,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         search_alg=BasicVariantGenerator(random_state=p.seed, max_concurrent=concurrent),
         time_budget_s=t.time_budget_s,
     )
-    trainable = tune.with_resources(_trial, {"CPU": trial_request})
+    # A trial that trains in its own process holds its GPU itself; one that drives a worker group asks none.
+    trainable = tune.with_resources(_trial, {"CPU": trial_request, **(gpu if t.workers_per_trial == 0 else {})})
     run_config = tune.RunConfig(name=name, storage_path=storage)
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
@@ -145,6 +164,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     write_json_atomic(out_dir / "best.json", result)
     _plot_trials(rows, out_dir / "lr_vs_error.png")
     _log_tune(p, manifest, rows, result, name, out_dir)
+    release_request()
     ray.shutdown()
     return result
 

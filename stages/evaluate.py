@@ -19,14 +19,17 @@ def main() -> None:
     if uses_ray(p.data.shards_dir, p.eval.ray_min_images):
         init_ray()
     model_dir = args.model or f"models/{args.arch}"
+    # GPU predictors when the run trains on GPUs (their nodes may still be scaling up) or the cluster has GPUs.
+    layout = {"use_gpu": p.train.use_gpu, "gpus_per_actor": p.eval.gpus_per_actor, "max_actors": p.eval.max_actors,
+              "wait_for_resources_s": p.cluster.wait_for_resources_s}
     result = evaluate_model(model_dir, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=p.eval.ten_crop,
-                            ray_min_images=p.eval.ray_min_images)
+                            ray_min_images=p.eval.ray_min_images, layout=layout)
     details = {k: result.pop(k) for k in ("per_class_top1_err", "confusion")}
     # The reference row: torchvision's weights for this arch, when they are on this machine, through the same
     # code and transform. Not a DVC dependency (they live outside the repository), so after adding them run
     # `dvc repro --force evaluate@ARCH`.
     reference = evaluate_reference(args.arch, p.data.shards_dir, batch_size=p.eval.batch_size,
-                                   ten_crop=p.eval.ten_crop, ray_min_images=p.eval.ray_min_images,
+                                   ten_crop=p.eval.ten_crop, ray_min_images=p.eval.ray_min_images, layout=layout,
                                    eval_transform=read_model_meta(model_dir)["eval_transform"])
     if reference is not None:
         result["torchvision_reference"] = reference

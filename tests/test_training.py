@@ -112,10 +112,13 @@ def test_grad_stats_reach_mlflow_through_ray_train(ray_local, synthetic_shards, 
 def test_workers_holding_every_cpu_fail_fast_instead_of_starving_ingest(ray_local, synthetic_shards, tmp_path) -> None:
     import ray
 
+    from pipeline.cluster import ResourcesUnavailable
     from pipeline.training.trainer import build_trainer, make_job
 
     cpus = int(ray.cluster_resources()["CPU"])  # init_ray: the cores + 2 for data
     p = tiny_params(synthetic_shards, tmp_path / "ckpt", cpus_per_worker=cpus / 2)
     job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, None)
-    with pytest.raises(ValueError, match=r"train.num_workers=2 x train.cpus_per_worker=.* leaves 0 for Ray Data"):
+    # The request counts one decode task's CPU beside the workers: the local Ray cannot grow, so it fails at once.
+    with pytest.raises(ResourcesUnavailable, match=r"needs 2 x \{CPU: [\d.]+\} \+ 1 x \{CPU: 1\}.*cannot grow: "
+                       r"1 more CPU .*Lower train.num_workers, train.cpus_per_worker"):
         build_trainer(job, p, name="starved", num_workers=2, storage_path=str(tmp_path / "ckpt"))

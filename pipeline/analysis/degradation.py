@@ -207,7 +207,7 @@ def _train_one(run_p: Params, arch: str, parent_run: str, fingerprint: str, ckpt
     job.n_train = len(shard)
     job.threads = deg.threads
     ckpt_dir.mkdir(parents=True)
-    job.extra.update({"local_mode": True, "local_ckpt_dir": str(ckpt_dir)})  # _report rewrites it each epoch
+    job.checkpoint_dir = str(ckpt_dir)  # the loop rewrites it each epoch
     session = InProcessSession(shard)
     status = "completed"
     try:

@@ -61,15 +61,17 @@ class ValDecode:
     """map_batches function: JPEG bytes -> resize + center crop, uint8 (N, 3, crop, crop), or with `ten_crop`
     the paper's 10 crops (sec. 3.4), uint8 (N, 10, 3, crop, crop); keys kept."""
 
-    def __init__(self, resize: int, crop: int, ten_crop: bool = False) -> None:
+    def __init__(self, resize: int, crop: int, ten_crop: bool = False, keep_keys: bool = True) -> None:
         self.resize = resize
         self.crop = crop
         self.transform = ten_crop_images if ten_crop else val_image
+        self.keep_keys = keep_keys  # off for validation in training: torch batches cannot hold strings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for part in _slices(batch, DECODE_BATCH):
             images = np.stack([self.transform(b, self.resize, self.crop) for b in part["image"]])
-            yield {"image": images, "label": part["label"].astype(np.int64), "key": part["key"]}
+            out = {"image": images, "label": part["label"].astype(np.int64)}
+            yield {**out, "key": part["key"]} if self.keep_keys else out
 
 
 def _configure_data_context() -> None:
@@ -114,7 +116,25 @@ def train_dataset(
     return ds
 
 
-def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False) -> Any:
-    """A lazy Ray Dataset of val images after the eval transform (1 center crop, or 10 crops), keys kept."""
-    decode = ValDecode(resize, crop, ten_crop)
-    return _read(files).map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False, n_images: int = 0,
+                pad_to_multiple: int = 1, keep_keys: bool = True) -> Any:
+    """A lazy Ray Dataset of val images after the eval transform (1 center crop, or 10 crops), keys kept.
+
+    With `pad_to_multiple` > 1 (the number of training workers) and the val set's `n_images`, blank rows with
+    label -1 are appended so the row count divides evenly: Train's `streaming_split(equal=True)` then hands
+    every rank the same number of rows and drops none (it drops the remainder otherwise). The loop counts only
+    labels >= 0, so counts stay exact (torchvision's DistributedSampler pads with repeated images instead,
+    which counts some twice)."""
+    decode = ValDecode(resize, crop, ten_crop, keep_keys=keep_keys)
+    ds = _read(files).map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    pad = (-n_images) % pad_to_multiple if pad_to_multiple > 1 else 0
+    if pad:
+        import ray.data
+
+        shape = (10, 3, crop, crop) if ten_crop else (3, crop, crop)
+        ds = ds.union(ray.data.from_items([
+            {"image": np.zeros(shape, dtype=np.uint8), "label": np.int64(-1),
+             **({"key": f"<pad {i}>"} if keep_keys else {})}
+            for i in range(pad)
+        ]))
+    return ds

@@ -168,13 +168,27 @@ def batch_seed(seed: int, epoch: int, keys: Sequence[str]) -> int:
     return (seed * 1_000_003 + epoch * 7919 + zlib.crc32(first.encode())) & 0xFFFFFFFF
 
 
+_STATS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and 1/std in 0..255 units, built once per device (not a host-to-device copy per batch)."""
+    import torch
+
+    key = str(device)
+    if key not in _STATS:
+        mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        inv_std = 1.0 / (torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        _STATS[key] = (mean.to(device), inv_std.to(device))
+    return _STATS[key]
+
+
 def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with ImageNet mean/std, on images' device."""
     import torch
 
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
-    out = (images.float() - mean) / std
+    mean, inv_std = _stats(images.device)
+    out = (images.float() - mean) * inv_std
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out

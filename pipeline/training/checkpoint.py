@@ -32,7 +32,10 @@ def export_model_dir(out_dir: str | Path, train_state: dict[str, Any]) -> Path:
     """Write models/ARCH/ atomically: model.pt (weights + description) and meta.json (the same
     description, human readable). The EMA weights win when EMA was on (that is what gets evaluated)."""
     out_dir = Path(out_dir)
-    weights = train_state.get("ema") or train_state["model"]
+    ema = train_state.get("ema")
+    # pipeline.training.ema.EMA's state: {"weights", "updates", "decay"}; checkpoints before it held the
+    # AveragedModel's state dict ("module."-prefixed keys plus "n_averaged").
+    weights = (ema["weights"] if "weights" in ema else ema) if ema else train_state["model"]
     weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
     keys = ("arch", "model_kwargs", "num_classes", "classes", "class_names", "eval_transform", "config",
             "git_commit", "data_fingerprint", "history", "lr", "lr_warmup_epochs")

@@ -62,13 +62,44 @@ class InMemoryShard:
             }
 
 
+class InMemoryValShard:
+    """Val shards for `run_loop`'s validation in a plain process: the same decode as the evaluate stage
+    (`pipeline.data.ingest.ValDecode`, resize + center crop), batches {"image": uint8 (N, 3, crop, crop),
+    "label": int64 (N,)}. The Parquet files are read once; images are decoded at every pass."""
+
+    def __init__(self, files: Sequence[str], *, resize: int, crop: int) -> None:
+        import pyarrow.parquet as pq
+
+        from pipeline.data.ingest import ValDecode
+
+        self._decode = ValDecode(resize, crop)
+        self._tables = [pq.read_table(path, columns=["image", "label", "key"]) for path in files]
+
+    def __len__(self) -> int:
+        return sum(t.num_rows for t in self._tables)
+
+    def iter_torch_batches(
+        self, *, batch_size: int, device: torch.device | str = "cpu", **_ray_options: Any
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        for table in self._tables:
+            rows = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "key")}
+            rows["label"] = table.column("label").to_numpy()
+            for start in range(0, table.num_rows, batch_size):
+                part = {k: v[start : start + batch_size] for k, v in rows.items()}
+                for decoded in self._decode(part):  # slices of ingest.DECODE_BATCH rows
+                    yield {"image": torch.from_numpy(decoded["image"]).to(device),
+                           "label": torch.from_numpy(decoded["label"]).to(device)}
+
+
 class InProcessSession:
     """The session `run_loop` talks to (see `TrainSession`), for a single process without Ray: no checkpoint
     to resume from, the model unwrapped, every report appended to `reports` (with its `time.perf_counter()`
     in `report_times`), the newest checkpoint directory in `checkpoint_dir`."""
 
-    def __init__(self, shard: InMemoryShard, device: torch.device | None = None) -> None:
+    def __init__(self, shard: InMemoryShard, device: torch.device | None = None,
+                 val_shard: InMemoryValShard | None = None) -> None:
         self._shard = shard
+        self._val = val_shard
         self.device = device or torch.device("cpu")
         self.reports: list[dict[str, Any]] = []
         self.report_times: list[float] = []
@@ -79,6 +110,9 @@ class InProcessSession:
 
     def train_shard(self) -> InMemoryShard:
         return self._shard
+
+    def val_shard(self) -> InMemoryValShard | None:
+        return self._val  # None: run_loop validates on the job's val files, decoded in this process
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

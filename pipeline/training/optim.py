@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,16 +38,19 @@ def build_optimizer(model: nn.Module, train: Any, lr: float) -> torch.optim.Opti
 
 def mix_batch(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-    generator: torch.Generator,
+    rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one of them per batch with equal odds as
-    torchvision's recipe does. Returns images and soft targets (N, num_classes)."""
+    torchvision's recipe does. Returns images and soft targets (N, num_classes).
+
+    The random draws come from a NumPy generator on the host: drawing them from a torch generator and reading
+    them back (`int(t)`, `float(t)`) would be a host synchronisation per step on a GPU."""
     target = nn.functional.one_hot(y, num_classes).to(x.dtype)
     choices = [a for a in ((mixup_alpha, "mixup"), (cutmix_alpha, "cutmix")) if a[0] > 0]
     if not choices:
         return x, target
-    alpha, kind = choices[int(torch.randint(len(choices), (1,), generator=generator))]
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    alpha, kind = choices[int(rng.integers(len(choices)))]
+    lam = float(rng.beta(alpha, alpha))
     perm = torch.roll(torch.arange(x.shape[0], device=x.device), 1)
     if kind == "mixup":
         x = x * lam + x[perm] * (1 - lam)
@@ -54,8 +58,7 @@ def mix_batch(
         _, _, h, w = x.shape  # (N, C, H, W)
         cut = (1 - lam) ** 0.5
         ch, cw = int(h * cut), int(w * cut)
-        cy = int(torch.randint(h, (1,), generator=generator))
-        cx = int(torch.randint(w, (1,), generator=generator))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
         x = x.clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,18 +53,41 @@ class Outcome:
     path: str | None
 
 
+def train_bundles(p: Params, num_workers: int) -> list[dict[str, float]]:
+    """The resource shapes a training run asks for: one per worker (its CPUs, and a GPU with train.use_gpu),
+    plus one decode task's CPUs for Ray Data (a run whose workers hold every CPU never starts reading)."""
+    from pipeline.data.ingest import TASK_CPUS
+
+    tp = p.train
+    worker = {"CPU": tp.cpus_per_worker, **({"GPU": 1.0} if tp.use_gpu else {})}
+    return [dict(worker) for _ in range(num_workers)] + [{"CPU": TASK_CPUS}]
+
+
 def build_trainer(
     job: Job, p: Params, *, name: str, num_workers: int, storage_path: str, callbacks: list[Any] | None = None,
 ) -> Any:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data.ingest import train_dataset
+    from pipeline.data.ingest import train_dataset, val_dataset
 
     tp = p.train
-    job.extra["local_mode"] = num_workers == 0
+    if num_workers == 0:  # in-process: nothing persists a reported checkpoint, the loop rewrites one in place
+        job.checkpoint_dir = job.checkpoint_dir or tempfile.mkdtemp(prefix="resnet-ckpt-")
+    else:
+        from pipeline.cluster import wait_for_resources
+
+        wait_for_resources(
+            train_bundles(p, num_workers), what=f"training {job.arch}",
+            keys="train.num_workers, train.cpus_per_worker or train.use_gpu",
+            timeout_s=p.cluster.wait_for_resources_s,
+        )
     check_data_cpus(num_workers, tp.cpus_per_worker)
     ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
+    # Validation is decoded by Ray Data tasks too, not on the training thread; padded so every rank gets the
+    # same number of rows (see val_dataset).
+    val = val_dataset(job.val_files, resize=tp.val_resize_size, crop=tp.val_crop_size, n_images=job.n_val,
+                      pad_to_multiple=max(num_workers, 1), keep_keys=False)
     scaling = ScalingConfig(
         num_workers=num_workers,
         use_gpu=tp.use_gpu,
@@ -83,7 +107,7 @@ def build_trainer(
         train_loop_config=job.to_config(),
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": ds},
+        datasets={"train": ds, "val": val},
         # One worker: no split. A split dataset streams through a SplitCoordinator actor, whose scheduling loop
         # ran at ~12% of a core here (top, 2-core machine) to hand blocks to its single consumer; unsplit, the
         # worker runs Ray Data's executor itself and every epoch still re-executes (and reshuffles) the dataset.
@@ -93,7 +117,8 @@ def build_trainer(
 
 def check_data_cpus(num_workers: int, cpus_per_worker: float) -> None:
     """Fail fast, not hang: training workers that hold every CPU of the cluster leave Ray Data none, and ingest
-    never starts (PITFALLS.md: the run waits forever on "Active & requested resources: 1/0 CPU")."""
+    never starts (the run would wait forever on "Active & requested resources: 1/0 CPU"). Read after
+    `wait_for_resources`, so an autoscaling cluster's nodes are counted."""
     import ray
 
     from pipeline.data.ingest import TASK_CPUS
@@ -161,6 +186,7 @@ def make_job(
         classes=[c["wnid"] for c in manifest["classes"]],
         class_names={c["wnid"]: c["name"] for c in manifest["classes"]},
         n_train=sum(rows[:keep]),
+        n_val=int(manifest["splits"]["val"]["n_images"]),
         train_files=train_files[:keep],
         val_files=shard_files(p.data.shards_dir, "val", verify=True),
         data_fingerprint=str(manifest["fingerprint"]),
@@ -258,6 +284,10 @@ def train_arch(
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
+    finally:
+        from pipeline.cluster import release_request
+
+        release_request()
     wall = time.perf_counter() - t0
     for epoch in outcome.state.get("resumed_at", []):
         print(f"train {arch}: resumed from checkpoint at epoch {epoch} (not started over)", flush=True)
