@@ -12,15 +12,17 @@ non-zero):
 - `train_loop`: our per-worker function `pipeline.training.loop.run_loop(job, session)` in this process on the
   GPU, under a single-rank process group (NCCL on GPU, gloo on CPU) with our collectives forced through it
   (`pipeline.training.dist.set_force_collectives`), so that a CPU tensor in a collective fails here as it would
-  on 16 GPUs. The Job comes from `make_job` over generated ImageNet-size JPEG shards (`prepare_shards`); bf16
-  for two epochs, then fp16 + GradScaler for one.
+  on 16 GPUs. The Job comes from `make_job` over generated ImageNet-size JPEG shards (`prepare_shards`), the
+  session is `InProcessSession` over an `InMemoryShard` and an `InMemoryValShard`; bf16 for two epochs, then
+  fp16 + GradScaler for one.
 - `decode`:     our CPU decode (`pipeline.data.transforms.train_image`) in a process pool of all cores but one
   (a DataLoader, standing in for Ray Data's decode tasks), alone and feeding ResNet-50 training; both against
   the synthetic bound.
 - `gpu_decode`: only where `torchvision.io.decode_jpeg(list, device="cuda")` works: batched nvJPEG decode +
   RandomResizedCrop on the GPU, against the CPU pool.
-- `eval`:       the evaluation core (forward + `pipeline.evaluation.topk_correct`) over the val shards on
-  GPU-resident batches, and the loop's own `evaluate_files` end to end; the counts are checked.
+- `eval`:       the evaluation core (`pipeline.evaluation.eval_logits` + `topk_counts`, what the loop's
+  validation and the evaluate stage share) over the val shards, on batches resident on the GPU and end to end
+  from an `InMemoryValShard`; the counts are checked (`topk_correct` on GPU and CPU agree).
 - `compile`:    torch.compile'd vs eager training, bf16 and fp16 (last: compiling costs a minute or more).
 
 Without a GPU (CI, laptops) the same code paths run at tiny sizes (resnet18 at 32 px, a few steps, gloo, a
@@ -462,26 +464,22 @@ def make_data(ctx: Ctx) -> Data:
 
 
 class DecodeChunks:
-    """A map-style dataset for a DataLoader process pool: item i is chunk i of the shards' rows, decoded with
-    the project's own functions (`train_image`: RandomResizedCrop + flip; `val_image`: resize + center crop)
-    into {"image": uint8 (n, 3, crop, crop), "label": int64 (n,)}. Each worker reads the JPEG bytes once, on
-    its first item; only file names and the row order are pickled to it."""
+    """A map-style dataset for a DataLoader process pool: item i is chunk i of the train shards' rows (a shuffled
+    order, whole chunks only, as the loop drops the last partial batch), decoded and augmented with the
+    project's `train_image` (RandomResizedCrop + flip) into {"image": uint8 (n, 3, crop, crop), "label": int64
+    (n,)}. Each worker reads the JPEG bytes once, on its first item; only file names and the order are pickled."""
 
-    def __init__(self, files: list[str], *, mode: str, crop: int, resize: int = 0, min_scale: float = 0.08,
-                 chunk: int, seed: int = 0, limit: int | None = None) -> None:
+    def __init__(self, files: list[str], *, crop: int, min_scale: float, chunk: int, seed: int = 0,
+                 limit: int | None = None) -> None:
         import numpy as np
         import pyarrow.parquet as pq
 
-        if mode not in ("train", "val"):
-            raise ValueError(f"mode must be train or val, got {mode!r}")
-        self.files, self.mode, self.crop, self.resize, self.min_scale = list(files), mode, crop, resize, min_scale
-        self.chunk, self.seed = chunk, seed
+        self.files, self.crop, self.min_scale, self.chunk, self.seed = list(files), crop, min_scale, chunk, seed
         n = sum(pq.read_metadata(f).num_rows for f in self.files)
         n = n if limit is None else min(n, limit)
-        # Train: a shuffled order and whole chunks only (drop_last, as the loop does); val: every row once.
-        self.order = np.random.default_rng(seed).permutation(n) if mode == "train" else np.arange(n)
-        self.n_chunks = n // chunk if mode == "train" else math.ceil(n / chunk)
-        self.n_images = self.n_chunks * chunk if mode == "train" else n
+        self.order = np.random.default_rng(seed).permutation(n)
+        self.n_chunks = n // chunk
+        self.n_images = self.n_chunks * chunk
         self._images: list[bytes] | None = None
         self._labels: Any = None
 
@@ -507,17 +505,14 @@ class DecodeChunks:
         import numpy as np
         import torch
 
-        from pipeline.data.transforms import train_image, val_image
+        from pipeline.data.transforms import train_image
 
         if self._images is None:
             self._load()
         assert self._images is not None
         index = self.order[i * self.chunk : (i + 1) * self.chunk]
-        if self.mode == "train":
-            rng = np.random.default_rng((self.seed, i))
-            pixels = np.stack([train_image(self._images[j], self.crop, rng, self.min_scale) for j in index])
-        else:
-            pixels = np.stack([val_image(self._images[j], self.resize, self.crop) for j in index])
+        rng = np.random.default_rng((self.seed, i))
+        pixels = np.stack([train_image(self._images[j], self.crop, rng, self.min_scale) for j in index])
         return {"image": torch.from_numpy(pixels), "label": torch.from_numpy(self._labels[index])}
 
 
@@ -547,7 +542,7 @@ def fit_chunk(chunk: int, workers: int, crop: int) -> int:
     Decoded chunks travel from the workers through /dev/shm, and containers often give it 64 MiB: smaller chunks
     then (more messages, same images) rather than a bus error."""
     free = shm_free()
-    if workers == 0 or free is None:
+    if free is None:
         return chunk
     while chunk > 1 and _shm_need(chunk, workers, crop) > free / 2:
         chunk //= 2
@@ -565,8 +560,6 @@ def decode_loader(ds: DecodeChunks, workers: int, device: Any, *, persistent: bo
         raise RuntimeError(f"/dev/shm has {free / 2**20:.0f} MiB free, the decode pool needs ~{need / 2**20:.0f} MiB "
                            f"({workers} workers x {prefetch} chunks of {ds.chunk} images); rerun with a larger "
                            "/dev/shm (docker --shm-size) or fewer workers")
-    if workers == 0:
-        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
     return torch.utils.data.DataLoader(
         ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=persistent, prefetch_factor=prefetch, multiprocessing_context="forkserver",
@@ -699,7 +692,7 @@ def _cudnn_benchmark() -> bool:
 COUNTED_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce")
 
 
-class _CountAllReduce:
+class _CountCollectives:
     """Counts the collectives called through `torch.distributed.<name>` (dist.py looks them up on the module at
     each call): proof that the loop's sums went through the process group. A dist.py that imported the functions
     by name would escape the count; the error below says where to look."""
@@ -716,10 +709,13 @@ class _CountAllReduce:
 
         def counting(fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
-            def wrapper(tensor: Any, *a: Any, **kw: Any) -> Any:
+            def wrapper(*a: Any, **kw: Any) -> Any:
                 self.calls += 1
-                self.devices.add(str(getattr(tensor, "device", type(tensor).__name__)))
-                return fn(tensor, *a, **kw)
+                for arg in (*a, *kw.values()):  # tensors, and lists of them (all_gather's outputs)
+                    for t in arg if isinstance(arg, list | tuple) else [arg]:
+                        if hasattr(t, "device") and hasattr(t, "dtype"):
+                            self.devices.add(str(t.device))
+                return fn(*a, **kw)
 
             return wrapper
 
@@ -733,38 +729,16 @@ class _CountAllReduce:
 
 
 @contextlib.contextmanager
-def forced_collectives(ctx: Ctx) -> Iterator[str]:
-    """`dist.set_force_collectives(True)` for the block; yields how collectives were forced.
-
-    Older pipelines have no such switch: then a stand-in `sum_across` (the same sum, all-reduced whatever the
-    world size) replaces `dist.sum_across` for the block, and the record says so."""
+def forced_collectives() -> Iterator[str]:
+    """`dist.set_force_collectives(True)` for the block: at world size 1 the loop's collectives would otherwise
+    be skipped, and a CPU tensor in one would only fail on a multi-GPU run."""
     from pipeline.training import dist
 
-    force = getattr(dist, "set_force_collectives", None)
-    if force is not None:
-        force(True)
-        try:
-            yield "pipeline.training.dist.set_force_collectives(True)"
-        finally:
-            force(False)
-        return
-    ctx.log("pipeline.training.dist.set_force_collectives is missing (an older pipeline): forcing collectives "
-            "with a bench-side stand-in for dist.sum_across")
-    import torch
-    import torch.distributed as torch_dist
-
-    real = dist.sum_across
-
-    def sum_across(values: Any, device: Any = None) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64, device=device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
-        return t.tolist()
-
-    dist.sum_across = sum_across  # any_across looks sum_across up in the module: it is forced too
+    dist.set_force_collectives(True)
     try:
-        yield "bench stand-in for dist.sum_across (pipeline.training.dist.set_force_collectives missing)"
+        yield "pipeline.training.dist.set_force_collectives(True)"
     finally:
-        dist.sum_across = real
+        dist.set_force_collectives(False)
 
 
 @contextlib.contextmanager
@@ -790,7 +764,8 @@ def loop_params(ctx: Ctx, amp: str, epochs: int) -> Any:
     overrides = [
         f"data.shards_dir={data.shards}", f"train.storage_path={ctx.tmp / 'ray_results'}",
         f"train.epochs={epochs}", f"train.batch_size={s.batch}", f"train.lr={LR}", "train.lr_warmup_epochs=0",
-        "train.num_workers=0", f"train.cpus_per_worker={cores()}", f"train.use_gpu={ctx.on_gpu}",
+        # cpus_per_worker is run_loop's torch thread count: the CPU check keeps its one thread (see main).
+        "train.num_workers=0", f"train.cpus_per_worker={cores() if ctx.on_gpu else 1}", f"train.use_gpu={ctx.on_gpu}",
         "train.compile=false", "train.use_tuned=false", f"train.amp={amp}", f"train.train_crop_size={s.crop}",
         f"train.val_resize_size={s.val_resize}", f"train.val_crop_size={s.crop}", f"eval.batch_size={s.eval_batch}",
         f"model.archs=[{s.arch}]", f"train.train_crop_min_scale={s.min_scale}",
@@ -798,26 +773,18 @@ def loop_params(ctx: Ctx, amp: str, epochs: int) -> Any:
     return with_absolute_paths(load_params(PRESET, overrides), ROOT)
 
 
-def make_session(ctx: Ctx, job: Any, p: Any, images: int) -> tuple[Any, str]:
-    """InProcessSession over an InMemoryShard of `images` train rows, with an InMemoryValShard when the
-    pipeline has one (the loop then evaluates from it); returns (session, what evaluates)."""
-    import inspect
+def make_session(ctx: Ctx, job: Any, p: Any, images: int) -> Any:
+    """InProcessSession over an InMemoryShard of `images` train rows and an InMemoryValShard of every val row
+    (the loop validates from it, with the evaluate stage's decode)."""
+    from pipeline.training.local import InMemoryShard, InMemoryValShard, InProcessSession
 
-    from pipeline.training import local
-
-    shard = local.InMemoryShard(job.train_files, crop=p.train.train_crop_size,
-                                min_scale=p.train.train_crop_min_scale, limit=images)
-    val_cls = getattr(local, "InMemoryValShard", None)
-    accepts_val = "val_shard" in inspect.signature(local.InProcessSession).parameters
-    if val_cls is not None and accepts_val:
-        val = val_cls(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size)
-        return local.InProcessSession(shard, device=ctx.device, val_shard=val), "InMemoryValShard"
-    ctx.log("pipeline.training.local has no InMemoryValShard / InProcessSession(val_shard=) yet: the loop "
-            "evaluates the val files itself")
-    return local.InProcessSession(shard, device=ctx.device), "loop's own val files"
+    shard = InMemoryShard(job.train_files, crop=p.train.train_crop_size, min_scale=p.train.train_crop_min_scale,
+                          limit=images)
+    val = InMemoryValShard(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size)
+    return InProcessSession(shard, device=ctx.device, val_shard=val)
 
 
-def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountAllReduce, forced: str, backend: str) -> None:
+def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountCollectives, forced: str, backend: str) -> None:
     import torch
 
     from pipeline.training.loop import run_loop
@@ -826,14 +793,14 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountAllReduce, for
     s, data = ctx.sizes, ctx.data()
     p = loop_params(ctx, amp, epochs)
     job = make_job(p, s.arch, LR, 0, epochs, None)
-    session, val_source = make_session(ctx, job, p, s.loop_images)
+    session = make_session(ctx, job, p, s.loop_images)
     n_shard = len(session.train_shard())
     if n_shard < s.batch:
         raise RuntimeError(f"{n_shard} train images < batch {s.batch}: not one full batch")
     job.n_train = n_shard
     ckpt = ctx.tmp / f"ckpt-{amp}"
     ckpt.mkdir(exist_ok=True)
-    job.extra.update({"local_mode": True, "local_ckpt_dir": str(ckpt)})  # _report rewrites it each epoch
+    job.checkpoint_dir = str(ckpt)  # the loop rewrites it each epoch
     threads = torch.get_num_threads()
     calls_before = counter.calls
     ctx.log(f"run_loop {s.arch} amp={amp}: {epochs} epoch(s) of {n_shard // s.batch} steps, {backend} group")
@@ -875,21 +842,22 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountAllReduce, for
         f"run_loop_{amp}_vs_synthetic", value, "img/s", base_name, base, len(steady),
         [spread_abs[0] / base, spread_abs[1] / base], amp=amp, backend=backend, world_size=1,
         collectives_forced=forced, collective_calls=calls, collective_devices=sorted(counter.devices),
-        val_source=val_source, epochs=epochs, steps_per_epoch=n_shard // s.batch, n_train=n_shard,
+        val_source="InMemoryValShard", epochs=epochs, steps_per_epoch=n_shard // s.batch, n_train=n_shard,
         n_val=data.n_val, wall_s=round(wall, 1), images_per_s_by_epoch=_rounded([r["images_per_s"] for r in reports]),
         history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in reports],
         timed_epochs="epochs after the first" if len(reports) > 1 else "the only epoch (includes warm-up)",
         baseline_found=found, peak_memory_gib=peak_gib(ctx.device),
         setup=f"pipeline.training.loop.run_loop in this process: InMemoryShard (train_image decoded serially in "
-              f"this process: decode-bound by design, unlike Ray Data's parallel ingest), Job from make_job over "
-              f"{len(job.train_files)} train shards; images_per_s is the loop's own (train steps incl. data waits)",
+              f"this process: decode-bound by design, unlike Ray Data's parallel ingest) + InMemoryValShard, Job "
+              f"from make_job over {len(job.train_files)} train shards; images_per_s is the loop's own (train "
+              "steps incl. data waits)",
     )
 
 
 def section_train_loop(ctx: Ctx) -> None:
     ctx.data()  # data first: its failure is the section's, not one run's
-    counter = _CountAllReduce()
-    with single_rank_group(ctx) as backend, counter.installed(), forced_collectives(ctx) as forced:
+    counter = _CountCollectives()
+    with single_rank_group(ctx) as backend, counter.installed(), forced_collectives() as forced:
         with ctx.item("run_loop_bf16_vs_synthetic"):
             run_loop_once(ctx, "bf16", ctx.sizes.loop_epochs, counter, forced, backend)
         release_gpu()
@@ -929,8 +897,7 @@ def section_decode(ctx: Ctx) -> None:
     chunk = fit_chunk(s.chunk, workers, s.crop)  # a power of two, so whole chunks fill each batch
     if s.batch % chunk:
         raise RuntimeError(f"chunk {chunk} does not divide batch {s.batch}")
-    ds = DecodeChunks(data.train_files, mode="train", crop=s.crop, min_scale=s.min_scale, chunk=chunk,
-                      limit=s.decode_images)
+    ds = DecodeChunks(data.train_files, crop=s.crop, min_scale=s.min_scale, chunk=chunk, limit=s.decode_images)
     if ds.n_images < s.batch:
         raise RuntimeError(f"{ds.n_images} train images < batch {s.batch}")
     loader = decode_loader(ds, workers, ctx.device, persistent=True)
@@ -1072,133 +1039,80 @@ def section_gpu_decode(ctx: Ctx) -> None:
                   "the GPU, into one uint8 batch; the baseline is the CPU decode pool (train_image) alone")
 
 
-def _val_batches(ctx: Ctx, data: Data) -> tuple[list[tuple[Any, Any]], str]:
-    """Decoded val batches resident on the device (the evaluation core's input) and where they came from."""
-    import torch
-
-    from pipeline.training import local
-
-    s = ctx.sizes
-    val_cls = getattr(local, "InMemoryValShard", None)
-    out: list[tuple[Any, Any]] = []
-    if val_cls is not None and hasattr(val_cls, "iter_torch_batches"):
-        try:  # the interface InMemoryShard has; a differing one falls back to the bench's own decode below
-            shard = val_cls(data.val_files, resize=s.val_resize, crop=s.crop)
-            for b in shard.iter_torch_batches(batch_size=s.eval_batch, device=ctx.device):
-                out.append((b["image"].to(ctx.device), b["label"].to(ctx.device)))
-            return out, "pipeline.training.local.InMemoryValShard"
-        except TypeError as exc:
-            ctx.notes.append(f"eval: InMemoryValShard.iter_torch_batches(batch_size=, device=) refused ({exc}): "
-                             "val decoded by the bench's pool")
-            out = []
-    # The CPU check decodes its 20 images in this process: a worker's start-up (import torch) would cost more,
-    # and the decode section already runs the pool. A small /dev/shm makes the batches smaller (fit_chunk).
-    workers = min(decode_workers(), math.ceil(data.n_val / s.eval_batch)) if ctx.on_gpu else 0
-    chunk = fit_chunk(s.eval_batch, workers, s.crop)
-    ds = DecodeChunks(data.val_files, mode="val", crop=s.crop, resize=s.val_resize, chunk=chunk)
-    loader = decode_loader(ds, workers, ctx.device, persistent=False)
-    for chunk in loader:
-        out.append((chunk["image"].to(ctx.device), chunk["label"].to(ctx.device, dtype=torch.int64)))
-    return out, "val_image in a DataLoader pool (no InMemoryValShard.iter_torch_batches in this pipeline yet)"
-
-
 def section_eval(ctx: Ctx) -> None:
-    import inspect
-
+    """The evaluation core shared by the loop's validation and the evaluate stage (`eval_logits`: normalise +
+    autocast forward; `topk_counts`: top-1/top-5 counts on the device, label -1 = padding) over the val shards:
+    on batches already on the device (the core's bound) and end to end from an InMemoryValShard (decoded in
+    this process, as run_loop validates in-process)."""
     import torch
 
-    from pipeline.data.transforms import normalize
-    from pipeline.evaluation import topk_correct
+    from pipeline.evaluation import eval_logits, topk_correct, topk_counts
     from pipeline.models import build_model
-    from pipeline.training import loop
+    from pipeline.training.local import InMemoryValShard
 
     s, data = ctx.sizes, ctx.data()
     torch.manual_seed(0)
     model = build_model(s.arch, num_classes=data.num_classes).to(device=ctx.device, memory_format=torch.channels_last)
     model.eval()
     amp_dtype = torch.bfloat16
-    batches, source = _val_batches(ctx, data)
-    last_logits: list[Any] = []
+    val = InMemoryValShard(data.val_files, resize=s.val_resize, crop=s.crop)
 
-    def core() -> tuple[int, int, int]:
-        c1 = c5 = n = 0
-        with torch.no_grad():
-            for x, y in batches:
-                keep = y >= 0  # label -1 marks padding rows (InMemoryValShard pads to whole batches)
-                with torch.autocast(ctx.device.type, dtype=amp_dtype):
-                    logits = model(normalize(x, channels_last=True))
-                logits, y = logits.float()[keep], y[keep]
-                top1, top5 = topk_correct(logits, y, (1, 5))
-                c1, c5, n = c1 + top1, c5 + top5, n + int(y.shape[0])
-            last_logits[:] = [logits, y]
-        return c1, c5, n
+    def batches() -> Iterator[dict[str, Any]]:
+        return val.iter_torch_batches(batch_size=s.eval_batch, device=ctx.device)
 
-    counts: dict[str, tuple[int, int, int]] = {}
+    def count(source: Any) -> tuple[list[int], Any, Any]:
+        """[top-1, top-5, images] summed on the device as the loop does, and the last batch's logits/labels."""
+        counts = torch.zeros(3, dtype=torch.int64, device=ctx.device)
+        logits = y = None
+        for batch in source:
+            y = batch["label"]
+            logits = eval_logits(model, batch["image"], channels_last=True, amp_dtype=amp_dtype)
+            counts[:2] += topk_counts(logits, y, (1, 5))
+            counts[2] += (y >= 0).sum()
+        return [int(v) for v in counts.tolist()], logits, y
 
-    def core_pass() -> float:
+    ctx.log(f"{data.n_val} val images, batches of {s.eval_batch}: decoding once into device memory")
+    resident = list(batches())  # also the end-to-end path's warm-up
+    results: dict[str, Any] = {}
+
+    def timed(name: str, source: Callable[[], Any]) -> float:
         sync(ctx.device)
         t0 = time.perf_counter()
-        counts["core"] = core()
+        results[name] = count(source())
         sync(ctx.device)
-        return counts["core"][2] / (time.perf_counter() - t0)
+        return results[name][0][2] / (time.perf_counter() - t0)
 
-    evaluate_files = getattr(loop, "evaluate_files", None)
-    files_args = (model, data.val_files, s.val_resize, s.crop, s.eval_batch, ctx.device, True, amp_dtype)
-    if evaluate_files is not None:
-        try:  # the signature run_loop calls it with today; a rewritten one is reported, not guessed at
-            inspect.signature(evaluate_files).bind(*files_args)
-        except TypeError as exc:
-            ctx.notes.append(f"eval: loop.evaluate_files takes other arguments now ({exc}): only the core was timed")
-            evaluate_files = None
-
-    def files_pass() -> float:
-        assert evaluate_files is not None
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        c1, c5, n = evaluate_files(*files_args)
-        counts["files"] = (int(c1), int(c5), int(n))
-        sync(ctx.device)
-        return counts["files"][2] / (time.perf_counter() - t0)
-
-    ctx.log(f"{data.n_val} val images in {len(batches)} batches ({source}); warm-up")
-    core_pass()
-    fns = {"core": core_pass}
-    if evaluate_files is not None:
-        fns["files"] = files_pass
-    elif not any(n.startswith("eval: loop.evaluate_files") for n in ctx.notes):
-        ctx.notes.append("eval: pipeline.training.loop.evaluate_files is gone: only the core was timed")
-    rates = alternate(fns, s.reps)
-    c1, c5, n = counts["core"]
+    timed("core", lambda: resident)  # warm-up (cuDNN algorithms for the eval shapes)
+    rates = alternate({"core": functools.partial(timed, "core", lambda: resident),
+                       "val_shard": functools.partial(timed, "val_shard", batches)}, s.reps)
+    (c1, c5, n), logits, y = results["core"]
+    e2e_counts = results["val_shard"][0]
     problems = []
     if n != data.n_val:
         problems.append(f"the core counted {n} val images, the manifest has {data.n_val}")
     if not 0 <= c1 <= c5 <= n:
         problems.append(f"top-1 {c1} <= top-5 {c5} <= n {n} does not hold")
-    logits, y = last_logits
     on_cpu = topk_correct(logits.cpu(), y.cpu(), (1, 5))
     on_dev = topk_correct(logits, y, (1, 5))
     if on_cpu != on_dev:
         problems.append(f"topk_correct of the same logits: {on_dev} on {ctx.device}, {on_cpu} on the CPU")
-    if "files" in counts and counts["files"][2] != data.n_val:
-        problems.append(f"evaluate_files counted {counts['files'][2]} val images, the manifest has {data.n_val}")
+    if e2e_counts[2] != data.n_val:
+        problems.append(f"the InMemoryValShard pass counted {e2e_counts[2]} val images, the manifest has {data.n_val}")
     if problems:
         raise AssertionError("; ".join(problems))
-    core_rate, core_spread = median_spread(rates["core"])
-    extra = {"amp": "bf16", "val_source": source, "n_val": n, "top1_correct": c1, "top5_correct": c5,
-             "core_img_s": _rounded(rates["core"]), "model": f"{s.arch}, random init (counts check plumbing, not "
-             "accuracy)", "core": "forward (autocast, channels_last) + pipeline.evaluation.topk_correct over "
-             "decoded val batches already on the device"}
-    if "files" in rates:
-        files_rate, _ = median_spread(rates["files"])
-        ratios = paired_ratios(rates["files"], rates["core"])
-        ctx.add("eval_files_vs_core", files_rate, "img/s", "eval_topk_core", core_rate, s.reps,
-                [min(ratios), max(ratios)], files_img_s=_rounded(rates["files"]), files_counts=list(counts["files"]),
-                counts_agree=list(counts["files"]) == [c1, c5, n],
-                value_is="pipeline.training.loop.evaluate_files end to end (val_image decoded serially in the loop)",
-                **extra)
-    else:
-        ctx.add("eval_topk_core", core_rate, "img/s", "none (evaluate_files absent)", core_rate, s.reps,
-                [core_spread[0] / core_rate, core_spread[1] / core_rate], **extra)
+    core_rate, _ = median_spread(rates["core"])
+    e2e_rate, _ = median_spread(rates["val_shard"])
+    ratios = paired_ratios(rates["val_shard"], rates["core"])
+    ctx.add(
+        "eval_val_shard_vs_core", e2e_rate, "img/s", "eval_core_resident", core_rate, s.reps,
+        [min(ratios), max(ratios)], amp="bf16", eval_batch=s.eval_batch, n_val=n, top1_correct=c1,
+        top5_correct=c5, val_shard_counts=e2e_counts, counts_agree=e2e_counts == [c1, c5, n],
+        core_img_s=_rounded(rates["core"]), val_shard_img_s=_rounded(rates["val_shard"]),
+        model=f"{s.arch}, random init (the counts check plumbing, not accuracy)",
+        core="pipeline.evaluation.eval_logits + topk_counts summed on the device (the loop's _validate), over "
+             "decoded val batches already on the device",
+        value_is="the same core fed by pipeline.training.local.InMemoryValShard (ValDecode in this process)",
+    )
 
 
 def section_compile(ctx: Ctx) -> None:
@@ -1356,6 +1270,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device, gpu, driver, suffix = gpu_facts(args.cpu)
     resolve_budget(args, gpu is not None)
+    if gpu is not None:
+        # run_loop turns cuDNN's autotuner on for CUDA (fixed input sizes), for the whole process: every section
+        # runs with it, so the bounds and the loop are measured alike.
+        torch.backends.cudnn.benchmark = True
+    else:
+        # One intra-op thread: on a 2-core CI machine that other jobs keep busy, two spinning OpenMP threads made
+        # the CPU check's tiny steps 20x slower (0.77 vs 16.6 img/s, same minute, load 9); idle, 1 thread costs
+        # little at these sizes.
+        torch.set_num_threads(1)
     sizes = (GPU_QUICK if args.quick else GPU_SIZES) if gpu else CPU_SIZES
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         ctx = Ctx(args=args, sizes=sizes, device=device, gpu=gpu, driver=driver, machine_suffix=suffix, guard=guard,

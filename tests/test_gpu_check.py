@@ -54,9 +54,9 @@ sys.exit(code)
 """
 CPU_RECORDS = {
     "train_synthetic_bf16_vs_fp16", "run_loop_bf16_vs_synthetic", "run_loop_fp16_vs_synthetic",
-    "cpu_decode_pool_vs_synthetic", "train_cpu_decode_vs_synthetic", "train_compiled_vs_eager_bf16",
+    "cpu_decode_pool_vs_synthetic", "train_cpu_decode_vs_synthetic", "eval_val_shard_vs_core",
+    "train_compiled_vs_eager_bf16",
 }
-EVAL_RECORDS = {"eval_files_vs_core", "eval_topk_core"}  # the latter where loop.evaluate_files is gone
 # What the GPU acceptance machine has: these distributions and whatever they require (torch's CUDA wheels,
 # sympy, jinja2, ...), plus the wheels bench/fetch_gpu_wheels.sh carries.
 GPU_MACHINE_DISTS = {"torch", "torchvision", "numpy", "pillow", "pyarrow", "pyyaml"}
@@ -113,8 +113,7 @@ def test_cpu_mode_exits_0_and_says_nothing_was_measured_on_a_gpu(cpu_run) -> Non
     assert "nothing was measured on a GPU" in text
     assert "NO GPU" in text  # the summary's first line
     names = {r["name"] for r in records}
-    assert CPU_RECORDS <= names, (sorted(names), text[-3000:])
-    assert len(names & EVAL_RECORDS) == 1, sorted(names)
+    assert names == CPU_RECORDS, (sorted(names), text[-3000:])
     assert not any(n.startswith("gpu_decode") for n in names)  # no nvJPEG without a GPU: no record
     assert "gpu_decode: not measured" in text
     for r in records:
@@ -136,7 +135,8 @@ def test_run_loop_went_through_a_forced_single_rank_gloo_group(cpu_run) -> None:
         r = by_name[name]
         assert r["backend"] == "gloo" and r["world_size"] == 1, r
         assert r["collective_calls"] > 0 and r["collective_devices"] == ["cpu"], r
-        assert r["collectives_forced"], r
+        assert r["collectives_forced"] == "pipeline.training.dist.set_force_collectives(True)", r
+        assert r["val_source"] == "InMemoryValShard", r
         assert r["baseline_found"] is True, r  # the synthetic section ran first and gave the bound
         assert [h["epoch"] for h in r["history"]] == list(range(1, epochs + 1)), r["history"]
         # Every val image exactly once per epoch (20 = 5 classes x 4 in the CPU check).
@@ -147,10 +147,9 @@ def test_run_loop_went_through_a_forced_single_rank_gloo_group(cpu_run) -> None:
 def test_eval_counts_and_decode_records(cpu_run) -> None:
     _, _, records, _ = cpu_run
     by_name = {r["name"]: r for r in records}
-    ev = next(by_name[n] for n in EVAL_RECORDS if n in by_name)
+    ev = by_name["eval_val_shard_vs_core"]
     assert ev["n_val"] == 20 and 0 <= ev["top1_correct"] <= ev["top5_correct"] <= 20, ev
-    if ev["name"] == "eval_files_vs_core":
-        assert ev["files_counts"][2] == 20, ev
+    assert ev["val_shard_counts"][2] == 20, ev
     dec = by_name["cpu_decode_pool_vs_synthetic"]
     assert dec["workers"] >= 1 and dec["images_per_pass"] % dec["chunk"] == 0, dec
     comp = by_name["train_compiled_vs_eager_bf16"]
