@@ -803,6 +803,7 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountCollectives, f
     job.checkpoint_dir = str(ckpt)  # the loop rewrites it each epoch
     threads = torch.get_num_threads()
     calls_before = counter.calls
+    counter.devices.clear()  # this run's tensors only
     ctx.log(f"run_loop {s.arch} amp={amp}: {epochs} epoch(s) of {n_shard // s.batch} steps, {backend} group")
     t0 = time.perf_counter()
     try:
@@ -830,6 +831,9 @@ def run_loop_once(ctx: Ctx, amp: str, epochs: int, counter: _CountCollectives, f
         problems.append(f"no collective ({', '.join(COUNTED_COLLECTIVES)}) went through torch.distributed: "
                         "collectives were not forced (or dist.py no longer calls them as torch.distributed.<name>), "
                         "so a CPU tensor in a collective would go unnoticed")
+    off_device = sorted(d for d in counter.devices if d.partition(":")[0] != ctx.device.type)
+    if off_device:
+        problems.append(f"collectives got tensors on {off_device}, the training device is {ctx.device}")
     if not session.checkpoint_dir:
         problems.append("no checkpoint was reported")
     if problems:
