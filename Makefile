@@ -31,6 +31,15 @@ test-all: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# The GPU acceptance check (docs/gpu-check.md): no `make setup` (the GPU machine has no registry, Ray, MLflow or
+# DVC): the venv's Python when there is one, else python3; wheels in .whl/ (bench/fetch_gpu_wheels.sh) installed
+# first where that Python lacks them. Without a GPU it runs the CPU plumbing check. Arguments: GPU_CHECK_ARGS.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
+
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 

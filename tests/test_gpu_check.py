@@ -1,0 +1,247 @@
+"""`make gpu-check`'s CPU plumbing mode, end to end in subprocesses (what CI and a laptop run; the GPU run is the
+same code at other sizes): it exits 0, writes every record in bench.common's shape, says that nothing was
+measured on a GPU, drives run_loop through a forced single-rank gloo group, imports neither ray, mlflow nor dvc
+(nor anything else the GPU acceptance machine lacks); a failing section still leaves the others' records and a
+non-zero exit; the time budget skips sections with exit 3; the Makefile target reaches the script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from bench.common import RECORD_KEYS
+from bench.gpu_check import FORBIDDEN_IMPORTS, INJECT_ENV, RefuseImports
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs the check as `python -m bench.gpu_check` would, recording for every top-level module the file that first
+# imported it (the check's own guard sees only the refused ones); then writes {module: importer}.
+BOOTSTRAP = r"""
+import importlib.abc, json, runpy, sys
+
+importers = {}
+
+class Attribute(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top not in importers and top not in sys.modules:
+            frame = sys._getframe(1)
+            while frame and ("importlib" in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
+                frame = frame.f_back
+            importers[top] = frame.f_code.co_filename if frame else "?"
+        return None
+
+__file__ = "<bootstrap>"
+sys.meta_path.insert(0, Attribute())
+modules_out = sys.argv[1]
+sys.argv = ["bench.gpu_check", *sys.argv[2:]]
+code = 0
+try:
+    runpy.run_module("bench.gpu_check", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code
+loaded = {m.partition(".")[0] for m in sys.modules}
+with open(modules_out, "w") as fh:
+    json.dump({m: importers.get(m, "?") for m in sorted(loaded)}, fh)
+sys.exit(code)
+"""
+CPU_RECORDS = {
+    "train_synthetic_bf16_vs_fp16", "run_loop_bf16_vs_synthetic", "run_loop_fp16_vs_synthetic",
+    "cpu_decode_pool_vs_synthetic", "train_cpu_decode_vs_synthetic", "eval_val_shard_vs_core",
+    "train_compiled_vs_eager_bf16",
+}
+# What the GPU acceptance machine has: these distributions and whatever they require (torch's CUDA wheels,
+# sympy, jinja2, ...), plus the wheels bench/fetch_gpu_wheels.sh carries.
+GPU_MACHINE_DISTS = {"torch", "torchvision", "numpy", "pillow", "pyarrow", "pyyaml"}
+CARRIED_WHEELS = {"pydantic", "pydantic-core", "annotated-types", "typing-extensions", "typing-inspection", "tqdm"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(dists: set[str]) -> set[str]:
+    """The distributions and their non-extra requirements, transitively (installed ones only)."""
+    seen: set[str] = set()
+    todo = [_norm(d) for d in dists]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for req in requires:
+            if "extra ==" in req:
+                continue
+            todo.append(_norm(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]))
+    return seen
+
+
+def _run_check(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) -> tuple[int, str, list, list]:
+    out, modules = tmp_path / "gpu_check.json", tmp_path / "modules.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}  # a GPU, if any, stays unused
+    env.pop(INJECT_ENV, None)
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, "-c", BOOTSTRAP, str(modules), "--out", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    text = proc.stdout + proc.stderr
+    records = json.loads(out.read_text()) if out.is_file() else []
+    loaded = json.loads(modules.read_text()) if modules.is_file() else []
+    return proc.returncode, text, records, loaded
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, list, list]:
+    return _run_check(tmp_path_factory.mktemp("gpu_check"))
+
+
+def test_cpu_mode_exits_0_and_says_nothing_was_measured_on_a_gpu(cpu_run) -> None:
+    code, text, records, _ = cpu_run
+    assert code == 0, text[-4000:]
+    assert "nothing was measured on a GPU" in text
+    assert "NO GPU" in text  # the summary's first line
+    names = {r["name"] for r in records}
+    assert names == CPU_RECORDS, (sorted(names), text[-3000:])
+    assert not any(n.startswith("gpu_decode") for n in names)  # no nvJPEG without a GPU: no record
+    assert "gpu_decode: not measured" in text
+    for r in records:
+        assert list(r)[: len(RECORD_KEYS)] == list(RECORD_KEYS), r["name"]
+        assert r["status"] == "ok" and r["error"] is None, r
+        assert r["gpu"] is None and r["measured_on_gpu"] is False and r["mode"] == "cpu-plumbing", r["name"]
+        assert "GPU: none" in r["machine"] and "NOTHING measured on a GPU" in r["machine"], r["machine"]
+        assert r["value"] > 0 and r["baseline_value"] > 0 and r["n_runs"] >= 1, r
+        assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=0.01), r
+        lo, hi = r["spread"]
+        assert lo <= hi, r
+        assert r["refused_imports"] == [], r
+
+
+def test_run_loop_went_through_a_forced_single_rank_gloo_group(cpu_run) -> None:
+    _, text, records, _ = cpu_run
+    by_name = {r["name"]: r for r in records}
+    for name, epochs in (("run_loop_bf16_vs_synthetic", 2), ("run_loop_fp16_vs_synthetic", 1)):
+        r = by_name[name]
+        assert r["backend"] == "gloo" and r["world_size"] == 1, r
+        assert r["collective_calls"] > 0 and r["collective_devices"] == ["cpu"], r
+        assert r["collectives_forced"] == "pipeline.training.dist.set_force_collectives(True)", r
+        assert r["val_source"] == "InMemoryValShard", r
+        assert r["baseline_found"] is True, r  # the synthetic section ran first and gave the bound
+        assert [h["epoch"] for h in r["history"]] == list(range(1, epochs + 1)), r["history"]
+        # Every val image exactly once per epoch (20 = 5 classes x 4 in the CPU check).
+        assert all(h["val_images"] == r["n_val"] == 20 for h in r["history"]), r["history"]
+    assert by_name["run_loop_fp16_vs_synthetic"]["amp"] == "fp16"
+
+
+def test_eval_counts_and_decode_records(cpu_run) -> None:
+    _, _, records, _ = cpu_run
+    by_name = {r["name"]: r for r in records}
+    ev = by_name["eval_val_shard_vs_core"]
+    assert ev["n_val"] == 20 and 0 <= ev["top1_correct"] <= ev["top5_correct"] <= 20, ev
+    assert ev["val_shard_counts"][2] == 20, ev
+    dec = by_name["cpu_decode_pool_vs_synthetic"]
+    assert dec["workers"] >= 1 and dec["images_per_pass"] % dec["chunk"] == 0, dec
+    comp = by_name["train_compiled_vs_eager_bf16"]
+    assert comp["compile_backend"] == "eager" and comp["first_step_s"] > 0, comp
+
+
+def test_imports_only_what_the_gpu_machine_has(cpu_run) -> None:
+    """Our code (bench/, pipeline/) imports only distributions the GPU machine has; optional imports inside
+    torch or pyarrow (pandas, pydot, colorama, ... when installed) are theirs to skip where absent."""
+    _, _, _, loaded = cpu_run
+    assert loaded, "the bootstrap wrote no module list"
+    assert not [m for m in loaded if m in FORBIDDEN_IMPORTS], sorted(loaded)
+    allowed = _closure(GPU_MACHINE_DISTS) | {_norm(d) for d in CARRIED_WHEELS}
+    dists_of = metadata.packages_distributions()
+    unexpected = {}
+    for top, importer in loaded.items():
+        ours = importer.startswith(str(ROOT)) and "site-packages" not in importer
+        if not ours or top in sys.stdlib_module_names or top in {"bench", "pipeline"}:
+            continue
+        dists = {_norm(d) for d in dists_of.get(top, [top])}
+        if not dists & allowed:
+            unexpected[top] = importer
+    assert not unexpected, f"imported by our code, but not on the GPU acceptance machine: {unexpected}"
+
+
+def test_a_failing_section_keeps_the_others_and_exits_1(tmp_path: Path) -> None:
+    code, text, records, _ = _run_check(tmp_path, "--sections", "synthetic,eval", env_extra={INJECT_ENV: "eval"})
+    assert code == 1, text[-3000:]
+    by_name = {r["name"]: r for r in records}
+    assert by_name["train_synthetic_bf16_vs_fp16"]["status"] == "ok"
+    failed = by_name["gpu_check_eval"]
+    assert failed["status"] == "error" and "injected" in failed["error"], failed
+    assert set(RECORD_KEYS) <= set(failed) and failed["value"] is None and failed["measured_on_gpu"] is False
+    assert "gpu_check_eval: ERROR" in text
+
+
+def test_the_time_budget_skips_sections_with_exit_3(tmp_path: Path) -> None:
+    code, text, records, _ = _run_check(tmp_path, "--sections", "synthetic", "--budget-s", "0.001",
+                                        "--hard-limit-s", "300")
+    assert code == 3, text[-3000:]
+    assert [(r["name"], r["status"]) for r in records] == [("gpu_check_synthetic", "skipped")]
+    assert "time budget" in records[0]["error"]
+
+
+def test_the_watchdog_stops_a_run_past_the_hard_limit_and_keeps_the_records(tmp_path: Path) -> None:
+    # 3 s from the start is inside these sections on any machine (imports, JPEGs, shards, a training run).
+    code, text, records, _ = _run_check(tmp_path, "--sections", "train_loop,eval", "--budget-s", "1",
+                                        "--hard-limit-s", "3")
+    assert code == 1, text[-3000:]
+    assert "HARD LIMIT" in text
+    stopped = [r for r in records if r["status"] == "error" and "hard limit" in r["error"]]
+    assert len(stopped) == 1 and stopped[0]["name"].startswith("gpu_check_"), records
+
+
+def test_the_import_guard_refuses_and_remembers() -> None:
+    guard = RefuseImports()
+    with pytest.raises(ModuleNotFoundError, match="refused"):
+        guard.find_spec("ray.train")
+    with pytest.raises(ModuleNotFoundError):
+        guard.find_spec("mlflow")
+    assert guard.find_spec("rayon") is None and guard.find_spec("dvcx") is None
+    assert guard.refused == ["ray.train", "mlflow"]
+
+
+def test_make_target_runs_the_script_without_setup() -> None:
+    proc = subprocess.run(["make", "-s", "gpu-check", "GPU_CHECK_ARGS=--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--sections" in proc.stdout and "--quick" in proc.stdout
+    dry = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "bench/gpu_check.sh" in dry.stdout and "setup" not in dry.stdout, dry.stdout
+
+
+def test_carried_wheels_are_the_locked_versions() -> None:
+    proc = subprocess.run(["bash", "bench/fetch_gpu_wheels.sh", "--print"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pins = dict(line.split("==") for line in proc.stdout.split())
+    assert set(pins) == {_norm(d) for d in CARRIED_WHEELS}
+    for name, version in pins.items():
+        assert metadata.version(name) == version, name
+    # pydantic pins pydantic-core exactly: the carried pair must be the one pydantic asks for.
+    core_pin = next(r for r in metadata.requires("pydantic") or [] if _norm(r).startswith("pydantic-core"))
+    assert core_pin.endswith(f"=={pins['pydantic-core']}"), core_pin
+
+
+def test_decode_chunks_shrink_to_fit_a_small_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: 64 * 2**20)  # docker's default --shm-size
+    chunk = gpu_check.fit_chunk(64, 15, 224)
+    assert 1 <= chunk < 64 and 256 % chunk == 0
+    assert gpu_check._shm_need(chunk, 15, 224) <= 32 * 2**20 < gpu_check._shm_need(chunk * 2, 15, 224)
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: 64 * 2**30)
+    assert gpu_check.fit_chunk(64, 15, 224) == 64
