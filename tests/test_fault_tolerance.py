@@ -28,10 +28,15 @@ def _params_file(tmp_path: Path, shards: Path, **train: object) -> Path:
 
 @pytest.mark.ray
 def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_path, monkeypatch) -> None:
+    """Also with EMA, fp16 + GradScaler and mixup on: the EMA weights, the scaler and every rank's RNG streams
+    come back from the checkpoint, so the EMA was updated once per step of the whole run, across the restart (a
+    restarted EMA would count fewer)."""
     import ray
+    import torch
 
     from pipeline import tracking
     from pipeline.config import load_params
+    from pipeline.training.checkpoint import load_train_state
     from pipeline.training.trainer import train_arch
 
     marker = tmp_path / "killed.txt"
@@ -43,7 +48,7 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
     if ray.is_initialized():
         ray.shutdown()  # workers must inherit the environment above
     p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=2, cpus_per_worker=1, max_failures=2,
-                                   epochs=4))
+                                   epochs=4, model_ema_decay=0.9, amp="fp16", mixup_alpha=0.2))
     try:
         final = train_arch(p, "resnet18", out_dir=tmp_path / "models/resnet18",
                            metrics_path=tmp_path / "metrics.json", curve_path=tmp_path / "curve.csv", best_path=None)
@@ -58,6 +63,20 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
     assert len(runs) == 1, [r.info.run_name for r in runs]
     steps = [s for s, _ in tracking.metric_history(runs[0].info.run_id, "val_top1_err")]
     assert sorted(set(steps)) == [1, 2, 3, 4]
+
+    newest = max((tmp_path / "ckpt").glob("train-*/checkpoint_*/checkpoint.pt"), key=lambda f: f.parent.name)
+    state = load_train_state(newest.parent)
+    steps_per_epoch = 64 // 16  # synthetic_shards: 64 train images, global batch 16
+    assert state["ema"]["updates"] == 4 * steps_per_epoch, "EMA restarted instead of resuming"
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]  # fp16: the scaler's state
+    rng = state["rng"]
+    assert isinstance(rng, list) and len(rng) == 2 and all(set(r) == {"cpu", "cuda", "mix"} for r in rng)
+    assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"]), "each rank keeps its own stream"
+    # The exported model is the EMA's weights, and they moved away from the raw weights.
+    blob = torch.load(tmp_path / "models/resnet18/model.pt", weights_only=True)
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(blob["state_dict"][key], state["ema"]["weights"][key])
+    assert not torch.equal(state["ema"]["weights"][key], state["model"][key])
 
 
 @pytest.mark.ray
@@ -91,42 +110,3 @@ def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
     assert final["resumed_at_epochs"] and final["resumed_at_epochs"][0] >= 1, final  # not started over
     assert "resumed from checkpoint at epoch" in out.stdout
 
-
-@pytest.mark.ray
-def test_killed_worker_with_ema_and_fp16_resumes_the_same_run(synthetic_shards, tmp_path, monkeypatch) -> None:
-    """EMA weights, the GradScaler and every RNG stream come back from the checkpoint: the EMA was updated once
-    per step of the whole run, across the restart (a restarted EMA would count fewer)."""
-    import ray
-    import torch
-
-    from pipeline.config import load_params
-    from pipeline.training.checkpoint import load_train_state
-    from pipeline.training.trainer import train_arch
-
-    marker = tmp_path / "killed.txt"
-    monkeypatch.setenv("PIPELINE_KILL_WORKER", f"2,2,0,{marker}")  # epoch index 2, after its 2nd step, rank 0
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    if ray.is_initialized():
-        ray.shutdown()  # workers must inherit the environment above
-    p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=1, cpus_per_worker=2, max_failures=2,
-                                   epochs=4, model_ema_decay=0.9, amp="fp16", mixup_alpha=0.2))
-    try:
-        final = train_arch(p, "resnet18", out_dir=tmp_path / "models/resnet18",
-                           metrics_path=tmp_path / "metrics.json", curve_path=tmp_path / "curve.csv", best_path=None)
-    finally:
-        ray.shutdown()
-    assert marker.exists(), "the fault was not injected"
-    assert final["epochs"] == 4
-    assert len(final["resumed_at_epochs"]) == 1 and final["resumed_at_epochs"][0] >= 1, final
-    newest = max((tmp_path / "ckpt").glob("train-*/checkpoint_*/checkpoint.pt"), key=lambda f: f.parent.name)
-    state = load_train_state(newest.parent)
-    steps_per_epoch = 64 // 16  # synthetic_shards: 64 train images, batch 16
-    assert state["ema"]["updates"] == 4 * steps_per_epoch, "EMA restarted instead of resuming"
-    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]  # fp16: the scaler's state
-    rng = state["rng"]
-    assert isinstance(rng, list) and len(rng) == 1 and set(rng[0]) == {"cpu", "cuda", "mix"}
-    # The exported model is the EMA's weights, and they moved away from the raw weights.
-    blob = torch.load(tmp_path / "models/resnet18/model.pt", weights_only=True)
-    key = "layer1.0.conv1.weight"
-    assert torch.equal(blob["state_dict"][key], state["ema"]["weights"][key])
-    assert not torch.equal(state["ema"]["weights"][key], state["model"][key])
