@@ -51,6 +51,27 @@ def test_a_local_cluster_that_cannot_fit_fails_at_once_naming_the_keys() -> None
     assert len(calls) == 1, "no waiting on a cluster that cannot grow"
 
 
+def test_a_growing_cluster_is_waited_for_then_timed_out_naming_what_is_missing(monkeypatch) -> None:
+    """The waiting logic without Ray (tests/test_cluster_resources.py runs it on a real two-node cluster)."""
+    import ray.autoscaler.sdk
+
+    from pipeline import cluster
+
+    asked = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
+    head, worker = {"CPU": 1.0}, {"CPU": 3.0, "GPU": 1.0}
+    seen = iter([[head], [head], [head, worker]])
+    got = cluster.wait_for_resources([{"CPU": 2, "GPU": 1}, {"CPU": 1}], what="t", keys="k", timeout_s=60,
+                                     poll_s=0.0, can_grow=True, nodes=lambda: next(seen))
+    assert got == [head, worker]
+    assert asked == [[{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0}]]  # the autoscaler was asked for the shapes
+    with pytest.raises(cluster.ResourcesUnavailable,
+                       match=r"after waiting 0 s the cluster has 1 node\(s\) and still lacks 1 more CPU .*raise "
+                             r"cluster.wait_for_resources_s, or lower k"):
+        cluster.wait_for_resources([{"CPU": 2}], what="t", keys="k", timeout_s=0, poll_s=0.0, can_grow=True,
+                                   nodes=lambda: [head])
+
+
 def test_predictor_layout_follows_the_request_not_the_nodes_up_now() -> None:
     from pipeline.evaluation import predictor_layout
 
