@@ -71,6 +71,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     from ray.tune.search import BasicVariantGenerator
 
     from pipeline.data.shards import read_manifest
+    from pipeline.data.storage import ray_storage
     from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
 
     p = with_absolute_paths(p)
@@ -106,7 +107,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         time_budget_s=t.time_budget_s,
     )
     trainable = tune.with_resources(_trial, {"CPU": trial_request})
-    run_config = tune.RunConfig(name=name, storage_path=storage)
+    ray_path, ray_fs = ray_storage(storage)  # an S3 endpoint from AWS_ENDPOINT_URL needs an explicit filesystem
+    run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
         # An interrupted search resumes: finished trials are kept, unfinished ones continue.

@@ -23,12 +23,12 @@ class InMemoryShard:
     the loop's `local_shuffle_seed`, decoded and augmented with the project's `train_image`."""
 
     def __init__(self, files: Sequence[str], *, crop: int, min_scale: float, limit: int | None = None) -> None:
-        import pyarrow.parquet as pq
+        from pipeline.data.shards import read_shard
 
         images: list[bytes] = []
         labels: list[int] = []
         for path in files:
-            table = pq.read_table(path, columns=["image", "label"])
+            table = read_shard(path, columns=["image", "label"])  # sha256 checked while read
             images += table.column("image").to_pylist()
             labels += [int(v) for v in table.column("label").to_pylist()]
             if limit is not None and len(images) >= limit:

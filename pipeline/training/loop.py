@@ -134,13 +134,13 @@ def evaluate_files(
     channels_last: bool, amp_dtype: torch.dtype | None,
 ) -> tuple[int, int, int]:
     """(top1 correct, top5 correct, images) over the given val shard files, every row exactly once."""
-    import pyarrow.parquet as pq
+    from pipeline.data.shards import read_shard
 
     c1 = c5 = n = 0
     model.eval()
     with torch.no_grad():
         for path in files:
-            table = pq.read_table(path, columns=["image", "label"])
+            table = read_shard(path, columns=["image", "label"])  # sha256 checked while read
             images = table.column("image").to_pylist()
             labels = table.column("label").to_numpy()
             for i in range(0, len(images), batch_size):

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, with_absolute_paths
-from pipeline.data.shards import read_manifest, shard_files
+from pipeline.data.shards import check_nodes_see, read_manifest, shard_files
+from pipeline.data.storage import ray_storage
 from pipeline.training.loop import Job, train_loop_per_worker
 
 LOCAL_DATA_CPUS = 2
@@ -69,9 +70,12 @@ def build_trainer(
         use_gpu=tp.use_gpu,
         resources_per_worker=None if num_workers == 0 else {"CPU": tp.cpus_per_worker},
     )
+    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage).
+    ray_path, ray_fs = ray_storage(_storage(storage_path))
     run_config = RunConfig(
         name=name,
-        storage_path=_storage(storage_path),
+        storage_path=ray_path,
+        storage_filesystem=ray_fs,
         failure_config=FailureConfig(max_failures=tp.max_failures),
         # Keep the last two: the newest can be half-uploaded when a node dies.
         checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -142,15 +146,16 @@ def run(trainer: Any) -> Outcome:
 def make_job(
     p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None, train_fraction: float = 1.0,
 ) -> Job:
-    """Everything a run needs from the shards: verified file lists (sha256 against the manifest, so a
-    tampered or half-written shard is refused before any compute), counts and the class list."""
+    """Everything a run needs from the shards: file lists checked at start-up for what is cheap (sizes and
+    Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list."""
     from pipeline import tracking
 
     manifest = read_manifest(p.data.shards_dir)
-    train_files = shard_files(p.data.shards_dir, "train", verify=True)
+    check_nodes_see(p.data.shards_dir, str(manifest["fingerprint"]))  # multi-node: every node, the same data
     rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
     # A fraction of the shards is a random subset of images: prepare shuffles rows across shards.
-    keep = max(1, math.ceil(train_fraction * len(train_files)))
+    keep = max(1, math.ceil(train_fraction * len(rows)))
+    train_files = shard_files(p.data.shards_dir, "train", verify=True, limit=keep)  # checks only what is read
     return Job(
         params=p.model_dump(mode="json"),
         arch=arch,
