@@ -134,16 +134,14 @@ def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
 
 
 def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     from pipeline.data.prepare import SHARD_SCHEMA
 
     fs, path = storage.resolve(loc)
     try:
-        # The known size saves an object store's HEAD request: the footer costs one ranged GET.
-        known = pafs.FileInfo(path, type=pafs.FileType.File, size=shard["nbytes"])
-        with fs.open_input_file(path if isinstance(fs, pafs.LocalFileSystem) else known) as f:
+        # A HEAD and one or two ranged GETs on an object store: kilobytes, whatever the shard's size.
+        with fs.open_input_file(path) as f:
             meta = pq.read_metadata(f)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for a bad footer
         return f"shard {loc} has no readable Parquet footer ({exc}): rerun the prepare stage"
@@ -327,3 +325,24 @@ def check_nodes_see(shards_dir: str | os.PathLike[str], fingerprint: str, timeou
                 f"dataset {fingerprint[:12]}: every node that runs a training worker or a read task must see the "
                 "same shards (a shared filesystem mounted at the same path, or the same object store and endpoint)"
             )
+
+
+def data_error_in(exc: BaseException | None) -> DataError | None:
+    """The DataError (e.g. a refused shard) behind a failed Ray run, if any: Ray Train reports worker errors as
+    a truncated snippet, so the driver digs out the original to say which shard (worker_failures, Ray task
+    errors' `cause`, exception chains)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc] if exc is not None else []
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError) and isinstance(e.args[0] if e.args else None, str) and "Traceback" not in e.args[0]:
+            return e
+        nested = [getattr(e, "cause", None), e.__cause__, e.__context__]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            nested += list(failures.values())
+        todo += [n for n in nested if isinstance(n, BaseException)]
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, with_absolute_paths
-from pipeline.data.shards import check_nodes_see, read_manifest, shard_files
+from pipeline.data.shards import check_nodes_see, data_error_in, read_manifest, shard_files
 from pipeline.data.storage import ray_storage
 from pipeline.training.loop import Job, train_loop_per_worker
 
@@ -133,9 +133,15 @@ def _storage(path: str) -> str:
 def run(trainer: Any) -> Outcome:
     from pipeline.training.checkpoint import load_train_state
 
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        refused = data_error_in(exc)  # a refused shard by name, not Ray Train's truncated snippet of it
+        if refused is None:
+            raise
+        raise refused from exc
     if result.error is not None:
-        raise result.error
+        raise data_error_in(result.error) or result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
