@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, with_absolute_paths
-from pipeline.data.shards import check_nodes_see, data_error_in, read_manifest, shard_files
-from pipeline.data.storage import ray_storage
+from pipeline.data.shards import read_manifest, shard_files
 from pipeline.training.loop import Job, train_loop_per_worker
 
 LOCAL_DATA_CPUS = 2
@@ -60,6 +59,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.ingest import train_dataset
+    from pipeline.data.storage import ray_storage
 
     tp = p.train
     job.extra["local_mode"] = num_workers == 0
@@ -131,6 +131,7 @@ def _storage(path: str) -> str:
 
 
 def run(trainer: Any) -> Outcome:
+    from pipeline.data.shards import data_error_in
     from pipeline.training.checkpoint import load_train_state
 
     try:
@@ -155,6 +156,7 @@ def make_job(
     """Everything a run needs from the shards: file lists checked at start-up for what is cheap (sizes and
     Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list."""
     from pipeline import tracking
+    from pipeline.data.shards import check_nodes_see
 
     manifest = read_manifest(p.data.shards_dir)
     check_nodes_see(p.data.shards_dir, str(manifest["fingerprint"]))  # multi-node: every node, the same data
