@@ -71,7 +71,6 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     from ray.tune.search import BasicVariantGenerator
 
     from pipeline.data.shards import read_manifest
-    from pipeline.data.storage import ray_storage
     from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
 
     p = with_absolute_paths(p)
@@ -111,6 +110,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     path = f"{storage}/{name}"
     # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage),
     # with the path inside it.
+    from pipeline.data.storage import ray_storage
+
     ray_path, ray_fs = ray_storage(storage)
     run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
     path = path if ray_fs is None else f"{ray_path}/{name}"

@@ -59,7 +59,6 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.ingest import train_dataset
-    from pipeline.data.storage import ray_storage
 
     tp = p.train
     job.extra["local_mode"] = num_workers == 0
@@ -71,6 +70,8 @@ def build_trainer(
         resources_per_worker=None if num_workers == 0 else {"CPU": tp.cpus_per_worker},
     )
     # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage).
+    from pipeline.data.storage import ray_storage
+
     ray_path, ray_fs = ray_storage(_storage(storage_path))
     run_config = RunConfig(
         name=name,
