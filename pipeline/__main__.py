@@ -140,7 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     overrides = []
     if args.cmd == "train":
         if args.data:
-            overrides += [f"data.raw_dir={args.data}", "data.source=auto"]
+            # A shards folder of the dataset's own, never params' data.shards_dir: that one belongs to the DVC
+            # pipeline (e.g. ImageNet shards `dvc repro` spent hours on), and prepare would not replace it.
+            from pipeline.data.prepare import dataset_shards_dir
+
+            try:
+                base = load_params(args.params).data.shards_dir
+            except ParamsError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            overrides += [f"data.raw_dir={args.data}", "data.source=auto",
+                          f"data.shards_dir={dataset_shards_dir(base, args.data)}"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
         if args.batch_size:
@@ -167,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         except PretrainedNotFound as exc:
             fail(str(exc), 2)
         if args.data:
+            print(f"prepare: {args.data} -> {p.data.shards_dir}", flush=True)
             prepare_from_params(p.data)
         final = train_arch(p, args.arch, out_dir=args.out or f"models/{args.arch}",
                            metrics_path=f"metrics/train/{args.arch}.json", curve_path=f"plots/train/{args.arch}.csv")

@@ -57,6 +57,10 @@ class DataParams(_Section):
     jpeg_quality: int = Field(90, ge=50, le=100, description="Quality used when re-encoding.")
     rows_per_shard: int = Field(1024, ge=1, le=1_000_000, description="Images per Parquet shard.")
     workers: int = Field(2, ge=1, le=512, description="Prepare processes.")
+    prepare_on: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Where prepare runs: a local process pool, or one task per shard on the Ray cluster; "
+        "auto = Ray when RAY_ADDRESS is set. Never changes the output."
+    )
     max_rejected: float = Field(0.001, ge=0, description="<1: fraction of inputs; >=1: a count.")
 
 

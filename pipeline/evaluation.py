@@ -190,14 +190,14 @@ def _ray_predictions(files: list[str], tf: dict, ten_crop: bool, batch_size: int
 def _local_predictions(files: list[str], tf: dict, ten_crop: bool, predictor_kwargs: dict) -> Iterator[dict]:
     """The same decode function and predictor as the Ray path, called in this process, shard by shard."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     from pipeline.data.ingest import ValDecode
+    from pipeline.data.shards import read_shard
 
     decode = ValDecode(tf["resize"], tf["crop"], ten_crop)
     predictor = _Predictor(threads=torch.get_num_threads(), **predictor_kwargs)
     for path in files:
-        table = pq.read_table(path, columns=["image", "label", "key"])
+        table = read_shard(path, columns=["image", "label", "key"])  # sha256 checked while read
         rows = {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in ("image", "key")}
         rows["label"] = table.column("label").to_numpy()
         for decoded in decode(rows):  # slices of ingest.DECODE_BATCH rows
@@ -213,7 +213,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
 
     tf = meta["eval_transform"]
     expected = int(manifest["splits"]["val"]["n_images"])
-    files = shard_files(shards_dir, "val", verify=True)
+    files = shard_files(shards_dir, "val", verify=True)  # footers now; bytes hashed as they are read
     if expected >= ray_min_images:
         batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency, layout)
     else:

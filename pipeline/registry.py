@@ -44,12 +44,10 @@ def dataset_name(manifest: dict[str, Any]) -> str:
 def example_batch(shards_dir: str, resize: int, crop: int, n: int = 2) -> np.ndarray:
     """`n` real val images after the eval transform, float32 (n, 3, crop, crop): the input example.
     n >= 2 keeps the exported batch dimension dynamic (PITFALLS.md)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.data.shards import shard_files
+    from pipeline.data.shards import read_shard, shard_files
     from pipeline.data.transforms import val_image
 
-    table = pq.read_table(shard_files(shards_dir, "val", verify=False)[0], columns=["image"])
+    table = read_shard(shard_files(shards_dir, "val", verify=False)[0], columns=["image"])
     images = table.column("image").to_pylist()[:n]
     return np.stack([val_image(b, resize, crop) for b in images]).astype(np.float32)
 

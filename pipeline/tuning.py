@@ -125,11 +125,18 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     )
     # A trial that trains in its own process holds its GPU itself; one that drives a worker group asks none.
     trainable = tune.with_resources(_trial, {"CPU": trial_request, **(gpu if t.workers_per_trial == 0 else {})})
-    run_config = tune.RunConfig(name=name, storage_path=storage)
     path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path):
+    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage),
+    # with the path inside it.
+    from pipeline.data.storage import ray_storage
+
+    ray_path, ray_fs = ray_storage(storage)
+    run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
+    path = path if ray_fs is None else f"{ray_path}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=ray_fs):
         # An interrupted search resumes: finished trials are kept, unfinished ones continue.
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=ray_fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     grid = tuner.fit()

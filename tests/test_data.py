@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -23,6 +24,7 @@ from pipeline.data.shards import (
     class_names,
     load_split_table,
     read_manifest,
+    read_shard,
     shard_files,
     verify_shards,
 )
@@ -280,23 +282,66 @@ def test_a_different_plan_starts_over_cleanly(tiny_kaggle_tree: ImageTree, tmp_p
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def test_verify_detects_tampering(tiny_kaggle_tree: ImageTree, tmp_path: Path) -> None:
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_start_up_checks_are_cheap_and_every_read_hashes(tiny_kaggle_tree: ImageTree, tmp_path: Path) -> None:
     out = tmp_path / "shards"
     _prepare(tiny_kaggle_tree, out)
     shard = out / "train" / "00001.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    _flip_byte(shard, shard.stat().st_size // 2)  # inside the image column: sizes and footer still fine
     assert verify_shards(out) == ["train/00001.parquet: sha256 differs from the manifest"]
-    with pytest.raises(ShardChecksumError, match=re.escape("train/00001.parquet")):
-        shard_files(out, "train")
-    assert len(shard_files(out, "train", verify=False)) == 3
+    # Start-up reads sizes and footers only: the flipped image byte is not its business ...
+    assert len(shard_files(out, "train")) == 3
+    # ... the read that touches the shard is: it hashes the bytes it fetched and names the shard.
+    with pytest.raises(ShardChecksumError, match=re.escape(f"shard {shard.resolve()} has sha256")):
+        load_split_table(out, "train")
+    with pytest.raises(ShardChecksumError, match=re.escape(str(shard.resolve()))):
+        read_shard(str(shard.resolve()), columns=["label"])
+    read_shard(str((out / "train" / "00000.parquet").resolve()))  # the others still read
+
     (out / "train" / "stray.parquet").write_bytes(b"x")
     assert any("stray.parquet" in p for p in verify_shards(out))
     (out / "manifest.json").unlink()
-    with pytest.raises(ManifestError, match=re.escape(str(out / "manifest.json"))):
+    with pytest.raises(ManifestError, match=re.escape(str(out.resolve() / "manifest.json"))):
         read_manifest(out)
     assert "no shard manifest" in verify_shards(out)[0]
+
+
+def test_start_up_refuses_wrong_sizes_and_footers_of_the_files_it_reads(
+    tiny_kaggle_tree: ImageTree, tmp_path: Path
+) -> None:
+    out = tmp_path / "shards"
+    _prepare(tiny_kaggle_tree, out)
+    last = out / "train" / "00002.parquet"
+    last.write_bytes(last.read_bytes()[:-1])  # truncated: a half-copied shard
+    with pytest.raises(ShardChecksumError, match=re.escape(f"shard {last.resolve()} has ")):
+        shard_files(out, "train")
+    # A run that reads only the first shards checks only those (train.fraction / tune.train_fraction).
+    assert shard_files(out, "train", limit=2) == [str(out.resolve() / f"train/0000{i}.parquet") for i in (0, 1)]
+    first = out / "train" / "00000.parquet"
+    _flip_byte(first, first.stat().st_size - 2)  # the footer's "PAR1" magic: same size, no footer
+    with pytest.raises(ShardChecksumError, match=re.escape(f"shard {first.resolve()} has no readable Parquet footer")):
+        shard_files(out, "train", limit=1)
+    (out / "train" / "00001.parquet").unlink()
+    with pytest.raises(ShardChecksumError, match=r"train/00001.parquet listed in .* is missing"):
+        shard_files(out, "train", verify=True)
+    assert len(shard_files(out, "train", verify=False)) == 3
+
+
+def test_a_manifest_without_shard_sizes_asks_for_prepare(synthetic_shards: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(synthetic_shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["nbytes"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="older prepare"):
+        shard_files(old, "val")
 
 
 def test_shared_synthetic_shards_fixture(synthetic_shards: Path) -> None:
@@ -345,3 +390,46 @@ def test_synthetic_refuses_to_replace_other_data(tmp_path: Path) -> None:
             tmp_path / "precious", num_classes=2, train_per_class=1, val_per_class=1, image_size=16, seed=0
         )
     assert (tmp_path / "precious" / "photo.jpg").read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------------- never destroy another dataset
+
+
+def test_another_datasets_shards_are_never_replaced_by_accident(
+    tiny_kaggle_tree: ImageTree, tiny_imagefolder_tree: ImageTree, tmp_path: Path
+) -> None:
+    out = tmp_path / "shards"
+    kept = _prepare(tiny_kaggle_tree, out)
+    before = _tree_digest(out)
+    with pytest.raises(DataError) as err:
+        _prepare(tiny_imagefolder_tree, out)
+    message = str(err.value)
+    # Both datasets named, and how to replace on purpose.
+    assert os.fspath(tiny_kaggle_tree) in message and os.fspath(tiny_imagefolder_tree) in message
+    assert "--replace" in message and "kaggle" in message and "imagefolder" in message
+    assert _tree_digest(out) == before  # not a byte changed
+    assert read_manifest(out) == kept
+    # On purpose: replaced.
+    other = _prepare(tiny_imagefolder_tree, out, replace=True)
+    assert read_manifest(out) == other and other["source"]["layout"] == "imagefolder"
+    # The same raw dataset with other options is the user's own data: it starts over (see the test above).
+    _prepare(tiny_imagefolder_tree, out, rows_per_shard=3)
+
+
+def test_an_interrupted_prepare_of_another_dataset_may_be_replaced(
+    tiny_kaggle_tree: ImageTree, tiny_imagefolder_tree: ImageTree, tmp_path: Path
+) -> None:
+    out = tmp_path / "shards"
+    _prepare(tiny_kaggle_tree, out)
+    (out / "manifest.json").unlink()  # no complete dataset any more: only leftovers
+    assert _prepare(tiny_imagefolder_tree, out)["source"]["layout"] == "imagefolder"
+
+
+def test_command_line_datasets_get_a_shards_folder_of_their_own(tmp_path: Path) -> None:
+    from pipeline.data.prepare import dataset_shards_dir
+
+    flowers = dataset_shards_dir("data/shards", tmp_path / "flowers")
+    assert flowers.startswith("data/shards-flowers-") and flowers != "data/shards"
+    assert dataset_shards_dir("data/shards", tmp_path / "flowers") == flowers  # resumable: same folder again
+    assert dataset_shards_dir("data/shards", tmp_path / "other" / "flowers") != flowers
+    assert dataset_shards_dir("s3://bucket/shards/", "s3://bucket/raw/flowers").startswith("s3://bucket/shards-flowers-")

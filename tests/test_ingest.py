@@ -92,3 +92,26 @@ def test_val_pass_is_exact_and_matches_the_val_transform(ray_2cpus, synthetic_sh
             assert label == rows[key]["label"]
             assert np.array_equal(img, val_image(rows[key]["image"], 36, 32))
     assert set(got) == set(rows) and set(got.values()) == {1}
+
+
+def test_a_corrupted_shard_fails_the_read_task_that_reads_it_naming_it(
+    ray_2cpus, synthetic_shards: Path, tmp_path: Path
+) -> None:
+    """Start-up checks sizes and footers only; the read task hashes the bytes it fetched (pipeline.data.shards)."""
+    import shutil
+
+    from pipeline.data.ingest import train_dataset
+    from pipeline.data.shards import ShardChecksumError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    bad = shards / "train" / "00002.parquet"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # an image byte: same size, intact footer
+    bad.write_bytes(bytes(data))
+    files = shard_files(shards, "train")  # passes: nothing cheap is wrong
+    with pytest.raises(ShardChecksumError, match=rf"shard {bad.resolve()} has sha256"):
+        _keys_of_pass(train_dataset(files, crop=24, min_scale=0.35, seed=0, keep_keys=True))
+    # The other shards alone read fine: a run that reads only them checks only them.
+    good = [f for f in files if not f.endswith("00002.parquet")]
+    assert len(_keys_of_pass(train_dataset(good, crop=24, min_scale=0.35, seed=0, keep_keys=True))) == 48

@@ -274,16 +274,14 @@ def _initial_model(run_p: Params, arch: str, num_classes: int) -> nn.Module:
 
 def _val_batch(run_p: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` val images after the eval transform, normalised: (n, 3, crop, crop) and labels (n,)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.data.shards import shard_files
+    from pipeline.data.shards import read_shard, shard_files
     from pipeline.data.transforms import normalize, val_image
 
     tp = run_p.train
     pixels: list[np.ndarray] = []
     labels: list[int] = []
     for path in shard_files(run_p.data.shards_dir, "val"):
-        table = pq.read_table(path, columns=["image", "label"])
+        table = read_shard(path, columns=["image", "label"])
         for data, label in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), strict=True):
             pixels.append(val_image(data, tp.val_resize_size, tp.val_crop_size))
             labels.append(int(label))

@@ -88,14 +88,53 @@ def _configure_data_context() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty()
 
 
+def _shard_datasource() -> type:
+    """Ray Data's file datasource that hashes each shard while reading it (pipeline.data.shards): the read task
+    fetches the whole file, checks its size and sha256 against the manifest, then parses the Parquet bytes, so
+    a corrupted shard fails the run naming it, checked by whichever task reads it, and only the shards a run
+    reads are ever hashed. Named "Parquet", so the fused operator is still ReadParquet->MapBatches(...)."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class ShardDatasource(FileBasedDatasource):
+        _FILE_EXTENSIONS = ["parquet"]
+
+        def __init__(self, paths: list[str], *, expected: dict[str, tuple[int, str]], names: dict[str, str],
+                     columns: list[str], **kw: Any) -> None:
+            super().__init__(paths, **kw)
+            self._expected, self._names, self._columns = expected, names, columns
+
+        def get_name(self) -> str:
+            return "Parquet"
+
+        def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
+            from pipeline.data.shards import check_shard_bytes, parse_shard
+
+            loc = self._names.get(path, path)
+            nbytes, sha = self._expected[path]
+            data = f.read_buffer()
+            check_shard_bytes(loc, memoryview(data), nbytes, sha)
+            yield parse_shard(data, loc, self._columns)
+
+    return ShardDatasource
+
+
 def _read(files: Sequence[str], **kw: Any) -> Any:
-    """One read block per shard file (no splitting into smaller blocks: that would unfuse read and decode)."""
+    """One read block per shard file (no splitting into smaller blocks: that would unfuse read and decode).
+    `files` are local paths or URIs of one dataset (pipeline.data.storage resolves the filesystem)."""
     import ray.data
 
+    from pipeline.data import storage
+    from pipeline.data.shards import expected_digests
+
     _configure_data_context()
-    return ray.data.read_parquet(
-        list(files), columns=["image", "label", "key"], num_cpus=TASK_CPUS, override_num_blocks=len(files), **kw
+    files = list(files)
+    fs, paths = storage.resolve_many(files)
+    digests = expected_digests(files)
+    source = _shard_datasource()(
+        paths, filesystem=fs, expected={p: digests[f] for p, f in zip(paths, files, strict=True)},
+        names=dict(zip(paths, files, strict=True)), columns=["image", "label", "key"], **kw,
     )
+    return ray.data.read_datasource(source, num_cpus=TASK_CPUS, override_num_blocks=len(files))
 
 
 def train_dataset(

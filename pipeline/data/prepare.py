@@ -7,11 +7,15 @@ Guarantees, and how they are kept:
 - Byte-identical output whatever `workers` is: the plan (which sample goes to which shard) is computed up
   front from the sorted listing and a fixed shuffle seed; each shard is then a pure function of its samples;
   Parquet is written with a fixed schema, codec, row group size and no timestamps.
-- Atomic: each shard goes to `*.tmp` then `os.replace`; the manifest is written last, so a manifest on disk
-  means a complete set of shards.
+- Anywhere pyarrow.fs reaches: `out_dir` is a local path or a URI (s3://, gs://, file://; see
+  pipeline.data.storage for endpoints and credentials, which only the environment gives).
+- Atomic: each shard goes to `*.tmp` then `os.replace` (an object store shows an object only once its upload
+  completes); the manifest is written last, so a manifest there means a complete set of shards.
 - Resumable: `.plan.json` (written first) records the plan fingerprint, and `.done/<split>-NNNNN.json`
   records each finished shard's checksum; a rerun with the same plan keeps the shards that still match and
-  writes only the others; a different plan starts over cleanly.
+  writes only the others; a different plan of the same raw dataset starts over cleanly.
+- Never destroys another dataset: a different plan in a folder whose complete manifest comes from another
+  raw dataset stops with a message naming both, unless `replace=True` (`python -m stages.prepare --replace`).
 - Nothing dropped silently: every input that cannot become an RGB JPEG is listed in rejected.csv with a
   reason, and more rejections than `max_rejected` fail the run (after rejected.csv is written).
 """
@@ -24,7 +28,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -39,10 +42,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data.shards import MANIFEST, sha256_file
+from pipeline.data import storage
+from pipeline.data.shards import MANIFEST, MANIFEST_VERSION
 from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
 
-MANIFEST_VERSION = 1
 REJECTED = "rejected.csv"
 PLAN = ".plan.json"
 DONE_DIR = ".done"
@@ -165,13 +168,8 @@ class ShardResult:
     rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _write_atomic(location: str, data: bytes) -> None:
+    storage.write_atomic(location, data)
 
 
 def _parquet_bytes(columns: dict[str, list[Any]]) -> bytes:
@@ -215,9 +213,10 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int)
         columns["height"].append(height)
         columns["width"].append(width)
     blob = _parquet_bytes(columns)
-    path = Path(out_dir, task.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, blob)
+    location = storage.join(out_dir, task.path)
+    if not storage.is_uri(out_dir):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(location, blob)
     return ShardResult(
         split=task.split,
         index=task.index,
@@ -269,42 +268,46 @@ def plan_shards(listing: SourceListing, rows_per_shard: int, shuffle_seed: int) 
     return tasks
 
 
-def _done_path(out: Path, split: str, index: int) -> Path:
-    return out / DONE_DIR / f"{split}-{index:05d}.json"
+def _done_path(out: str, split: str, index: int) -> str:
+    return storage.join(out, DONE_DIR, f"{split}-{index:05d}.json")
 
 
-def _finished(out: Path, task: ShardTask) -> ShardResult | None:
-    """The recorded result of a shard written by an earlier run of this plan, if the shard still matches."""
-    done, shard = _done_path(out, task.split, task.index), out / task.path
-    if not (done.is_file() and shard.is_file()):
+def _finished(out: str, task: ShardTask, done_sizes: dict[str, int], shard_sizes: dict[str, int]) -> ShardResult | None:
+    """The recorded result of a shard written by an earlier run of this plan, if the shard still matches
+    (size from the folder listing, then its sha256: resuming re-reads only what an earlier run finished)."""
+    done = _done_path(out, task.split, task.index)
+    name = task.path.rpartition("/")[2]
+    if done.rpartition("/")[2] not in done_sizes or name not in shard_sizes:
         return None
     try:
-        result = ShardResult(**json.loads(done.read_text()))
-    except (ValueError, TypeError):
+        result = ShardResult(**json.loads(storage.read_bytes(done)))
+    except (ValueError, TypeError, OSError):
         return None
-    if shard.stat().st_size != result.nbytes or sha256_file(shard) != result.sha256:
+    if shard_sizes[name] != result.nbytes:
+        return None
+    if hashlib.sha256(storage.read_bytes(storage.join(out, task.path))).hexdigest() != result.sha256:
         return None
     return result
 
 
-def _remove_outputs(out: Path) -> None:
+def _remove_outputs(out: str) -> None:
     """Delete what an earlier prepare wrote here (and only that), manifest first."""
     for name in (MANIFEST, REJECTED, PLAN):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / DONE_DIR, ignore_errors=True)
+        storage.delete(storage.join(out, name))
+    for name in storage.list_files(storage.join(out, DONE_DIR)):
+        if name.endswith((".json", ".tmp")):
+            storage.delete(storage.join(out, DONE_DIR, name))
     for split in SPLITS:
-        split_dir = out / split
-        if split_dir.is_dir():
-            for p in split_dir.iterdir():
-                if p.suffix in (".parquet", ".tmp"):
-                    p.unlink()
+        for name in storage.list_files(storage.join(out, split)):
+            if name.endswith((".parquet", ".tmp")):
+                storage.delete(storage.join(out, split, name))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+def _write_json(location: str, obj: Any) -> None:
+    _write_atomic(location, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _write_rejected(path: Path, rejected: Sequence[Rejection]) -> None:
+def _write_rejected(path: str, rejected: Sequence[Rejection]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["key", "split", "reason"])
@@ -329,6 +332,67 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 # ------------------------------------------------------------------------------------------------- entry
 
 
+def same_dataset(manifest: dict[str, Any], raw_dir: str | os.PathLike[str], layout: str) -> bool:
+    """Whether a manifest was prepared from this raw dataset (same folder, same layout), whatever the options."""
+    source = manifest.get("source") or {}
+    old = str(source.get("raw_dir", ""))
+    new = os.fspath(raw_dir)
+    norm = (lambda p: p.rstrip("/")) if storage.is_uri(new) else os.path.abspath
+    return source.get("layout") == layout and bool(old) and norm(old) == norm(new)
+
+
+def dataset_shards_dir(base: str, raw_dir: str | os.PathLike[str]) -> str:
+    """A shards folder of its own for a raw dataset named on the command line: `BASE-<name>-<hash>` next to
+    `base` (params' data.shards_dir), so that preparing it never touches the DVC pipeline's shards."""
+    raw = os.fspath(raw_dir)
+    full = raw.rstrip("/") if storage.is_uri(raw) else os.path.abspath(raw)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(full.rstrip("/"))) or "data"
+    return f"{base.rstrip('/')}-{name}-{hashlib.sha256(full.encode()).hexdigest()[:8]}"
+
+
+def _refuse_other_dataset(out: str, old: dict[str, Any], raw_dir: str | os.PathLike[str], layout: str) -> None:
+    src = old.get("source") or {}
+    raise DataError(
+        f"{out} holds another complete dataset: {old.get('num_classes')} classes prepared from "
+        f"{src.get('raw_dir')} ({src.get('layout')}, fingerprint {str(old.get('fingerprint'))[:8]}); this run "
+        f"would prepare {os.fspath(raw_dir)} ({layout}) there and delete it. Refusing. To replace it on purpose, "
+        f"run `python -m stages.prepare --replace` (prepare_shards(..., replace=True)) or delete {out} first; "
+        "to keep both, point data.shards_dir at another folder."
+    )
+
+
+def _use_ray(prepare_on: str) -> bool:
+    if prepare_on == "ray":
+        return True
+    return prepare_on == "auto" and bool(os.environ.get("RAY_ADDRESS"))
+
+
+def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, record: Any, bar: Any) -> None:
+    """One Ray task per shard, anywhere in the cluster (raw_dir and out_dir must be reachable from every node:
+    a shared filesystem or a URI). Each task's output is a pure function of its samples, so where and in which
+    order tasks run never changes the bytes; results are recorded as they finish, so a killed run resumes."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            repo = str(Path(__file__).resolve().parents[2])  # tasks import `pipeline` from the repository root
+            ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    pending = {remote.remote(task, out, max_side, jpeg_quality): task for task in todo}
+    try:
+        while pending:
+            finished, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished:
+                task = pending.pop(ref)
+                record(ray.get(ref))  # re-raises a task's exception; finished shards stay recorded
+                bar.update(len(task.samples))
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
 def prepare_shards(
     raw_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -344,14 +408,21 @@ def prepare_shards(
     max_rejected: float = 0.001,
     progress: bool = True,
     shuffle_seed: int = 0,
+    replace: bool = False,
+    prepare_on: str = "auto",
 ) -> dict[str, Any]:
-    """Prepare `raw_dir` into Parquet shards under `out_dir`; returns the manifest (also written there).
+    """Prepare `raw_dir` into Parquet shards under `out_dir` (a path or a URI); returns the manifest (also
+    written there, last).
 
     `max_rejected` < 1 is a fraction of the inputs, >= 1 a count; more rejections raise DataError after
-    rejected.csv is written (no manifest then). `workers` and `progress` never change the output.
+    rejected.csv is written (no manifest then). `prepare_on`: "local" (a pool of `workers` processes), "ray"
+    (one task per shard on the Ray cluster) or "auto" (Ray when RAY_ADDRESS is set). `workers`, `prepare_on`
+    and `progress` never change the output. `replace`: allow deleting another raw dataset's complete shards.
     """
     if rows_per_shard < 1 or workers < 1 or max_side < 1 or not 1 <= jpeg_quality <= 100:
         raise DataError("rows_per_shard, workers, max_side must be >= 1 and jpeg_quality in [1, 100]")
+    if prepare_on not in ("auto", "local", "ray"):
+        raise DataError(f"prepare_on must be auto, local or ray, not {prepare_on!r}")
     listing = list_source(
         raw_dir, source, classes=classes, first_n_classes=first_n_classes, max_per_class=max_per_class
     )
@@ -366,6 +437,7 @@ def prepare_shards(
         "shuffle_seed": shuffle_seed,
         "row_group_rows": ROW_GROUP_ROWS,
         "pyarrow": pa.__version__,  # Parquet bytes may differ across pyarrow versions
+        "manifest_version": MANIFEST_VERSION,
     }
     source_fp = _source_fingerprint(listing)
     fingerprint = hashlib.sha256(
@@ -373,31 +445,43 @@ def prepare_shards(
     ).hexdigest()
     tasks = plan_shards(listing, rows_per_shard, shuffle_seed)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / PLAN
+    out = os.fspath(out_dir).rstrip("/") if storage.is_uri(out_dir) else os.path.abspath(out_dir)
+    storage.makedirs(out)
     try:
-        same_plan = json.loads(plan_path.read_text()).get("fingerprint") == fingerprint
+        same_plan = json.loads(storage.read_bytes(storage.join(out, PLAN))).get("fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):
         same_plan = False
+    manifest_at = storage.join(out, MANIFEST)
+    if not same_plan and not replace:
+        try:
+            old = json.loads(storage.read_bytes(manifest_at))
+        except (OSError, ValueError):
+            old = None  # no complete dataset here (an interrupted prepare's leftovers may go)
+        other = isinstance(old, dict) and old.get("fingerprint") != fingerprint
+        if other and not same_dataset(old, raw_dir, listing.layout):
+            _refuse_other_dataset(out, old, raw_dir, listing.layout)
     if same_plan:
-        (out / MANIFEST).unlink(missing_ok=True)  # a manifest on disk must always mean "complete"
+        storage.delete(manifest_at)  # a manifest there must always mean "complete"
     else:
         _remove_outputs(out)
         plan = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "shards": [t.path for t in tasks]}
-        _write_json(plan_path, plan)
+        _write_json(storage.join(out, PLAN), plan)
     planned = {t.path for t in tasks}
+    shard_sizes: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        (out / split).mkdir(exist_ok=True)
-        for p in (out / split).iterdir():  # stale temp files and shards of no task in this plan
-            if p.suffix == ".tmp" or (p.suffix == ".parquet" and f"{split}/{p.name}" not in planned):
-                p.unlink()
-    (out / DONE_DIR).mkdir(exist_ok=True)
+        storage.makedirs(storage.join(out, split))
+        present = storage.list_files(storage.join(out, split))
+        for name in present:  # stale temp files and shards of no task in this plan
+            if name.endswith(".tmp") or (name.endswith(".parquet") and f"{split}/{name}" not in planned):
+                storage.delete(storage.join(out, split, name))
+        shard_sizes[split] = present
+    storage.makedirs(storage.join(out, DONE_DIR))
+    done_sizes = storage.list_files(storage.join(out, DONE_DIR)) if same_plan else {}
 
     results: dict[str, ShardResult] = {}
     todo: list[ShardTask] = []
     for task in tasks:
-        prior = _finished(out, task) if same_plan else None
+        prior = _finished(out, task, done_sizes, shard_sizes[task.split]) if same_plan else None
         if prior is None:
             todo.append(task)
         else:
@@ -410,15 +494,17 @@ def prepare_shards(
         _write_json(_done_path(out, result.split, result.index), asdict(result))
 
     with tqdm(total=n_images, initial=done_images, unit="img", desc="prepare", disable=not progress) as bar:
-        if workers == 1 or len(todo) <= 1:
+        if todo and _use_ray(prepare_on):
+            _run_ray(todo, out, max_side, jpeg_quality, record, bar)
+        elif workers == 1 or len(todo) <= 1:
             for task in todo:
-                record(build_shard(task, str(out), max_side, jpeg_quality))
+                record(build_shard(task, out, max_side, jpeg_quality))
                 bar.update(len(task.samples))
         else:
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context())
             try:
                 pending: dict[Future[ShardResult], ShardTask] = {
-                    pool.submit(build_shard, task, str(out), max_side, jpeg_quality): task for task in todo
+                    pool.submit(build_shard, task, out, max_side, jpeg_quality): task for task in todo
                 }
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -431,13 +517,13 @@ def prepare_shards(
 
     ordered = [results[t.path] for t in tasks]
     rejected = list(listing.rejected) + [Rejection(*r) for res in ordered for r in res.rejected]
-    _write_rejected(out / REJECTED, rejected)
+    _write_rejected(storage.join(out, REJECTED), rejected)
     n_inputs = len(listing.samples) + len(listing.rejected)
     limit = max_rejected * n_inputs if max_rejected < 1 else max_rejected
     if len(rejected) > limit:
         raise DataError(
             f"{len(rejected)} of {n_inputs} inputs from {os.fspath(raw_dir)} were rejected, more than "
-            f"data.max_rejected={max_rejected:g} allows; the reasons are in {out / REJECTED}"
+            f"data.max_rejected={max_rejected:g} allows; the reasons are in {storage.join(out, REJECTED)}"
         )
 
     splits: dict[str, Any] = {}
@@ -450,7 +536,7 @@ def prepare_shards(
             "n_images": sum(r.rows for r in mine),
             "n_reencoded": sum(r.reencoded for r in mine),
             "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
-            "shards": [{"path": r.path, "rows": r.rows, "sha256": r.sha256} for r in mine],
+            "shards": [{"path": r.path, "rows": r.rows, "nbytes": r.nbytes, "sha256": r.sha256} for r in mine],
         }
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
@@ -463,14 +549,23 @@ def prepare_shards(
         "rejected": len(rejected),
         "options": options,
     }
-    _write_json(out / MANIFEST, manifest)
+    _write_json(manifest_at, manifest)
     return manifest
 
 
-def prepare_from_params(d: Any) -> dict[str, Any]:
-    """prepare_shards with the `data` section of params.yaml (pipeline.config.DataParams)."""
-    return prepare_shards(
+def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = None) -> dict[str, Any]:
+    """prepare_shards with the `data` section of params.yaml (pipeline.config.DataParams). `record`: also
+    copy the manifest, byte for byte, to this local file (the DVC stage's output that downstream stages
+    depend on: the dataset's identity wherever the shards live)."""
+    manifest = prepare_shards(
         d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
         max_per_class=d.max_per_class, max_side=d.max_side, jpeg_quality=d.jpeg_quality,
-        rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected,
+        rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected, replace=replace,
+        prepare_on=d.prepare_on,
     )
+    if record:
+        from pipeline.data.shards import read_manifest_bytes
+
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        storage.write_atomic(str(Path(record).resolve()), read_manifest_bytes(d.shards_dir))
+    return manifest

@@ -1,7 +1,18 @@
-"""Read what `prepare_shards` wrote: the manifest, checksummed shard paths, small helpers for tests and eval.
+"""Read what `prepare_shards` wrote: the manifest, shard locations, verified reads, helpers for tests and eval.
 
-Readers should take their file list from `shard_files` (the manifest), never from a directory glob: a glob
-would also pick up stray files, and only the manifest's sha256 says a shard is the one that was prepared.
+`shards_dir` is a local path or a URI (pipeline.data.storage). Readers take their file list from `shard_files`
+(the manifest), never from a directory glob: a glob would also pick up stray files, and only the manifest's
+sizes and sha256 say a shard is the one that was prepared.
+
+Verification is split so that it scales with the files a run reads, not with the dataset's bytes:
+- start-up (`shard_files(verify=True)`): the manifest, each file's size from one listing per split, and the
+  Parquet footer (row count, schema) of exactly the files the run will read: kilobytes per shard;
+- every read (`read_shard`, and the Ray Data read task of pipeline.data.ingest): the whole file is hashed with
+  sha256 while it is read, and a shard whose bytes differ from the manifest is refused with its name before a
+  row of it is used. The hash runs on bytes the reader fetches anyway; bench/bench_startup.py measures
+  sha256 against the JPEG decoding that follows (a few per cent of it), which is why no faster checksum
+  is recorded next to it;
+- `verify_shards` (`python -m stages.prepare --verify`): everything, every byte, on demand.
 """
 
 from __future__ import annotations
@@ -9,15 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.data import storage
 from pipeline.data.sources import SPLITS, DataError
 
 if TYPE_CHECKING:  # pyarrow is imported only by the helpers that need it: keep this module light
     import pyarrow as pa
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 2: every shard entry has `nbytes` (start-up size check) besides rows and sha256
+# Footers are read with this many threads: one small ranged GET each on an object store.
+FOOTER_THREADS = 16
 
 
 class ManifestError(DataError):
@@ -25,20 +41,43 @@ class ManifestError(DataError):
 
 
 class ShardChecksumError(DataError):
-    """A shard's sha256 differs from the manifest's (or the shard is missing); the message names it."""
+    """A shard differs from the manifest (bytes, size, footer) or is missing; the message names it."""
+
+
+def _root(shards_dir: str | os.PathLike[str]) -> str:
+    """Local folders as absolute, symlink-free paths (what readers on any working directory need)."""
+    loc = os.fspath(shards_dir)
+    return loc.rstrip("/") if storage.is_uri(loc) else str(Path(loc).resolve())
+
+
+def manifest_location(shards_dir: str | os.PathLike[str]) -> str:
+    return storage.join(_root(shards_dir), MANIFEST)
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise ManifestError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or "splits" not in manifest or "classes" not in manifest:
+        raise ManifestError(f"{where} is not a shard manifest (no 'splits' or 'classes')")
+    return manifest
+
+
+def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
+    where = manifest_location(shards_dir)
+    try:
+        return storage.read_bytes(where)
+    except FileNotFoundError:
+        raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
+    except OSError as exc:  # pyarrow reports a missing object, a denied bucket, ... as OSError
+        if storage.is_uri(where) and "not found" not in str(exc).lower() and "nosuch" not in str(exc).lower():
+            raise ManifestError(f"cannot read the shard manifest at {where}: {exc}") from None
+        raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
 
 
 def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"no shard manifest at {path}: run the prepare stage (python -m stages.prepare)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or "splits" not in manifest or "classes" not in manifest:
-        raise ManifestError(f"{path} is not a shard manifest (no 'splits' or 'classes')")
-    return manifest
+    return parse_manifest(read_manifest_bytes(shards_dir), manifest_location(shards_dir))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -49,39 +88,145 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _split_entry(manifest: dict[str, Any], split: str, where: Path) -> dict[str, Any]:
+def _split_entry(manifest: dict[str, Any], split: str, where: str) -> dict[str, Any]:
     splits = manifest["splits"]
     if split not in splits:
-        raise ManifestError(f"{where / MANIFEST} has no split {split!r}; it has {sorted(splits)}")
+        raise ManifestError(f"{where} has no split {split!r}; it has {sorted(splits)}")
     entry: dict[str, Any] = splits[split]
+    if entry["shards"] and "nbytes" not in entry["shards"][0]:
+        raise ManifestError(f"{where} was written by an older prepare (no shard sizes): run the prepare stage again")
     return entry
 
 
-def shard_files(shards_dir: str | os.PathLike[str], split: str, verify: bool = True) -> list[str]:
-    """Absolute paths of `split`'s shards in manifest order; with `verify`, each is re-hashed first."""
-    root = Path(shards_dir).resolve()
-    entry = _split_entry(read_manifest(root), split, root)
-    paths = []
-    for shard in entry["shards"]:
-        path = root / shard["path"]
-        if verify:
-            if not path.is_file():
-                raise ShardChecksumError(f"shard {path} listed in {root / MANIFEST} is missing")
-            actual = sha256_file(path)
-            if actual != shard["sha256"]:
-                raise ShardChecksumError(
-                    f"shard {path} has sha256 {actual[:12]}..., the manifest says {shard['sha256'][:12]}...: "
-                    f"it changed after prepare; rerun the prepare stage"
-                )
-        paths.append(str(path))
+def shard_files(
+    shards_dir: str | os.PathLike[str], split: str, verify: bool = True, limit: int | None = None
+) -> list[str]:
+    """Locations (absolute paths or URIs) of `split`'s shards in manifest order, the first `limit` of them.
+
+    With `verify`, the cheap start-up checks of exactly those files: present, the manifest's size, a readable
+    Parquet footer with the manifest's row count and the shard schema. Their bytes are checked when read.
+    """
+    root = _root(shards_dir)
+    where = manifest_location(root)
+    entries = _split_entry(read_manifest(root), split, where)["shards"][:limit]
+    paths = [storage.join(root, s["path"]) for s in entries]
+    if verify and entries:
+        _check_sizes(root, entries, where)
+        _check_footers(paths, entries)
     return paths
 
 
-def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
-    """Every problem found with the prepared shards (empty list = OK): used by `stages.prepare --verify`."""
+def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
+    listings: dict[str, dict[str, int]] = {}
+    for shard in entries:
+        folder, _, name = shard["path"].rpartition("/")
+        if folder not in listings:
+            listings[folder] = storage.list_files(storage.join(root, folder))
+        size = listings[folder].get(name)
+        loc = storage.join(root, shard["path"])
+        if size is None:
+            raise ShardChecksumError(f"shard {loc} listed in {where} is missing: rerun the prepare stage")
+        if size != shard["nbytes"]:
+            raise ShardChecksumError(
+                f"shard {loc} has {size} bytes, {where} says {shard['nbytes']}: it changed after prepare; "
+                "rerun the prepare stage"
+            )
+
+
+def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
     import pyarrow.parquet as pq
 
-    root = Path(shards_dir)
+    from pipeline.data.prepare import SHARD_SCHEMA
+
+    fs, path = storage.resolve(loc)
+    try:
+        # A HEAD and one or two ranged GETs on an object store: kilobytes, whatever the shard's size.
+        with fs.open_input_file(path) as f:
+            meta = pq.read_metadata(f)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for a bad footer
+        return f"shard {loc} has no readable Parquet footer ({exc}): rerun the prepare stage"
+    if meta.num_rows != shard["rows"]:
+        return f"shard {loc} has {meta.num_rows} rows in its footer, the manifest says {shard['rows']}"
+    if not meta.schema.to_arrow_schema().remove_metadata().equals(SHARD_SCHEMA):
+        return f"shard {loc} does not have the shard schema: rerun the prepare stage"
+    return None
+
+
+def _check_footers(paths: list[str], entries: list[dict[str, Any]]) -> None:
+    if len(paths) == 1 or not storage.is_uri(paths[0]):
+        problems = [_footer_problem(p, s) for p, s in zip(paths, entries, strict=True)]
+    else:
+        with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths))) as pool:
+            problems = list(pool.map(_footer_problem, paths, entries))
+    for problem in problems:
+        if problem:
+            raise ShardChecksumError(problem)
+
+
+# ------------------------------------------------------------------------------------ reads that verify
+
+
+def check_shard_bytes(loc: str, data: bytes | memoryview, nbytes: int, sha256: str) -> None:
+    """Refuse a shard whose bytes are not the ones prepare recorded; the message names it."""
+    if len(data) != nbytes:
+        raise ShardChecksumError(
+            f"shard {loc} has {len(data)} bytes, the manifest says {nbytes}: rerun the prepare stage"
+        )
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ShardChecksumError(
+            f"shard {loc} has sha256 {actual[:12]}..., the manifest says {sha256[:12]}...: it changed after "
+            "prepare; rerun the prepare stage"
+        )
+
+
+_EXPECTED_CACHE: dict[tuple[str, bytes], dict[str, tuple[int, str]]] = {}
+
+
+def expected_digests(locations: list[str]) -> dict[str, tuple[int, str]]:
+    """{location: (nbytes, sha256)} from the manifest of each shard's dataset (`<shards_dir>/<split>/NAME`)."""
+    out: dict[str, tuple[int, str]] = {}
+    for root in sorted({storage.parent(storage.parent(loc)) for loc in locations}):
+        raw = read_manifest_bytes(root)
+        key = (root, hashlib.sha256(raw).digest())
+        if key not in _EXPECTED_CACHE:
+            manifest = parse_manifest(raw, manifest_location(root))
+            _EXPECTED_CACHE[key] = {
+                storage.join(root, s["path"]): (int(s["nbytes"]), str(s["sha256"]))
+                for split in manifest["splits"].values() for s in split["shards"] if "nbytes" in s
+            }
+        out.update(_EXPECTED_CACHE[key])
+    missing = [loc for loc in locations if loc not in out]
+    if missing:
+        raise ShardChecksumError(f"shard {missing[0]} is not listed in its dataset's {MANIFEST}")
+    return {loc: out[loc] for loc in locations}
+
+
+def parse_shard(data: bytes | memoryview, loc: str, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except Exception as exc:  # noqa: BLE001 - checked bytes that do not parse: say which file
+        raise ShardChecksumError(f"shard {loc} cannot be read as Parquet: {exc}") from None
+
+
+def read_shard(loc: str, columns: list[str] | None = None, expected: tuple[int, str] | None = None) -> pa.Table:
+    """One shard as a Table, its bytes hashed while read and checked against the manifest (or `expected`)."""
+    nbytes, sha = expected or expected_digests([loc])[loc]
+    try:
+        data = storage.read_bytes(loc)
+    except (FileNotFoundError, OSError) as exc:
+        raise ShardChecksumError(f"shard {loc} cannot be read: {exc}") from None
+    check_shard_bytes(loc, data, nbytes, sha)
+    return parse_shard(data, loc, columns)
+
+
+def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
+    """Every problem found with the prepared shards (empty list = OK), every byte re-hashed: used by
+    `stages.prepare --verify`, never before a run."""
+    root = _root(shards_dir)
     try:
         manifest = read_manifest(root)
     except ManifestError as exc:
@@ -97,27 +242,27 @@ def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
         if entry is None:
             problems.append(f"manifest has no {split} split")
             continue
+        present = storage.list_files(storage.join(root, split))
         listed = set()
         for shard in entry["shards"]:
-            path = root / shard["path"]
-            listed.add(path.name)
-            if not path.is_file():
+            loc = storage.join(root, shard["path"])
+            listed.add(shard["path"].rpartition("/")[2])
+            if shard["path"].rpartition("/")[2] not in present:
                 problems.append(f"{shard['path']}: missing")
                 continue
-            if sha256_file(path) != shard["sha256"]:
+            data = storage.read_bytes(loc)
+            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['path']}: sha256 differs from the manifest")
                 continue
-            rows = pq.ParquetFile(path).metadata.num_rows
+            rows = parse_shard(data, loc, ["label"]).num_rows
             if rows != shard["rows"]:
                 problems.append(f"{shard['path']}: {rows} rows, the manifest says {shard['rows']}")
         total = sum(s["rows"] for s in entry["shards"])
         if total != entry["n_images"] or sum(entry["class_counts"].values()) != total:
             problems.append(f"{split}: shard rows, n_images and class_counts disagree")
-        split_dir = root / split
-        if split_dir.is_dir():
-            extra = sorted(p.name for p in split_dir.iterdir() if p.name not in listed)
-            if extra:
-                problems.append(f"{split}/: files not in the manifest: {extra[:5]}")
+        extra = sorted(name for name in present if name not in listed)
+        if extra:
+            problems.append(f"{split}/: files not in the manifest: {extra[:5]}")
     return problems
 
 
@@ -127,13 +272,77 @@ def class_names(manifest: dict[str, Any]) -> list[str]:
 
 
 def load_split_table(shards_dir: str | os.PathLike[str], split: str, verify: bool = True) -> pa.Table:
-    """A whole split as one pyarrow Table (checksums verified). For tests and small evaluations only."""
+    """A whole split as one pyarrow Table (every shard's bytes checked). For tests and small evaluations only."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     paths = shard_files(shards_dir, split, verify=verify)
     if not paths:
         from pipeline.data.prepare import SHARD_SCHEMA
 
         return SHARD_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths])
+    return pa.concat_tables([read_shard(p) for p in paths])
+
+
+# ------------------------------------------------------------------------------ the same data on every node
+
+
+def _fingerprint_here(shards_dir: str) -> tuple[str, str]:
+    """(fingerprint or what went wrong, this node's address): runs on each node of the cluster."""
+    import ray
+
+    where = ray.util.get_node_ip_address()
+    try:
+        return str(read_manifest(shards_dir).get("fingerprint")), where
+    except DataError as exc:
+        return f"no dataset ({exc})", where
+
+
+def check_nodes_see(shards_dir: str | os.PathLike[str], fingerprint: str, timeout_s: float = 120) -> None:
+    """On a multi-node Ray cluster, every node that may run a training worker or a read task (every alive node
+    with CPUs or GPUs) must read the same manifest at `shards_dir`; otherwise stop now, naming the node and
+    the path, not hours later with a wrong or missing shard on one node. No-op without Ray or on one node."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0
+                                                            or n["Resources"].get("GPU", 0) > 0)]
+    if len(nodes) <= 1:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = _root(shards_dir)
+    probe = ray.remote(num_cpus=0, max_retries=0)(_fingerprint_here)
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(root)
+        for n in nodes
+    ]
+    for node, ref in zip(nodes, refs, strict=True):
+        seen, address = ray.get(ref, timeout=timeout_s)
+        if seen != fingerprint:
+            raise DataError(
+                f"node {address} (Ray node {node['NodeID'][:12]}) sees {seen[:200]} at {root}, this driver sees "
+                f"dataset {fingerprint[:12]}: every node that runs a training worker or a read task must see the "
+                "same shards (a shared filesystem mounted at the same path, or the same object store and endpoint)"
+            )
+
+
+def data_error_in(exc: BaseException | None) -> DataError | None:
+    """The DataError (e.g. a refused shard) behind a failed Ray run, if any: Ray Train reports worker errors as
+    a truncated snippet, so the driver digs out the original to say which shard (worker_failures, Ray task
+    errors' `cause`, exception chains)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc] if exc is not None else []
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError) and isinstance(e.args[0] if e.args else None, str) and "Traceback" not in e.args[0]:
+            return e
+        nested = [getattr(e, "cause", None), e.__cause__, e.__context__]
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            nested += list(failures.values())
+        todo += [n for n in nested if isinstance(n, BaseException)]
+    return None

@@ -23,12 +23,12 @@ class InMemoryShard:
     the loop's `local_shuffle_seed`, decoded and augmented with the project's `train_image`."""
 
     def __init__(self, files: Sequence[str], *, crop: int, min_scale: float, limit: int | None = None) -> None:
-        import pyarrow.parquet as pq
+        from pipeline.data.shards import read_shard
 
         images: list[bytes] = []
         labels: list[int] = []
         for path in files:
-            table = pq.read_table(path, columns=["image", "label"])
+            table = read_shard(path, columns=["image", "label"])  # sha256 checked while read
             images += table.column("image").to_pylist()
             labels += [int(v) for v in table.column("label").to_pylist()]
             if limit is not None and len(images) >= limit:
@@ -68,12 +68,12 @@ class InMemoryValShard:
     "label": int64 (N,)}. The Parquet files are read once; images are decoded at every pass."""
 
     def __init__(self, files: Sequence[str], *, resize: int, crop: int) -> None:
-        import pyarrow.parquet as pq
-
         from pipeline.data.ingest import ValDecode
+        from pipeline.data.shards import read_shard
 
         self._decode = ValDecode(resize, crop)
-        self._tables = [pq.read_table(path, columns=["image", "label", "key"]) for path in files]
+        # sha256 checked while read; local paths and URIs alike
+        self._tables = [read_shard(path, columns=["image", "label", "key"]) for path in files]
 
     def __len__(self) -> int:
         return sum(t.num_rows for t in self._tables)

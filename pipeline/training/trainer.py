@@ -93,9 +93,14 @@ def build_trainer(
         use_gpu=tp.use_gpu,
         resources_per_worker=None if num_workers == 0 else {"CPU": tp.cpus_per_worker},
     )
+    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage).
+    from pipeline.data.storage import ray_storage
+
+    ray_path, ray_fs = ray_storage(_storage(storage_path))
     run_config = RunConfig(
         name=name,
-        storage_path=_storage(storage_path),
+        storage_path=ray_path,
+        storage_filesystem=ray_fs,
         failure_config=FailureConfig(max_failures=tp.max_failures),
         # Keep the last two: the newest can be half-uploaded when a node dies.
         checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -152,11 +157,18 @@ def _storage(path: str) -> str:
 
 
 def run(trainer: Any) -> Outcome:
+    from pipeline.data.shards import data_error_in
     from pipeline.training.checkpoint import load_train_state
 
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        refused = data_error_in(exc)  # a refused shard by name, not Ray Train's truncated snippet of it
+        if refused is None:
+            raise
+        raise refused from exc
     if result.error is not None:
-        raise result.error
+        raise data_error_in(result.error) or result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -167,15 +179,17 @@ def run(trainer: Any) -> Outcome:
 def make_job(
     p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None, train_fraction: float = 1.0,
 ) -> Job:
-    """Everything a run needs from the shards: verified file lists (sha256 against the manifest, so a
-    tampered or half-written shard is refused before any compute), counts and the class list."""
+    """Everything a run needs from the shards: file lists checked at start-up for what is cheap (sizes and
+    Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list."""
     from pipeline import tracking
+    from pipeline.data.shards import check_nodes_see
 
     manifest = read_manifest(p.data.shards_dir)
-    train_files = shard_files(p.data.shards_dir, "train", verify=True)
+    check_nodes_see(p.data.shards_dir, str(manifest["fingerprint"]))  # multi-node: every node, the same data
     rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
     # A fraction of the shards is a random subset of images: prepare shuffles rows across shards.
-    keep = max(1, math.ceil(train_fraction * len(train_files)))
+    keep = max(1, math.ceil(train_fraction * len(rows)))
+    train_files = shard_files(p.data.shards_dir, "train", verify=True, limit=keep)  # checks only what is read
     return Job(
         params=p.model_dump(mode="json"),
         arch=arch,
