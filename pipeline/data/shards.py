@@ -28,6 +28,16 @@ class ShardChecksumError(DataError):
     """A shard's sha256 differs from the manifest's (or the shard is missing); the message names it."""
 
 
+def dataset_name(manifest: dict[str, Any]) -> str:
+    """The dataset's short name (registered models are `{arch}-{dataset}`; MLflow's dataset inputs use it)."""
+    layout = manifest["source"]["layout"]
+    if layout == "synthetic":
+        return "synthetic"
+    if layout == "imagefolder":
+        return "custom"
+    return "imagenet" if int(manifest["num_classes"]) == 1000 else f"imagenet{manifest['num_classes']}"
+
+
 def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(shards_dir) / MANIFEST
     if not path.is_file():
