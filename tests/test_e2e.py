@@ -216,16 +216,18 @@ def test_dvc_exp_run_with_a_param_edit_and_exp_show(repro: dict) -> None:
 
     repo: Path = repro["repo"]
     train_run = json.loads((repo / "metrics/train/resnet18.json").read_text())["mlflow_run_id"]
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           **repro["env"]}  # an experiment is a git commit
     out = run(["dvc", "exp", "run", "-n", "lr005", "-S", "train.lr=0.05", "-S", "model.archs=[resnet18]"],
-              repo, repro["env"], 600)
+              repo, env, 600)
     assert "Running stage 'train@resnet18'" in out.stdout and "train@resnet50" not in out.stdout, out.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     # the same MLflow run, no epoch trained again
     assert [m.step for m in client.get_metric_history(train_run, "val_top1_err")] == [1, 2]
     assert json.loads((repo / "metrics/train/resnet18.json").read_text())["mlflow_run_id"] == train_run
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, repro["env"], 120).stdout)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env, 120).stdout)
     exps = [e for base in shown for e in (base.get("experiments") or [])]
     names = [e.get("name") for e in exps]
     assert "lr005" in names, names
-    diff = run(["dvc", "params", "diff"], repo, repro["env"], 120).stdout
+    diff = run(["dvc", "params", "diff"], repo, env, 120).stdout
     assert "train.lr" in diff and "model.archs" in diff, diff
