@@ -35,7 +35,7 @@ class InferenceModel(nn.Module):
 
 def example_batch(shards_dir: str, resize: int, crop: int, n: int = 2) -> np.ndarray:
     """`n` real val images after the eval transform, float32 (n, 3, crop, crop): the input example.
-    n >= 2 keeps the exported batch dimension dynamic (PITFALLS.md)."""
+    n >= 2 keeps the exported batch dimension dynamic."""
     import pyarrow.parquet as pq
 
     from pipeline.data.shards import shard_files

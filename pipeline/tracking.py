@@ -2,7 +2,7 @@
 
 Runs are addressed by explicit run ids through `MlflowClient` rather than MLflow's process-global
 "active run": stages, Ray workers and Tune trials live in different processes. Within one training run
-only the driver and Ray Train's rank 0 write (PITFALLS.md: SQLite allows one writer; MLflow's SQLite
+only the driver and Ray Train's rank 0 write (SQLite allows one writer; MLflow's SQLite
 engine waits up to 20 s on a lock, and our writes are single small batches, so the two never collide
 for long); several machines, or several stages at once, need `mlflow server`
 (`infra/mlflow/local/serve.sh`).
@@ -337,7 +337,7 @@ def log_and_register_model(
     source run); returns the new version number.
 
     `example` is a numpy batch of >= 2 images: a batch of 1 would specialise the exported batch
-    dimension to 1 (PITFALLS.md), so the stored model would refuse other batch sizes. A numpy example
+    dimension to 1, so the stored model would refuse other batch sizes. A numpy example
     (not a tensor) keeps the pyfunc flavour, which `mlflow models serve` needs. The stored model is the
     exported program and its weights, with no bundled code (`code: null`): it loads with
     `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`, where MLflow first checks that the pt2 archive holds no
@@ -351,7 +351,7 @@ def log_and_register_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    # log_model runs a pip dry-run to pin requirements; offline it would fail (PITFALLS.md).
+    # log_model runs a pip dry-run to pin requirements; offline it would fail.
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     if example.ndim < 1 or example.shape[0] < 2:
         raise ValueError("the input example needs a batch of at least 2 (dynamic batch dimension)")
