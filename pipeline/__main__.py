@@ -204,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"{clash[0]} is {clash[1]}, an output of dvc.yaml: `dvc repro` owns it. Pick another --out, or "
                  "pass --into-dvc-outputs to replace it anyway", 2)
         if args.data:
-            prepare_from_params(p.data)
+            from pipeline.data.sources import DataError
+
+            try:
+                prepare_from_params(p.data)
+            except DataError as exc:
+                fail(str(exc))
         # The pipeline's tune/best.json was tuned on the pipeline's data: with other data, use the params' lr.
         final = train_arch(p, args.arch, out_dir=run_dir / "model", metrics_path=run_dir / "metrics.json",
                            curve_path=run_dir / "curve.csv", best_path=None if args.data else "tune/best.json")

@@ -195,8 +195,9 @@ def test_cli_train_on_other_data_leaves_every_dvc_output_alone(repro: dict, tiny
                               "models/resnet18"], cwd=repo, env=repro["env"], capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "an output of dvc.yaml" in refused.stderr, refused.stderr
-    out = run([sys.executable, "-m", "pipeline", "train", "--arch", "resnet18", "--data", str(tiny_imagefolder_tree),
-               "--epochs", "1", "--batch-size", "4"], repo, repro["env"], 600)
+    data = os.fspath(tiny_imagefolder_tree)
+    out = run([sys.executable, "-m", "pipeline", "train", "--arch", "resnet18", "--data", data, "--epochs", "1",
+               "--batch-size", "4"], repo, repro["env"], 600)
     folder = Path("runs") / "resnet18-imagefolder"
     assert f"model: {folder / 'model'}" in out.stdout, out.stdout
     meta = json.loads((repo / folder / "model/meta.json").read_text())
