@@ -2,7 +2,7 @@
 
     python -m pipeline predict --model models/resnet50 --image cat.jpg --topk 5
     python -m pipeline predict --model models:/resnet18-synthetic@champion --image data/synthetic/val
-    python -m pipeline train --arch resnet50 --data /datasets/imagenet --epochs 90 --batch-size 256
+    python -m pipeline train --arch resnet50 --data /datasets/flowers --epochs 10   # -> runs/resnet50-flowers/
     python -m pipeline evaluate --model models/resnet50
 """
 
@@ -87,6 +87,31 @@ def _class_names(meta: dict[str, Any], classes: list[str]) -> dict[str, str]:
     return dict(names) if isinstance(names, dict) else dict(zip(classes, names, strict=False))
 
 
+def _dataset_label(data: str | None) -> str:
+    """The dataset part of a command-line run's folder: the --data folder's name, else the pipeline's shards."""
+    if data:
+        return Path(data).resolve().name or "data"
+    return "shards"
+
+
+def _dvc_outputs_hit(paths: list[Path]) -> tuple[Path, str] | None:
+    """(path, the DVC output it falls in or holds) for the first of `paths` that overlaps an output of this
+    repository's dvc.yaml; None when none does or there is no DVC project here."""
+    if not Path("dvc.yaml").is_file():
+        return None
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        outs = [Path(str(o.fs_path)).resolve() for o in repo.index.outs]
+    for path in paths:
+        path = path.resolve()
+        for out in outs:
+            if path == out or out in path.parents or path in out.parents:
+                return path, str(out.relative_to(Path.cwd().resolve()) if out.is_relative_to(Path.cwd().resolve())
+                                 else out)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="fine-tune from torchvision's ImageNet weights found in torch.hub's cache (never "
                          "downloaded), or from the .pth file given")
     tr.add_argument("--params", default="params.yaml")
-    tr.add_argument("--out", help="model directory (default models/ARCH)")
+    tr.add_argument("--out", help="this run's folder: model/, metrics.json, curve.csv and, with --data, shards/ "
+                                  "(default runs/ARCH-DATASET)")
+    tr.add_argument("--into-dvc-outputs", action="store_true",
+                    help="allow --out (or the shards) inside an output of dvc.yaml (models/ARCH, data/shards, ...): "
+                         "replaces what `dvc repro` produced")
     ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on the val shards")
     ev.add_argument("--model", required=True)
     ev.add_argument("--params", default="params.yaml")
@@ -139,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = []
     if args.cmd == "train":
+        run_dir = Path(args.out or Path("runs") / f"{args.arch}-{_dataset_label(args.data)}")
         if args.data:
             # A shards folder of the dataset's own, never params' data.shards_dir: that one belongs to the DVC
             # pipeline (e.g. ImageNet shards `dvc repro` spent hours on), and prepare would not replace it.
@@ -176,12 +206,26 @@ def main(argv: list[str] | None = None) -> None:
             pretrained_weights(p, args.arch)  # before a possibly hours-long prepare
         except PretrainedNotFound as exc:
             fail(str(exc), 2)
+        written = [run_dir / "model", run_dir / "metrics.json", run_dir / "curve.csv"]
+        written += [Path(p.data.shards_dir)] if args.data else []
+        clash = _dvc_outputs_hit(written)
+        if clash and not args.into_dvc_outputs:
+            fail(f"{clash[0]} is {clash[1]}, an output of dvc.yaml: `dvc repro` owns it. Pick another --out, or "
+                 "pass --into-dvc-outputs to replace it anyway", 2)
         if args.data:
+            from pipeline.data.sources import DataError
+
             print(f"prepare: {args.data} -> {p.data.shards_dir}", flush=True)
-            prepare_from_params(p.data)
-        final = train_arch(p, args.arch, out_dir=args.out or f"models/{args.arch}",
-                           metrics_path=f"metrics/train/{args.arch}.json", curve_path=f"plots/train/{args.arch}.csv")
+            try:
+                prepare_from_params(p.data)
+            except DataError as exc:
+                fail(str(exc))
+        # The pipeline's tune/best.json was tuned on the pipeline's data: with other data, use the params' lr.
+        final = train_arch(p, args.arch, out_dir=run_dir / "model", metrics_path=run_dir / "metrics.json",
+                           curve_path=run_dir / "curve.csv", best_path=None if args.data else "tune/best.json")
         print(f"trained {args.arch}: val top-1 err {final['val_top1_err']:.2f}%")
+        print(f"model: {run_dir / 'model'}  (metrics {run_dir / 'metrics.json'}, curve {run_dir / 'curve.csv'}, "
+              f"MLflow run {final['mlflow_run_id']})")
         return
     from pipeline.evaluation import evaluate_model, uses_ray
 

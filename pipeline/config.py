@@ -85,9 +85,11 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     epochs: int = Field(90, ge=1, le=10_000, description="Training epochs (the paper: 90).")
-    epochs_by_arch: dict[str, int] = Field(
+    epochs_by_arch: dict[str, int | None] = Field(
         default_factory=dict,
-        description="Per-arch epochs overriding `epochs` (e.g. a shorter smoke run for the deepest nets).",
+        description="Per-arch epochs overriding `epochs` (e.g. a shorter smoke run for the deepest nets); null = "
+        "`epochs`. dvc.yaml's train@ARCH depends on the ARCH entry alone, so under DVC every arch of model.archs "
+        "needs one.",
     )
     batch_size: int = Field(256, ge=1, le=1 << 20, description="GLOBAL batch size, fixed for any worker count.")
     opt: Literal["sgd", "adamw"] = "sgd"
@@ -149,11 +151,12 @@ class TrainParams(_Section):
         return "off" if v is False else v
 
     def epochs_for(self, arch: str) -> int:
-        return self.epochs_by_arch.get(arch, self.epochs)
+        epochs = self.epochs_by_arch.get(arch)
+        return self.epochs if epochs is None else epochs
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
-        if any(e < 1 for e in self.epochs_by_arch.values()):
+        if any(e is not None and e < 1 for e in self.epochs_by_arch.values()):
             raise ValueError("epochs_by_arch values must be >= 1")
         if self.val_crop_size > self.val_resize_size:
             raise ValueError("val_crop_size must be <= val_resize_size")

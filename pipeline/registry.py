@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.data.shards import dataset_name
 from pipeline.data.transforms import MEAN, STD
 
 
@@ -32,18 +33,9 @@ class InferenceModel(nn.Module):
         return logits.softmax(dim=1)
 
 
-def dataset_name(manifest: dict[str, Any]) -> str:
-    layout = manifest["source"]["layout"]
-    if layout == "synthetic":
-        return "synthetic"
-    if layout == "imagefolder":
-        return "custom"
-    return "imagenet" if int(manifest["num_classes"]) == 1000 else f"imagenet{manifest['num_classes']}"
-
-
 def example_batch(shards_dir: str, resize: int, crop: int, n: int = 2) -> np.ndarray:
     """`n` real val images after the eval transform, float32 (n, 3, crop, crop): the input example.
-    n >= 2 keeps the exported batch dimension dynamic (PITFALLS.md)."""
+    n >= 2 keeps the exported batch dimension dynamic."""
     from pipeline.data.shards import read_shard, shard_files
     from pipeline.data.transforms import val_image
 
@@ -230,7 +222,11 @@ def _register(
     card = model_card(arch, meta, ev, dataset, manifest=manifest, lineage=lineage)
     about = (f"{arch} trained on {dataset} by resnet-pipeline. `@{alias}` is the version with the lowest top-1 "
              "error on the current data; every version's description is its model card.")
-    version = tracking.log_and_register_model(run_id, InferenceModel(model).eval(), example, name, card,
+    # The model is logged into its training run, so the version's source run is the one with the curves, system
+    # metrics and config; only a model whose training run is not in this store falls back to the register run.
+    source_run = train_run_id if train_run_id and tracking.get_run(train_run_id) is not None else run_id
+    version_tags["register_run_id"] = run_id
+    version = tracking.log_and_register_model(source_run, InferenceModel(model).eval(), example, name, card,
                                               version_tags, metadata, registered_description=about)
     current = tracking.alias_version(name, alias)
     current_tags = None if current is None else {**current.tags, "version": str(current.version)}
@@ -240,10 +236,11 @@ def _register(
     champion = version if move else str(current.version)  # current is not None when move is False
     decision = {"champion.moved": str(move).lower(), "champion.why": why, "champion.version": champion}
     tracking.set_version_tags(name, version, decision)
-    tracking.set_tags(run_id, {"registered.name": name, "registered.version": version, **decision})
+    tracking.set_tags(run_id, {"registered.name": name, "registered.version": version,
+                               "registered.source_run": source_run, **decision})
     return {"arch": arch, "name": name, "version": version, "alias": alias if move else None,
             "champion_moved": move, "why": why, "champion_version": champion,
             "previous_champion_version": None if current is None else str(current.version),
             "top1_err": ev["top1_err"], "top5_err": ev["top5_err"], "data_fingerprint": fp,
-            "run_id": run_id, "train_run_id": train_run_id or None,
+            "run_id": run_id, "train_run_id": train_run_id or None, "source_run_id": source_run,
             "uri": f"models:/{name}/{version}", "champion_uri": f"models:/{name}@{alias}"}

@@ -2,7 +2,7 @@
 
 Runs are addressed by explicit run ids through `MlflowClient` rather than MLflow's process-global
 "active run": stages, Ray workers and Tune trials live in different processes. Within one training run
-only the driver and Ray Train's rank 0 write (PITFALLS.md: SQLite allows one writer; MLflow's SQLite
+only the driver and Ray Train's rank 0 write (SQLite allows one writer; MLflow's SQLite
 engine waits up to 20 s on a lock, and our writes are single small batches, so the two never collide
 for long); several machines, or several stages at once, need `mlflow server`
 (`infra/mlflow/local/serve.sh`).
@@ -27,6 +27,16 @@ _log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # All runs of one `dvc repro` share this tag; set PIPELINE_RUN_GROUP to name the group yourself.
 GROUP_TAG = "pipeline.run_group"
+# The group's parent run (named after the group) carries this tag; every stage's top-level run is its child, so
+# the UI shows one expandable row per repro.
+GROUP_PARENT_TAG = "pipeline.group_parent"
+# MLflow 3's UI picks an experiment's landing page from this tag: "custom_model_development" opens the runs
+# table, "genai_development" (or no tag) the GenAI overview of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow stores at most 36 characters of a dataset digest (MAX_DATASET_DIGEST_SIZE); the fingerprint is a
+# 64-digit sha256, so the digest is its prefix and the dataset's profile holds it whole.
+DATASET_DIGEST_CHARS = 36
 
 
 def tracking_uri() -> str:
@@ -59,8 +69,13 @@ def git_commit() -> str:
 
 
 def run_group() -> str:
-    """The id shared by every run of one pipeline execution (README: 'finding the runs of one repro')."""
-    return os.environ.get("PIPELINE_RUN_GROUP") or f"commit-{git_commit()[:12]}"
+    """The id shared by every run of one pipeline execution (README: 'finding the runs of one repro'):
+    PIPELINE_RUN_GROUP, else the commit, with the experiment's name under `dvc exp run -n NAME`."""
+    if os.environ.get("PIPELINE_RUN_GROUP"):
+        return os.environ["PIPELINE_RUN_GROUP"]
+    commit = f"commit-{git_commit()[:12]}"
+    exp = os.environ.get("DVC_EXP_NAME")  # set by DVC for the stages of a named experiment
+    return f"{commit}-exp-{exp}" if exp else commit
 
 
 def base_tags(stage: str, params_digest: str, data_fingerprint: str | None) -> dict[str, str]:
@@ -76,10 +91,15 @@ def base_tags(stage: str, params_digest: str, data_fingerprint: str | None) -> d
 
 
 def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created if needed and marked as model training (an existing experiment that has
+    no kind yet gets it too; one a user set is kept)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return str(exp.experiment_id)
-    return str(client.create_experiment(name, artifact_location=_sqlite_artifact_location(name)))
+    if exp is None:
+        return str(client.create_experiment(name, artifact_location=_sqlite_artifact_location(name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return str(exp.experiment_id)
 
 
 def _sqlite_artifact_location(experiment: str) -> str | None:
@@ -109,6 +129,24 @@ def find_run(experiment: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def group_run(experiment: str) -> str:
+    """The parent run of this pipeline execution's runs (one per run group, named after it), created on first
+    use. It holds no metrics: it is the row under which the UI nests the stages' runs."""
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    group = run_group()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{GROUP_PARENT_TAG}` = '{group}'", max_results=1,
+                               order_by=["attributes.start_time ASC"])
+    if found:
+        return str(found[0].info.run_id)
+    run = client.create_run(exp_id, run_name=group, tags={
+        "mlflow.runName": group, GROUP_TAG: group, GROUP_PARENT_TAG: group, "git.commit": git_commit(),
+        "mlflow.note.content": f"The runs of one pipeline execution (run group `{group}`): tune, train@ARCH, "
+                               "evaluate@ARCH, degradation, register."})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return str(run.info.run_id)
+
+
 def start_run(
     experiment: str,
     run_name: str,
@@ -117,12 +155,16 @@ def start_run(
     parent_run_id: str | None = None,
     resume_key: str | None = None,
 ) -> str:
-    """Create a run (or reopen the one tagged `resume.key=resume_key`) and return its id."""
+    """Create a run (or reopen the one tagged `resume.key=resume_key`) and return its id. Without
+    `parent_run_id` the run is a child of this execution's `group_run`; a reopened run moves under it."""
     client = _client()
+    parent_run_id = parent_run_id or group_run(experiment)
     if resume_key:
         existing = find_run(experiment, "resume.key", resume_key)
         if existing:
             client.update_run(existing, status="RUNNING")
+            client.set_tag(existing, "mlflow.parentRunId", parent_run_id)
+            client.set_tag(existing, GROUP_TAG, run_group())
             return existing
     all_tags = {"mlflow.runName": run_name, **tags}
     if parent_run_id:
@@ -134,6 +176,38 @@ def start_run(
     if params:
         log_params(run_id, params)
     return run_id
+
+
+def log_dataset(run_id: str, name: str, fingerprint: str, source: str, context: str,
+                profile: Mapping[str, Any] | None = None) -> None:
+    """Log the shards as the run's dataset input (the run's Datasets column): `name`, digest = the data
+    fingerprint (its first DATASET_DIGEST_CHARS digits), `source` = where the shards are, `context` (train,
+    tune, eval) as MLflow's context tag. Logging the same dataset again (a resumed run) is a no-op."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client = _client()
+    digest = str(fingerprint)[:DATASET_DIGEST_CHARS]
+    for existing in client.get_run(run_id).inputs.dataset_inputs:
+        ctx = {t.key: t.value for t in existing.tags}.get("mlflow.data.context")
+        if existing.dataset.digest == digest and existing.dataset.name == name and ctx == context:
+            return
+    dataset = Dataset(name=name, digest=digest, source_type="local" if "://" not in source else source.split(":")[0],
+                      source=json.dumps({"uri": source}),
+                      profile=json.dumps({"fingerprint": str(fingerprint), **dict(profile or {})}))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_shards_input(run_id: str, manifest: Mapping[str, Any], shards_dir: str | Path, context: str) -> None:
+    """`log_dataset` for a prepared shards folder and its manifest."""
+    from pipeline.data.shards import dataset_name
+
+    splits = manifest.get("splits", {})
+    log_dataset(run_id, dataset_name(dict(manifest)), str(manifest["fingerprint"]), str(shards_dir), context,
+                profile={"num_classes": manifest.get("num_classes"),
+                         "train_images": splits.get("train", {}).get("n_images"),
+                         "val_images": splits.get("val", {}).get("n_images")})
 
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
@@ -259,10 +333,11 @@ def log_and_register_model(
     metadata: Mapping[str, Any],
     registered_description: str | None = None,
 ) -> str:
-    """Log `model` as pt2 with a pyfunc signature and register it; returns the new version number.
+    """Log `model` as pt2 with a pyfunc signature into run `run_id` and register it from there (the version's
+    source run); returns the new version number.
 
     `example` is a numpy batch of >= 2 images: a batch of 1 would specialise the exported batch
-    dimension to 1 (PITFALLS.md), so the stored model would refuse other batch sizes. A numpy example
+    dimension to 1, so the stored model would refuse other batch sizes. A numpy example
     (not a tensor) keeps the pyfunc flavour, which `mlflow models serve` needs. The stored model is the
     exported program and its weights, with no bundled code (`code: null`): it loads with
     `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`, where MLflow first checks that the pt2 archive holds no
@@ -276,7 +351,7 @@ def log_and_register_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    # log_model runs a pip dry-run to pin requirements; offline it would fail (PITFALLS.md).
+    # log_model runs a pip dry-run to pin requirements; offline it would fail.
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     if example.ndim < 1 or example.shape[0] < 2:
         raise ValueError("the input example needs a batch of at least 2 (dynamic batch dimension)")
@@ -289,8 +364,9 @@ def log_and_register_model(
         inputs=Schema([TensorSpec(np.dtype(example.dtype), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(out.dtype), (-1, *out.shape[1:]))]),
     )
-    # log_model logs into the fluent active run; leaving the `with` ends the run, which the caller
-    # still writes to and ends itself: set it back to RUNNING.
+    # log_model logs into the fluent active run; leaving the `with` ends the run: give it back the status it
+    # had (RUNNING: the caller still writes to it and ends it; FINISHED: a training run the model is added to).
+    status = client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
@@ -301,7 +377,7 @@ def log_and_register_model(
             metadata=dict(metadata),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
-    client.update_run(run_id, status="RUNNING")
+    client.update_run(run_id, status=status)
     try:
         client.get_registered_model(registered_name)
     except Exception:  # noqa: BLE001 - MLflow raises its own RestException for "not found"
@@ -369,11 +445,25 @@ def load_registered_model(uri: str) -> Any:
     return mlflow.pytorch.load_model(uri)
 
 
-def experiment_runs(experiment: str, filter_string: str = "") -> list[Any]:
-    """Every run of `experiment` (newest first), optionally filtered (MLflow search syntax)."""
+def experiment_runs(experiment: str, filter_string: str = "", *, groups: bool = False) -> list[Any]:
+    """Every run of `experiment` (newest first), optionally filtered (MLflow search syntax); the run groups'
+    parent runs (`group_run`) only with `groups=True`."""
     client = _client()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return list(client.search_runs([exp.experiment_id], filter_string=filter_string,
-                                   order_by=["attributes.start_time DESC"]))
+    runs = client.search_runs([exp.experiment_id], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if groups or GROUP_PARENT_TAG not in r.data.tags]
+
+
+def get_run(run_id: str) -> Any | None:
+    """The run, or None when this store has no such run."""
+    try:
+        return _client().get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException for "not found"
+        return None
+
+
+def get_experiment(name: str) -> Any | None:
+    return _client().get_experiment_by_name(name)

@@ -75,6 +75,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
 
     from pipeline.cluster import cluster_can_grow, release_request, wait_for_resources
     from pipeline.data.shards import read_manifest
+    from pipeline.training.identity import tune_run_name
     from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
 
     p = with_absolute_paths(p)
@@ -99,7 +100,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
             resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
         )
     manifest = read_manifest(p.data.shards_dir)
-    name = experiment_name or f"tune-{t.arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}"
+    # The search's identity (pipeline/training/identity.py): an interrupted search restores under this name.
+    name = experiment_name or tune_run_name(p, str(manifest["fingerprint"]))
     storage = _storage(p.train.storage_path)
     # The worker CPU share is decided here, so the trials' params carry it.
     trial_params = p.model_copy(update={"train": p.train.model_copy(update={"cpus_per_worker": per_worker})})
@@ -184,6 +186,7 @@ def _log_tune(p: Params, manifest: dict[str, Any], rows: list[dict[str, Any]], b
     tags = tracking.base_tags("tune", p.digest(), str(manifest["fingerprint"]))
     parent = tracking.start_run(p.tracking.experiment, f"tune-{p.tune.arch}", tags,
                                 params={"tune." + k: v for k, v in p.tune.model_dump().items()})
+    tracking.log_shards_input(parent, manifest, p.data.shards_dir, "tune")
     for r in rows:
         child = tracking.start_run(p.tracking.experiment, f"trial-{r['trial_id']}", tags,
                                    params={"lr": r["lr"], "lr_warmup_epochs": r["lr_warmup_epochs"]},

@@ -36,10 +36,29 @@ def main() -> None:
         print(f"evaluate {args.arch}: torchvision weights {reference['weights']}: "
               + (f"skipped ({reference['skipped']})" if "skipped" in reference
                  else f"top-1 err {reference['top1_err']:.2f}%, top-5 err {reference['top5_err']:.2f}%"))
-    write_json_atomic(args.out or f"metrics/eval/{args.arch}.json", result)
+    out = args.out or f"metrics/eval/{args.arch}.json"
+    write_json_atomic(out, result)
     write_json_atomic(f"reports/eval/{args.arch}_details.json", details)
+    _log_run(p, args.arch, result, out)
     print(f"evaluate {args.arch}: top-1 err {result['top1_err']:.2f}%, top-5 err {result['top5_err']:.2f}% "
           f"on {result['n_images']} images ({result['protocol']}, {result['runner']})")
+
+
+def _log_run(p, arch: str, result: dict, out: str) -> None:  # noqa: ANN001
+    """An MLflow run per evaluation, in this execution's run group: the errors, the val shards as its dataset
+    input (context `eval`) and the metrics JSON."""
+    from pipeline import tracking
+    from pipeline.data.shards import read_manifest
+
+    manifest = read_manifest(p.data.shards_dir)
+    fp = str(manifest["fingerprint"])
+    run_id = tracking.start_run(p.tracking.experiment, f"evaluate-{arch}",
+                                tracking.base_tags(f"evaluate@{arch}", p.digest(), fp),
+                                params={"arch": arch, "protocol": result.get("protocol"), "ten_crop": p.eval.ten_crop})
+    tracking.log_shards_input(run_id, manifest, p.data.shards_dir, "eval")
+    tracking.log_metrics(run_id, {k: result[k] for k in ("top1_err", "top5_err") if k in result})
+    tracking.log_artifact(run_id, out, "eval")
+    tracking.end_run(run_id)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ TINY_DAG = {
     "data.workers": 1,
     "model.archs": ["resnet18"],
     "train.epochs": 1,
-    "train.epochs_by_arch": {},
+    "train.epochs_by_arch": {"resnet18": None},  # dvc.yaml keys train@ARCH on the arch's own entry
     "train.batch_size": 8,
     "train.lr_warmup_epochs": 0,
     "train.num_workers": 1,

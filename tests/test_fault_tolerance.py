@@ -16,11 +16,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _params_file(tmp_path: Path, shards: Path, **train: object) -> Path:
+def _params_file(tmp_path: Path, shards: Path, sections: dict[str, dict[str, object]] | None = None,
+                 **train: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["shards_dir"] = str(shards)
     params["train"].update({"storage_path": str(tmp_path / "ckpt"), "epochs": 3, "batch_size": 16,
                             "use_tuned": False, "lr": 0.05, "lr_warmup_epochs": 0, **train})
+    for section, values in (sections or {}).items():
+        params[section].update(values)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -80,10 +83,14 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
 
 
 @pytest.mark.ray
-def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
+def test_killed_driver_resumes_on_rerun_after_a_runtime_edit(synthetic_shards, tmp_path, monkeypatch) -> None:
+    """Kill the driver, edit only params that do not change the trajectory (pipeline/training/identity.py),
+    rerun: the same Ray run and the same MLflow run continue from the last checkpoint."""
+    from pipeline import tracking
+
     # storage_path as a URI (pyarrow filesystem), as on a cluster with shared storage.
-    params = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4,
-                          storage_path=f"file://{tmp_path / 'ckpt'}")
+    storage = f"file://{tmp_path / 'ckpt'}"
+    params = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4, storage_path=storage)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -103,6 +110,11 @@ def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, at once
         proc.wait()
     assert not (tmp_path / "m.json").exists()
+    edited = _params_file(tmp_path, synthetic_shards, num_workers=1, epochs=4, storage_path=storage,
+                          max_failures=0, cpus_per_worker=1.0, epochs_by_arch={"resnet18": None, "resnet152": 9},
+                          sections={"eval": {"batch_size": 5, "ray_min_images": 0}, "tune": {"num_samples": 7},
+                                    "registry": {"alias": "best"}})
+    assert edited == params and yaml.safe_load(params.read_text())["eval"]["batch_size"] == 5  # rewritten
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     final = json.loads((tmp_path / "m.json").read_text())
@@ -110,3 +122,11 @@ def test_killed_driver_resumes_on_rerun(synthetic_shards, tmp_path) -> None:
     assert final["resumed_at_epochs"] and final["resumed_at_epochs"][0] >= 1, final  # not started over
     assert "resumed from checkpoint at epoch" in out.stdout
 
+    assert len(list((tmp_path / "ckpt").glob("train-*"))) == 1  # one Ray run, not a second one from epoch 0
+    curve = (tmp_path / "c.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve[1:]] == ["1", "2", "3", "4"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    runs = tracking.experiment_runs("resnet-pipeline", "tags.`dvc.stage` = 'train@resnet18'")
+    assert [r.info.run_id for r in runs] == [final["mlflow_run_id"]]  # the killed run, reopened
+    assert runs[0].info.status == "FINISHED"
+    assert sorted({s for s, _ in tracking.metric_history(final["mlflow_run_id"], "val_top1_err")}) == [1, 2, 3, 4]

@@ -297,6 +297,52 @@ def test_models_serve_answers_json_with_probabilities(registered: dict[str, Any]
     assert best[0][0]["class_id"] == int(expected[0].argmax()) and best[0][0]["name"].startswith("synthetic")
 
 
+def test_version_source_is_the_training_run_with_dataset_input_and_run_group(server: dict[str, Any],
+                                                                             synthetic_shards: Path,
+                                                                             tmp_path: Path) -> None:
+    """What a user clicks through: the registered version's source run is the training run (its curves), which
+    lists the shards as its dataset (digest = the data fingerprint) and sits, with the register run, under one
+    parent run named after the run group; the experiment opens on its runs (model-training kind)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    p = make_params(synthetic_shards, "registry.model_name=src-{arch}-{dataset}", "tracking.experiment=lineage")
+    manifest = read_manifest(synthetic_shards)
+    fp = str(manifest["fingerprint"])
+    # The training run as train_arch leaves it: per-epoch metrics, the shards as input, FINISHED.
+    train_run = tracking.start_run("lineage", "train-resnet18", tracking.base_tags("train@resnet18", p.digest(), fp))
+    for _ in range(2):  # a resumed run logs its input again: still one dataset input
+        tracking.log_shards_input(train_run, manifest, synthetic_shards, "train")
+    for epoch in (1, 2):
+        tracking.log_metrics(train_run, {"val_top1_err": 90.0 - epoch}, step=epoch)
+    tracking.end_run(train_run)
+    model_dir, eval_path = make_trained(tmp_path, p, seed=7, top1_err=40.0)
+    train_metrics = tmp_path / "train.json"
+    train_metrics.write_text(json.dumps({"mlflow_run_id": train_run}))
+    rec = register_model(p, "resnet18", model_dir, eval_path, train_metrics_path=train_metrics)
+
+    client = MlflowClient(tracking_uri=server["uri"])
+    mv = client.get_model_version_by_alias("src-resnet18-synthetic", "champion")
+    assert mv.run_id == train_run == rec["source_run_id"] != rec["run_id"]
+    assert mv.tags["register_run_id"] == rec["run_id"]
+    assert mv.source.startswith("models:/m-")  # the logged model, which MLflow 3 ties to the run that logged it
+    assert mlflow.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == train_run
+    source = client.get_run(train_run)
+    assert source.info.status == "FINISHED"  # logging the model reopened it and gave its status back
+    assert [m.step for m in client.get_metric_history(train_run, "val_top1_err")] == [1, 2]
+    (ds,) = source.inputs.dataset_inputs
+    assert ds.dataset.name == "synthetic" and ds.dataset.digest == fp[: tracking.DATASET_DIGEST_CHARS]
+    assert json.loads(ds.dataset.profile)["fingerprint"] == fp
+    assert json.loads(ds.dataset.source)["uri"] == str(synthetic_shards)
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "train"
+    parent_id = source.data.tags["mlflow.parentRunId"]
+    assert client.get_run(rec["run_id"]).data.tags["mlflow.parentRunId"] == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == RUN_GROUP and parent.data.tags[tracking.GROUP_PARENT_TAG] == RUN_GROUP
+    assert {r.info.run_id for r in tracking.experiment_runs("lineage")} == {train_run, rec["run_id"]}
+    assert client.get_experiment_by_name("lineage").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 # --- (c) the champion rule ----------------------------------------------------------------------------------------
 
 

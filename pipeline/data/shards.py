@@ -76,6 +76,16 @@ def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
 
 
+def dataset_name(manifest: dict[str, Any]) -> str:
+    """The dataset's short name (registered models are `{arch}-{dataset}`; MLflow's dataset inputs use it)."""
+    layout = manifest["source"]["layout"]
+    if layout == "synthetic":
+        return "synthetic"
+    if layout == "imagefolder":
+        return "custom"
+    return "imagenet" if int(manifest["num_classes"]) == 1000 else f"imagenet{manifest['num_classes']}"
+
+
 def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return parse_manifest(read_manifest_bytes(shards_dir), manifest_location(shards_dir))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import Params, with_absolute_paths
 from pipeline.data.shards import read_manifest, shard_files
+from pipeline.training.identity import train_run_name
 from pipeline.training.loop import Job, train_loop_per_worker
 
 LOCAL_DATA_CPUS = 2
@@ -277,16 +278,19 @@ def train_arch(
     epochs = p.train.epochs_for(arch)
     warmup = min(warmup, max(epochs - 1, 0))
     manifest = read_manifest(p.data.shards_dir)
-    # Same params + same data -> same Ray run name -> a rerun after a crash resumes from its checkpoint.
-    name = f"train-{arch}-{p.digest()}-{str(manifest['fingerprint'])[:8]}-lr{lr:.4g}-w{warmup}"
+    fingerprint = str(manifest["fingerprint"])
+    # The resume key: the same trajectory (pipeline/training/identity.py) -> the same Ray run name and MLflow
+    # run, so a rerun after a crash resumes from its checkpoint even when a runtime knob was edited meanwhile.
+    name = train_run_name(p, arch, lr=lr, lr_warmup_epochs=warmup, data_fingerprint=fingerprint)
     run_id = tracking.start_run(
         p.tracking.experiment, f"train-{arch}",
-        tracking.base_tags(f"train@{arch}", p.digest(), str(manifest["fingerprint"])),
+        {**tracking.base_tags(f"train@{arch}", p.digest(), fingerprint), "trajectory.key": name},
         params={"arch": arch, "lr": lr, "lr_warmup_epochs": warmup, "hparams_from": hp_source,
                 **_flat("train", p.train.model_dump()), **_flat("model", p.model.model_dump())},
         resume_key=name,
     )
     tracking.log_config(run_id, p.model_dump(mode="json"))
+    tracking.log_shards_input(run_id, manifest, p.data.shards_dir, "train")
     # A local Ray gets the workers' CPUs plus LOCAL_DATA_CPUS for Ray Data, whatever the worker layout.
     init_ray(min_cpus=p.train.num_workers * p.train.cpus_per_worker + LOCAL_DATA_CPUS)
     job = make_job(p, arch, lr, warmup, epochs, run_id)
