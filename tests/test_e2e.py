@@ -5,8 +5,8 @@ registered champion classifies a batch of 3 images."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
