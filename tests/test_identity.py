@@ -156,7 +156,7 @@ def committed_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in dirs:
         (repo / d).mkdir(parents=True, exist_ok=True)
         (repo / d / "placeholder").write_text(d)
-    files = ["tune/best.json", "tune/trials.csv", "tune/lr_vs_error.png", "metrics/degradation.json",
+    files = ["data/dataset.json", "tune/best.json", "tune/trials.csv", "tune/lr_vs_error.png", "metrics/degradation.json",
              "reports/registry.json", *[f"reports/{n}" for n in ("error_table.md", "error_table.csv",
                                                                  "error_vs_depth.png", "training_curves.png",
                                                                  "confusion.png")]]

@@ -90,7 +90,8 @@ RUNTIME = (
     "train.use_gpu",  # the device
     "train.max_failures", "train.storage_path",  # fault tolerance and where checkpoints live
     "train.log_grad_stats", "train.grad_stats_every_epochs",  # measured with buffers restored
-    "eval.batch_size", "eval.ray_min_images",
+    "train.val_every_epochs",  # how often validation is recorded (the last epoch always is): not the weights
+    "eval.batch_size", "eval.ray_min_images", "eval.gpus_per_actor", "eval.max_actors",  # where inference runs
 )
 
 
