@@ -104,7 +104,7 @@ def ray_fit(p: Any, tag: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     init_ray()
     job = make_job(p, ARCH, p.train.lr, p.train.lr_warmup_epochs, p.train.epochs, None)
-    # A fresh run name every time: a reused (storage_path, name) silently resumes (PITFALLS.md).
+    # A fresh run name every time: a reused (storage_path, name) silently resumes.
     name = f"bench-{tag}-{time.time_ns()}"
     trainer = build_trainer(job, p, name=name, num_workers=p.train.num_workers, storage_path=p.train.storage_path)
     outcome = run(trainer)

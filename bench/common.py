@@ -1,4 +1,4 @@
-"""The benchmark record (DESIGN.md, "Benchmarks"), the evidence that goes with it, and reports/bench.json.
+"""The benchmark record, the evidence that goes with it, and reports/bench.json.
 
 A record is `{"name", "value", "unit", "baseline_name", "baseline_value", "ratio", "machine", "n_runs",
 "spread"}` followed by optional extra keys (notes, settings, secondary numbers). Conventions used by every
@@ -108,7 +108,7 @@ def record(
     load_before: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """DESIGN.md's record; `spread` is [min, max] of the per-repetition ratios. `extra` keys follow the
+    """One benchmark record; `spread` is [min, max] of the per-repetition ratios. `extra` keys follow the
     nine fixed ones (they may not replace them)."""
     if baseline_value <= 0:
         raise ValueError(f"{name}: baseline_value must be > 0, got {baseline_value}")

@@ -257,7 +257,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dic
 
 # --- the error table ---------------------------------------------------------------------------------------
 
-# ImageNet-1k val error (%), from ../shared/REFERENCES.md. "cheatsheet": single 224 center crop after resize
+# ImageNet-1k val error (%), from the sources named per column. "cheatsheet": single 224 center crop after resize
 # 256 (= torchvision V1 weights); "paper": He et al. 2015, Table 3, 10-crop (ResNet-18: Table 2 gives
 # only top-1 27.88).
 REFERENCE = {

@@ -11,10 +11,10 @@ from typing import Any
 from pipeline.config import Params, with_absolute_paths
 
 # A trial's driver function only waits on its TorchTrainer: it needs no real CPU, and asking Tune's default
-# 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (PITFALLS.md).
+# 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (seen).
 TRIAL_DRIVER_CPUS = 0.01
 # Logical CPUs left to Ray Data (file listing, reads, decode) next to the trials' workers: with less,
-# every trial's ingest waits on a 0-CPU budget forever (seen on 2 cores; PITFALLS.md).
+# every trial's ingest waits on a 0-CPU budget forever (seen on 2 cores).
 DATA_CPU_RESERVE = 1.5
 
 

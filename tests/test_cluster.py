@@ -200,7 +200,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         "--metrics-export-port", str(other[3]), "--node-manager-port", str(other[4]),
         "--object-manager-port", str(other[5]), "--ray-client-server-port", str(other[6]),
         "--temp-dir", str(temp_dir),
-        # As init_ray sizes a local Ray: the cores plus logical CPUs for Ray Data (PITFALLS.md).
+        # As init_ray sizes a local Ray: the cores plus logical CPUs for Ray Data (ingest starves otherwise).
         "--num-cpus", str((os.cpu_count() or 1) + LOCAL_DATA_CPUS), "--object-store-memory", str(512 * 2**20),
         "--disable-usage-stats",
     ]

@@ -1,6 +1,6 @@
 """Raw images -> deterministic Parquet shards + manifest.json + rejected.csv (the `prepare` stage).
 
-Output (DESIGN.md, "Shards"): `out_dir/{train,val}/NNNNN.parquet`, one row per image with columns
+Output: `out_dir/{train,val}/NNNNN.parquet`, one row per image with columns
 `image` (JPEG bytes), `label`, `wnid`, `key`, `height`, `width`.
 
 Guarantees, and how they are kept:

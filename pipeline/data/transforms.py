@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # 0.99: from ~128x128 up, the ~2 s import is paid back within a few thousand images.
 TENSOR_MIN_PIXELS = 128 * 128
 
-# ImageNet statistics (torchvision, REFERENCES.md).
+# ImageNet statistics (torchvision's normalisation constants).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 

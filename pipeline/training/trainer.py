@@ -32,7 +32,7 @@ def init_ray(min_cpus: float = 0) -> dict[str, float]:
             ray.init(
                 # Logical CPUs beyond the cores are for Ray Data's read/decode tasks: when the training
                 # workers hold every core's worth of CPUs, Ray Data's budget is 0 and ingest never starts
-                # (PITFALLS.md). Worker threads are set explicitly, so this does not oversubscribe torch.
+                # (seen on 2 cores). Worker threads are set explicitly, so this does not oversubscribe torch.
                 num_cpus=max(cores + LOCAL_DATA_CPUS, math.ceil(min_cpus)),
                 include_dashboard=False,
                 log_to_driver=True,
