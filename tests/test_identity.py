@@ -156,8 +156,8 @@ def committed_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in dirs:
         (repo / d).mkdir(parents=True, exist_ok=True)
         (repo / d / "placeholder").write_text(d)
-    files = ["data/dataset.json", "tune/best.json", "tune/trials.csv", "tune/lr_vs_error.png", "metrics/degradation.json",
-             "reports/registry.json", *[f"reports/{n}" for n in ("error_table.md", "error_table.csv",
+    files = ["data/dataset.json", "tune/best.json", "tune/trials.csv", "tune/lr_vs_error.png",
+             "metrics/degradation.json", "reports/registry.json", *[f"reports/{n}" for n in ("error_table.md", "error_table.csv",
                                                                  "error_vs_depth.png", "training_curves.png",
                                                                  "confusion.png")]]
     for a in p.model.archs:

@@ -91,7 +91,7 @@ def _input(size: int, seed: int = 0, batch: int = 2, channels: int = 3) -> Tenso
     return torch.randn(batch, channels, size, size, generator=generator)
 
 
-# --- torchvision equivalence (a fixed interface: torchvision's keys and outputs) ---------------------------------------------
+# --- torchvision equivalence (a fixed interface: torchvision's keys and outputs) --------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
