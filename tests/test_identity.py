@@ -156,10 +156,9 @@ def committed_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in dirs:
         (repo / d).mkdir(parents=True, exist_ok=True)
         (repo / d / "placeholder").write_text(d)
+    reports = ("error_table.md", "error_table.csv", "error_vs_depth.png", "training_curves.png", "confusion.png")
     files = ["data/dataset.json", "tune/best.json", "tune/trials.csv", "tune/lr_vs_error.png",
-             "metrics/degradation.json", "reports/registry.json", *[f"reports/{n}" for n in ("error_table.md", "error_table.csv",
-                                                                 "error_vs_depth.png", "training_curves.png",
-                                                                 "confusion.png")]]
+             "metrics/degradation.json", "reports/registry.json", *[f"reports/{n}" for n in reports]]
     for a in p.model.archs:
         files += [f"metrics/train/{a}.json", f"plots/train/{a}.csv", f"metrics/eval/{a}.json",
                   f"reports/eval/{a}_details.json"]
