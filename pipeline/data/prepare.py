@@ -423,8 +423,11 @@ def prepare_shards(
         raise DataError("rows_per_shard, workers, max_side must be >= 1 and jpeg_quality in [1, 100]")
     if prepare_on not in ("auto", "local", "ray"):
         raise DataError(f"prepare_on must be auto, local or ray, not {prepare_on!r}")
+    # Listed from an absolute path: the samples' openers then work in any process, including Ray tasks, whose
+    # working directory is not this one (the manifest still records raw_dir as given).
+    local_raw = raw_dir if "://" in os.fspath(raw_dir) else os.path.abspath(raw_dir)
     listing = list_source(
-        raw_dir, source, classes=classes, first_n_classes=first_n_classes, max_per_class=max_per_class
+        local_raw, source, classes=classes, first_n_classes=first_n_classes, max_per_class=max_per_class
     )
     options = {
         "layout": listing.layout,
