@@ -60,6 +60,10 @@ def _params(tmp_path: Path, shards: Path, wait_s: float) -> Path:
 
 
 @pytest.mark.ray
+# Slow (two `ray start` nodes, two stage runs: 1.5-4 min here) and off the default run: the waiting logic is
+# covered by tests/test_gpu_path.py::test_a_growing_cluster_is_waited_for_then_timed_out_naming_what_is_missing,
+# and the request on a real joined cluster by tests/test_cluster.py's documented job (RAY_ADDRESS set).
+@pytest.mark.slow
 def test_train_waits_for_the_node_that_brings_its_resources(synthetic_shards: Path, tmp_path: Path) -> None:
     temp_dir = Path(tempfile.mkdtemp(prefix="raygrow-", dir="/tmp"))  # Ray's socket paths stay short
     marker = uuid.uuid4().hex
