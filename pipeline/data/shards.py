@@ -311,6 +311,10 @@ def check_nodes_see(shards_dir: str | os.PathLike[str], fingerprint: str, timeou
     """On a multi-node Ray cluster, every node that may run a training worker or a read task (every alive node
     with CPUs or GPUs) must read the same manifest at `shards_dir`; otherwise stop now, naming the node and
     the path, not hours later with a wrong or missing shard on one node. No-op without Ray or on one node."""
+    import sys
+
+    if "ray" not in sys.modules:  # no Ray in this process (an in-process run, a machine without Ray): one node
+        return
     import ray
 
     if not ray.is_initialized():
