@@ -75,6 +75,9 @@ FORBIDDEN_IMPORTS = ("ray", "mlflow", "dvc")
 # Test hook (like PIPELINE_KILL_WORKER): GPU_CHECK_INJECT_FAILURE=SECTION raises at that section's start, so a
 # test can prove that the other sections still write their records and the exit code says a section failed.
 INJECT_ENV = "GPU_CHECK_INJECT_FAILURE"
+# GPU_CHECK_INJECT_HANG=SECTION makes that section wait forever, so a test proves the watchdog stops the run at
+# the hard limit and keeps the records, whatever the machine's speed.
+HANG_ENV = "GPU_CHECK_INJECT_HANG"
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 GPU_BUDGET = (300.0, 345.0)  # (no section starts after, the watchdog stops everything at) seconds
 CPU_BUDGET = (600.0, 700.0)
@@ -1302,6 +1305,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if os.environ.get(INJECT_ENV) == name:
                         raise RuntimeError(f"failure injected by {INJECT_ENV}={name} (test hook)")
+                    while os.environ.get(HANG_ENV) == name:
+                        time.sleep(1.0)
                     SECTION_FNS[name](ctx)
                 except Exception as exc:  # noqa: BLE001 (recorded; the exit code says so)
                     traceback.print_exc()

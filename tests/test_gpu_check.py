@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import RECORD_KEYS
-from bench.gpu_check import FORBIDDEN_IMPORTS, INJECT_ENV, RefuseImports
+from bench.gpu_check import FORBIDDEN_IMPORTS, HANG_ENV, INJECT_ENV, RefuseImports
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs the check as `python -m bench.gpu_check` would, recording for every top-level module the file that first
@@ -91,6 +91,7 @@ def _run_check(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = No
     out, modules = tmp_path / "gpu_check.json", tmp_path / "modules.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}  # a GPU, if any, stays unused
     env.pop(INJECT_ENV, None)
+    env.pop(HANG_ENV, None)
     env.update(env_extra or {})
     proc = subprocess.run(
         [sys.executable, "-c", BOOTSTRAP, str(modules), "--out", str(out), *args],
@@ -195,9 +196,9 @@ def test_the_time_budget_skips_sections_with_exit_3(tmp_path: Path) -> None:
 
 
 def test_the_watchdog_stops_a_run_past_the_hard_limit_and_keeps_the_records(tmp_path: Path) -> None:
-    # 3 s from the start is inside these sections on any machine (imports, JPEGs, shards, a training run).
-    code, text, records, _ = _run_check(tmp_path, "--sections", "train_loop,eval", "--budget-s", "1",
-                                        "--hard-limit-s", "3")
+    # The eval section is made to hang (test hook), so the hard limit is reached inside it on any machine.
+    code, text, records, _ = _run_check(tmp_path, "--sections", "eval", "--budget-s", "25",
+                                        "--hard-limit-s", "30", env_extra={HANG_ENV: "eval"})
     assert code == 1, text[-3000:]
     assert "HARD LIMIT" in text
     stopped = [r for r in records if r["status"] == "error" and "hard limit" in r["error"]]
