@@ -154,7 +154,9 @@ def test_mlflow_lineage_of_one_repro(repro: dict) -> None:
     from mlflow.tracking import MlflowClient
 
     repo: Path = repro["repo"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    # The registry explicitly too: left out, it follows whatever registry URI an earlier test in this process set.
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     fp = json.loads((repo / "data/shards/manifest.json").read_text())["fingerprint"]
     exp = client.get_experiment_by_name("resnet-pipeline")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -175,7 +177,8 @@ def test_mlflow_lineage_of_one_repro(repro: dict) -> None:
         if r.data.tags["dvc.stage"].split("@")[0] in ("train", "tune", "evaluate"):
             digests = [d.dataset.digest for d in r.inputs.dataset_inputs]
             assert digests == [fp[:36]], (r.info.run_name, digests)
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     for arch in ARCHS:
         train_run = json.loads((repo / f"metrics/train/{arch}.json").read_text())["mlflow_run_id"]
         mv = client.get_model_version_by_alias(f"{arch}-synthetic", "champion")
