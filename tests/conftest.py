@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -388,3 +389,19 @@ def write_params(repo: Path, overrides: Mapping[str, object]) -> dict:
         set_param(params, key, value)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 60) -> None:
+    """Poll `url` until it answers; fail naming `what` if `proc` exits first or `timeout_s` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.2)

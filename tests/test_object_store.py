@@ -20,14 +20,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_params
+from tests.conftest import wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "bucket"
@@ -53,15 +52,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                                             "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL_S3")}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.name}") from None
-                time.sleep(0.2)
+        wait_for_http(endpoint, server, f"moto server (log: {log.name})")
         os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_ENDPOINT_URL=endpoint,
                           AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
