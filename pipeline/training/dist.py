@@ -70,12 +70,6 @@ def max_across(values: Sequence[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_across(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is True on any rank: every rank takes the same branch, so none hangs in a
-    collective that the others skipped."""
-    return max_across([1.0 if flag else 0.0], device)[0] > 0
-
-
 def shard_for_rank(items: Sequence[str], rank: int, world_size: int) -> list[str]:
     """Round-robin assignment of files to ranks: disjoint, and their union is every item."""
     return list(items[rank::world_size])
