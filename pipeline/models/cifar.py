@@ -10,11 +10,13 @@ Parameter counts (10 classes): 0.27M, 0.46M, 0.66M, 0.85M, 1.7M, 19.4M (paper Ta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
-from pipeline.models.layers import ShortcutOption
-from pipeline.models.registry import register_model
-from pipeline.models.resnet import BasicBlock, ResNet
+from torch import nn
+
+from pipeline.models.registry import register_builder
+from pipeline.models.resnet import HEAD_OPTIONS, RESIDUAL_OPTIONS, BasicBlock, ResNet
 
 CIFAR_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 
@@ -28,74 +30,32 @@ def _blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def _register_cifar(depth: int, paper_params_m: float | None) -> Callable[..., ResNet]:
-    name = f"resnet{depth}"
+def _cifar(depth: int, paper_params_m: float | None, *, plain: bool = False) -> Callable[..., nn.Module]:
+    """ResNet-``depth`` (option A shortcuts by default) or, with ``plain``, the same network without them."""
     n = _blocks_per_stage(depth)
-
-    def builder(
-        *,
-        num_classes: int = 10,
-        shortcut: ShortcutOption = "A",
-        zero_init_residual: bool = False,
-        dropout: float = 0.0,
-        checkpoint_activations: bool = False,
-    ) -> ResNet:
-        return ResNet(
-            BasicBlock,
-            (n, n, n),
-            widths=CIFAR_WIDTHS,
-            stem="cifar",
-            num_classes=num_classes,
-            shortcut=shortcut,
-            zero_init_residual=zero_init_residual,
-            dropout=dropout,
-            checkpoint_activations=checkpoint_activations,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"ResNet-{depth} for 32x32 CIFAR images ({_SOURCE}); option A shortcuts by default."
-    return register_model(
-        name, layers=depth, family="cifar", block="basic", source=_SOURCE, paper_params_m=paper_params_m
-    )(builder)
+    make = functools.partial(ResNet, BasicBlock, (n, n, n), widths=CIFAR_WIDTHS, stem="cifar")
+    if plain:
+        name, options = f"plain{depth}", {"num_classes": 10, **HEAD_OPTIONS}
+        make = functools.partial(make, shortcut=None)
+        doc = f"Plain-{depth} for CIFAR ({_SOURCE}, Fig. 6 left): the ResNet without shortcuts."
+    else:
+        name, options = f"resnet{depth}", {"num_classes": 10, **RESIDUAL_OPTIONS, "shortcut": "A", **HEAD_OPTIONS}
+        doc = f"ResNet-{depth} for 32x32 CIFAR images ({_SOURCE}); option A shortcuts by default."
+    return register_builder(
+        name, make, options=options, doc=doc, layers=depth, family="cifar", block="basic", source=_SOURCE,
+        paper_params_m=paper_params_m,
+    )
 
 
-def _register_cifar_plain(depth: int, paper_params_m: float | None) -> Callable[..., ResNet]:
-    name = f"plain{depth}"
-    n = _blocks_per_stage(depth)
+resnet20 = _cifar(20, 0.27)
+resnet32 = _cifar(32, 0.46)
+resnet44 = _cifar(44, 0.66)
+resnet56 = _cifar(56, 0.85)
+resnet110 = _cifar(110, 1.7)
+resnet1202 = _cifar(1202, 19.4)
 
-    def builder(
-        *,
-        num_classes: int = 10,
-        dropout: float = 0.0,
-        checkpoint_activations: bool = False,
-    ) -> ResNet:
-        return ResNet(
-            BasicBlock,
-            (n, n, n),
-            widths=CIFAR_WIDTHS,
-            stem="cifar",
-            num_classes=num_classes,
-            shortcut=None,
-            dropout=dropout,
-            checkpoint_activations=checkpoint_activations,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"Plain-{depth} for CIFAR ({_SOURCE}, Fig. 6 left): the ResNet without shortcuts."
-    return register_model(
-        name, layers=depth, family="cifar", block="basic", source=_SOURCE, paper_params_m=paper_params_m
-    )(builder)
-
-
-resnet20 = _register_cifar(20, 0.27)
-resnet32 = _register_cifar(32, 0.46)
-resnet44 = _register_cifar(44, 0.66)
-resnet56 = _register_cifar(56, 0.85)
-resnet110 = _register_cifar(110, 1.7)
-resnet1202 = _register_cifar(1202, 19.4)
-
-plain20 = _register_cifar_plain(20, 0.27)
-plain32 = _register_cifar_plain(32, 0.46)
-plain44 = _register_cifar_plain(44, 0.66)
-plain56 = _register_cifar_plain(56, 0.85)
-plain110 = _register_cifar_plain(110, 1.7)
+plain20 = _cifar(20, 0.27, plain=True)
+plain32 = _cifar(32, 0.46, plain=True)
+plain44 = _cifar(44, 0.66, plain=True)
+plain56 = _cifar(56, 0.85, plain=True)
+plain110 = _cifar(110, 1.7, plain=True)

@@ -129,6 +129,39 @@ REGISTRY = ModelRegistry()
 register_model = REGISTRY.register
 
 
+def register_builder(
+    name: str,
+    make: Callable[..., nn.Module],
+    *,
+    options: dict[str, Any],
+    doc: str,
+    layers: int,
+    family: Family,
+    block: str,
+    source: str,
+    reference_params: int | None = None,
+    paper_params_m: float | None = None,
+) -> Callable[..., nn.Module]:
+    """Register ``make(**options)`` as the keyword-only builder ``name``.
+
+    ``options`` are the builder's keywords and their defaults (what ``model_info(...)["defaults"]`` shows and
+    ``build_model`` checks); every family registers its members through here instead of one closure each.
+    """
+
+    def builder(**kwargs: Any) -> nn.Module:
+        return make(**{**options, **kwargs})
+
+    builder.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=value) for key, value in options.items()]
+    )
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    return REGISTRY.register(
+        name, layers=layers, family=family, block=block, source=source,
+        reference_params=reference_params, paper_params_m=paper_params_m,
+    )(builder)
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (each shared tensor counted once, as ``model.parameters()`` yields it)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

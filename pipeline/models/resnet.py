@@ -9,8 +9,9 @@ networks of section 4.1 (``shortcut=None``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from pipeline.models.layers import (
     make_shortcut,
     run_stage,
 )
-from pipeline.models.registry import register_model
+from pipeline.models.registry import register_builder
 
 Stem = Literal["imagenet", "cifar"]
 
@@ -143,48 +144,30 @@ BlockType = type[BasicBlock] | type[Bottleneck]
 
 
 def make_stage(
-    block: BlockType,
+    block: type[ResidualBlock],
     in_channels: int,
     channels: int,
     num_blocks: int,
     stride: int,
     shortcut: ShortcutOption | None,
     *,
-    groups: int = 1,
-    base_width: int = 64,
+    first_block: dict[str, Any] | None = None,
+    **block_kwargs: Any,
 ) -> nn.Sequential:
     """One stage (``layerK``): the first block changes stride/width, the rest keep the shape.
 
-    ``shortcut=None`` builds plain blocks (no shortcut at all, paper section 4.1 "Plain Networks").
+    ``shortcut=None`` gives blocks without a shortcut (the plain networks of paper section 4.1).
+    ``block_kwargs`` go to every block, ``first_block`` (updating them) to the first one only.
     """
     blocks: list[nn.Module] = []
     out_channels = channels * block.expansion
     for index in range(num_blocks):
         block_in = in_channels if index == 0 else out_channels
         block_stride = stride if index == 0 else 1
-        downsample = None
-        if shortcut is not None:
-            downsample = make_shortcut(shortcut, block_in, out_channels, block_stride)
-        blocks.append(
-            block(
-                block_in,
-                channels,
-                block_stride,
-                downsample,
-                groups=groups,
-                base_width=base_width,
-                residual=shortcut is not None,
-            )
-        )
+        downsample = None if shortcut is None else make_shortcut(shortcut, block_in, out_channels, block_stride)
+        kwargs = {**block_kwargs, **(first_block or {})} if index == 0 else block_kwargs
+        blocks.append(block(block_in, channels, block_stride, downsample, **kwargs))
     return nn.Sequential(*blocks)
-
-
-def check_head_arguments(num_classes: int, dropout: float) -> None:
-    """Shared validation of the classifier head's arguments."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 class ResNet(nn.Module):
@@ -192,12 +175,14 @@ class ResNet(nn.Module):
 
     ``widths`` are the per-stage ``channels`` (64/128/256/512 for ImageNet, 16/32/64 for CIFAR); each stage
     after the first halves the feature map with a stride-2 first block.  ``shortcut`` is option A/B/C of
-    section 3.3, or ``None`` for the plain baseline.
+    section 3.3, or ``None`` for the plain baseline.  The stem, the stages and the head are shared by every
+    variant: the pre-activation networks (``preact.py``) override only the blocks' arguments and what
+    happens between the last stage and the pooling (``_block_kwargs``, ``_add_pre_pool``, ``_pre_pool``).
     """
 
     def __init__(
         self,
-        block: BlockType,
+        block: type[ResidualBlock],
         layers: Sequence[int],
         *,
         widths: Sequence[int] = (64, 128, 256, 512),
@@ -211,7 +196,10 @@ class ResNet(nn.Module):
         checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
-        check_head_arguments(num_classes, dropout)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if len(layers) != len(widths) or not layers:
             raise ValueError(f"need one width per stage, got layers={tuple(layers)} widths={tuple(widths)}")
         if zero_init_residual and shortcut is None:
@@ -236,22 +224,30 @@ class ResNet(nn.Module):
         for index, (name, num_blocks, channels) in enumerate(
             zip(self.stage_names, layers, widths, strict=True)
         ):
+            every, first = self._block_kwargs(index, shortcut, groups=groups, base_width=width_per_group)
             stage = make_stage(
-                block,
-                in_channels,
-                channels,
-                num_blocks,
-                1 if index == 0 else 2,
-                shortcut,
-                groups=groups,
-                base_width=width_per_group,
+                block, in_channels, channels, num_blocks, 1 if index == 0 else 2, shortcut, first_block=first,
+                **every,
             )
             self.add_module(name, stage)
             in_channels = channels * block.expansion
+        self._add_pre_pool(in_channels)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_channels, num_classes)
         init_weights(self, zero_init_residual)
+
+    def _block_kwargs(
+        self, stage_index: int, shortcut: ShortcutOption | None, *, groups: int, base_width: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Keyword arguments for every block of stage ``stage_index``, and the overrides of its first block."""
+        return {"groups": groups, "base_width": base_width, "residual": shortcut is not None}, {}
+
+    def _add_pre_pool(self, channels: int) -> None:
+        """Modules between the last stage and the pooling: none in the v1 networks."""
+
+    def _pre_pool(self, x: Tensor) -> Tensor:
+        return x
 
     def stages(self) -> tuple[nn.Sequential, ...]:
         """The stages ``layer1``, ``layer2``... in order."""
@@ -264,6 +260,7 @@ class ResNet(nn.Module):
         x = self.maxpool(x)  # (N, C0, H/4, W/4); identity for CIFAR
         for stage in self.stages():
             x = run_stage(stage, x, self.checkpoint_activations)  # stage k > 1 halves H and W
+        x = self._pre_pool(x)
         x = self.avgpool(x)  # (N, C_last, 1, 1)
         x = torch.flatten(x, 1)  # (N, C_last)
         x = self.dropout(x)
@@ -271,96 +268,55 @@ class ResNet(nn.Module):
         return x
 
 
-def _register_imagenet(
-    name: str,
-    block: BlockType,
-    layers: tuple[int, ...],
-    *,
-    reference_params: int | None,
-    source: str,
-    groups: int = 1,
-    width_per_group: int = 64,
-) -> Callable[..., ResNet]:
-    """Register a residual ImageNet builder; shortcut option B by default (torchvision, paper Table 3)."""
+# Keyword arguments (and defaults) of every builder: the head's, and the shortcut's where there is one.
+HEAD_OPTIONS: dict[str, Any] = {"dropout": 0.0, "checkpoint_activations": False}
+RESIDUAL_OPTIONS: dict[str, Any] = {"shortcut": "B", "zero_init_residual": False}
 
-    def builder(
-        *,
-        num_classes: int = 1000,
-        shortcut: ShortcutOption = "B",
-        zero_init_residual: bool = False,
-        dropout: float = 0.0,
-        checkpoint_activations: bool = False,
-    ) -> ResNet:
-        return ResNet(
-            block,
-            layers,
-            num_classes=num_classes,
-            shortcut=shortcut,
-            groups=groups,
-            width_per_group=width_per_group,
-            zero_init_residual=zero_init_residual,
-            dropout=dropout,
-            checkpoint_activations=checkpoint_activations,
-        )
 
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{name} ({source}); torchvision-compatible state_dict."
-    return register_model(
+def _imagenet(
+    name: str, block: BlockType, layers: tuple[int, ...], *, reference_params: int | None, source: str,
+    groups: int = 1, width_per_group: int = 64,
+) -> Callable[..., nn.Module]:
+    """A residual ImageNet network; shortcut option B by default (torchvision, paper Table 3)."""
+    return register_builder(
         name,
-        layers=block.num_convs * sum(layers) + 2,
-        family="imagenet",
-        block=block.kind,
-        source=source,
+        functools.partial(ResNet, block, layers, groups=groups, width_per_group=width_per_group),
+        options={"num_classes": 1000, **RESIDUAL_OPTIONS, **HEAD_OPTIONS},
+        doc=f"{name} ({source}); torchvision-compatible state_dict.",
+        layers=block.num_convs * sum(layers) + 2, family="imagenet", block=block.kind, source=source,
         reference_params=reference_params,
-    )(builder)
+    )
 
 
-def _register_plain(name: str, block: BlockType, layers: tuple[int, ...]) -> Callable[..., ResNet]:
-    """Register a plain ImageNet network: resnet layout without shortcuts (paper section 4.1, Table 2)."""
-
-    def builder(
-        *,
-        num_classes: int = 1000,
-        dropout: float = 0.0,
-        checkpoint_activations: bool = False,
-    ) -> ResNet:
-        return ResNet(
-            block,
-            layers,
-            num_classes=num_classes,
-            shortcut=None,
-            dropout=dropout,
-            checkpoint_activations=checkpoint_activations,
-        )
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = f"{name}: plain network without shortcuts ({_PAPER}, section 4.1, Table 2)."
-    return register_model(
+def _plain(name: str, block: BlockType, layers: tuple[int, ...]) -> Callable[..., nn.Module]:
+    """A plain ImageNet network: the ResNet layout without shortcuts (paper section 4.1, Table 2)."""
+    return register_builder(
         name,
-        layers=block.num_convs * sum(layers) + 2,
-        family="imagenet",
-        block=block.kind,
+        functools.partial(ResNet, block, layers, shortcut=None),
+        options={"num_classes": 1000, **HEAD_OPTIONS},
+        doc=f"{name}: plain network without shortcuts ({_PAPER}, section 4.1, Table 2).",
+        layers=block.num_convs * sum(layers) + 2, family="imagenet", block=block.kind,
         source=f"{_PAPER}, section 4.1, Table 2",
-    )(builder)
+    )
 
 
 # Reference parameter counts are torchvision's (1000 classes), which these models reproduce exactly.
-resnet18 = _register_imagenet(
+resnet18 = _imagenet(
     "resnet18", BasicBlock, (2, 2, 2, 2), reference_params=11_689_512, source=f"{_PAPER}, Table 1"
 )
-resnet34 = _register_imagenet(
+resnet34 = _imagenet(
     "resnet34", BasicBlock, (3, 4, 6, 3), reference_params=21_797_672, source=f"{_PAPER}, Table 1"
 )
-resnet50 = _register_imagenet(
+resnet50 = _imagenet(
     "resnet50", Bottleneck, (3, 4, 6, 3), reference_params=25_557_032, source=f"{_PAPER}, Table 1"
 )
-resnet101 = _register_imagenet(
+resnet101 = _imagenet(
     "resnet101", Bottleneck, (3, 4, 23, 3), reference_params=44_549_160, source=f"{_PAPER}, Table 1"
 )
-resnet152 = _register_imagenet(
+resnet152 = _imagenet(
     "resnet152", Bottleneck, (3, 8, 36, 3), reference_params=60_192_808, source=f"{_PAPER}, Table 1"
 )
-wide_resnet50_2 = _register_imagenet(
+wide_resnet50_2 = _imagenet(
     "wide_resnet50_2",
     Bottleneck,
     (3, 4, 6, 3),
@@ -368,7 +324,7 @@ wide_resnet50_2 = _register_imagenet(
     source="Zagoruyko & Komodakis 2016, arXiv:1605.07146 (bottleneck width x2, torchvision layout)",
     width_per_group=128,
 )
-wide_resnet101_2 = _register_imagenet(
+wide_resnet101_2 = _imagenet(
     "wide_resnet101_2",
     Bottleneck,
     (3, 4, 23, 3),
@@ -376,7 +332,7 @@ wide_resnet101_2 = _register_imagenet(
     source="Zagoruyko & Komodakis 2016, arXiv:1605.07146 (bottleneck width x2, torchvision layout)",
     width_per_group=128,
 )
-resnext50_32x4d = _register_imagenet(
+resnext50_32x4d = _imagenet(
     "resnext50_32x4d",
     Bottleneck,
     (3, 4, 6, 3),
@@ -385,7 +341,7 @@ resnext50_32x4d = _register_imagenet(
     groups=32,
     width_per_group=4,
 )
-resnext101_32x8d = _register_imagenet(
+resnext101_32x8d = _imagenet(
     "resnext101_32x8d",
     Bottleneck,
     (3, 4, 23, 3),
@@ -394,7 +350,7 @@ resnext101_32x8d = _register_imagenet(
     groups=32,
     width_per_group=8,
 )
-resnext101_64x4d = _register_imagenet(
+resnext101_64x4d = _imagenet(
     "resnext101_64x4d",
     Bottleneck,
     (3, 4, 23, 3),
@@ -404,6 +360,6 @@ resnext101_64x4d = _register_imagenet(
     width_per_group=4,
 )
 
-plain18 = _register_plain("plain18", BasicBlock, (2, 2, 2, 2))
-plain34 = _register_plain("plain34", BasicBlock, (3, 4, 6, 3))
-plain50 = _register_plain("plain50", Bottleneck, (3, 4, 6, 3))
+plain18 = _plain("plain18", BasicBlock, (2, 2, 2, 2))
+plain34 = _plain("plain34", BasicBlock, (3, 4, 6, 3))
+plain50 = _plain("plain50", Bottleneck, (3, 4, 6, 3))
