@@ -99,7 +99,8 @@ def make_shards(tmpdir: Path, p: Any) -> dict[str, Any]:
 
 def ray_fit(p: Any, tag: str) -> dict[str, Any]:
     """One TorchTrainer fit through the library; returns per-epoch history and the wall time."""
-    from pipeline.training.trainer import build_trainer, init_ray, make_job, run
+    from pipeline.runtime import init_ray
+    from pipeline.training.trainer import build_trainer, make_job, run
 
     t0 = time.perf_counter()
     init_ray()

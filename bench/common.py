@@ -146,10 +146,9 @@ def write_report(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     for rec in records:
         merged[rec["name"]] = rec
     out = list(merged.values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from pipeline.runtime import write_json
+
+    write_json(path, out)
     return out
 
 

@@ -45,7 +45,6 @@ import contextlib
 import faulthandler
 import functools
 import importlib.abc
-import json
 import math
 import os
 import re
@@ -279,11 +278,9 @@ class Ctx:
     def write(self) -> None:
         """Rewrite the report with this run's records only (an acceptance run must not inherit old ones)."""
         with self.lock:
-            path = Path(self.args.out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.records, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            from pipeline.runtime import write_json
+
+            write_json(self.args.out, self.records)
 
     @contextlib.contextmanager
     def item(self, name: str) -> Iterator[None]:

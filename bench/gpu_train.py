@@ -106,7 +106,8 @@ def pipeline_throughput(
     from bench.bench_ingest import WNIDS, make_imagenet_tree
     from pipeline.config import load_params, with_absolute_paths
     from pipeline.data.prepare import prepare_shards
-    from pipeline.training.trainer import build_trainer, init_ray, make_job, run
+    from pipeline.runtime import init_ray
+    from pipeline.training.trainer import build_trainer, make_job, run
 
     cores = os.cpu_count() or 1
     raw, shards = tmpdir / "raw", tmpdir / "shards"

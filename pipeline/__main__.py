@@ -43,7 +43,7 @@ def _load_predictor(model: str) -> tuple[Any, dict[str, Any]]:
             return module(x)
 
         return run_registered, meta
-    from pipeline.registry import InferenceModel
+    from pipeline.publish import InferenceModel
     from pipeline.training.checkpoint import load_model_dir
 
     net, meta = load_model_dir(model)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from pipeline.training.trainer import init_ray
+    from pipeline.runtime import init_ray
 
     if args.cmd == "train":
         from pipeline.cli import fail

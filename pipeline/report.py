@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluation import table_rows
-from pipeline.training.trainer import write_csv_atomic
+from pipeline.runtime import write_atomic, write_csv
 
 
 def _fmt(v: Any) -> str:
@@ -187,8 +187,6 @@ def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | P
     per_class = per_class_rows(details, {c["wnid"]: c["name"] for c in manifest["classes"]})
     if per_class:
         md += "\n## Per-class top-1 error (%)\n\n" + "\n".join(per_class) + "\n"
-    tmp = out_dir / "error_table.md.tmp"
-    tmp.write_text(md)
-    tmp.replace(out_dir / "error_table.md")
-    write_csv_atomic(out_dir / "error_table.csv", rows)
+    write_atomic(out_dir / "error_table.md", md.encode())
+    write_csv(out_dir / "error_table.csv", rows)
     return rows

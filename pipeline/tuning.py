@@ -75,8 +75,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
 
     from pipeline.cluster import cluster_can_grow, release_request, wait_for_resources
     from pipeline.data.shards import read_manifest
+    from pipeline.runtime import absolute_storage, init_ray, worker_threads, write_csv, write_json
     from pipeline.training.identity import tune_run_name
-    from pipeline.training.trainer import _storage, init_ray, worker_threads, write_csv_atomic, write_json_atomic
 
     p = with_absolute_paths(p)
     t = p.tune
@@ -102,7 +102,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     manifest = read_manifest(p.data.shards_dir)
     # The search's identity (pipeline/training/identity.py): an interrupted search restores under this name.
     name = experiment_name or tune_run_name(p, str(manifest["fingerprint"]))
-    storage = _storage(p.train.storage_path)
+    storage = absolute_storage(p.train.storage_path)
     # The worker CPU share is decided here, so the trials' params carry it.
     trial_params = p.model_copy(update={"train": p.train.model_copy(update={"cpus_per_worker": per_worker})})
     param_space = {
@@ -128,9 +128,9 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     # A trial that trains in its own process holds its GPU itself; one that drives a worker group asks none.
     trainable = tune.with_resources(_trial, {"CPU": trial_request, **(gpu if t.workers_per_trial == 0 else {})})
     path = f"{storage}/{name}"
-    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage),
+    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.runtime),
     # with the path inside it.
-    from pipeline.data.storage import ray_storage
+    from pipeline.runtime import ray_storage
 
     ray_path, ray_fs = ray_storage(storage)
     run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
@@ -169,8 +169,8 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         "not_run": sum(r["epochs_run"] == 0 for r in rows),
         "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs},
     }
-    write_csv_atomic(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
-    write_json_atomic(out_dir / "best.json", result)
+    write_csv(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
+    write_json(out_dir / "best.json", result)
     _plot_trials(rows, out_dir / "lr_vs_error.png")
     _log_tune(p, manifest, rows, result, name, out_dir)
     release_request()

@@ -13,8 +13,8 @@ def main() -> None:
 
     p, args = stage_args(__doc__, add)
     from pipeline.evaluation import evaluate_model, evaluate_reference, uses_ray
+    from pipeline.runtime import init_ray, write_json
     from pipeline.training.checkpoint import read_model_meta
-    from pipeline.training.trainer import init_ray, write_json_atomic
 
     if uses_ray(p.data.shards_dir, p.eval.ray_min_images):
         init_ray()
@@ -37,8 +37,8 @@ def main() -> None:
               + (f"skipped ({reference['skipped']})" if "skipped" in reference
                  else f"top-1 err {reference['top1_err']:.2f}%, top-5 err {reference['top5_err']:.2f}%"))
     out = args.out or f"metrics/eval/{args.arch}.json"
-    write_json_atomic(out, result)
-    write_json_atomic(f"reports/eval/{args.arch}_details.json", details)
+    write_json(out, result)
+    write_json(f"reports/eval/{args.arch}_details.json", details)
     _log_run(p, args.arch, result, out)
     print(f"evaluate {args.arch}: top-1 err {result['top1_err']:.2f}%, top-5 err {result['top5_err']:.2f}% "
           f"on {result['n_images']} images ({result['protocol']}, {result['runner']})")

@@ -16,16 +16,16 @@ def _args(ap: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     p, args = stage_args(__doc__, _args)
-    from pipeline.registry import register_model
-    from pipeline.training.trainer import write_json_atomic
+    from pipeline.publish import publish_model
+    from pipeline.runtime import write_json
 
     records = []
     for arch in p.model.archs:
-        rec = register_model(p, arch, f"models/{arch}", f"metrics/eval/{arch}.json",
+        rec = publish_model(p, arch, f"models/{arch}", f"metrics/eval/{arch}.json",
                              train_metrics_path=f"metrics/train/{arch}.json", error_table_path=args.error_table)
         records.append(rec)
         print(f"register: {rec['uri']} alias={rec['alias']} ({rec['why']})")
-    write_json_atomic(args.out, records)
+    write_json(args.out, records)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     token = token_file.read_text().strip()
     assert len(token) >= 32
 
-    from pipeline.training.trainer import LOCAL_DATA_CPUS
+    from pipeline.runtime import LOCAL_DATA_CPUS
 
     gcs, dash, *other = _free_ports(9)
     head_env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
@@ -241,7 +241,8 @@ def test_file_uri_storage_resumes_a_run_from_its_checkpoint(synthetic_shards: Pa
     import ray
 
     from pipeline.config import load_params
-    from pipeline.training.trainer import build_trainer, init_ray, make_job, run
+    from pipeline.runtime import init_ray
+    from pipeline.training.trainer import build_trainer, make_job, run
 
     storage = (tmp_path / "ckpt").as_uri()
     assert storage.startswith("file:///")

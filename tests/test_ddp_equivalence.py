@@ -91,7 +91,8 @@ def _train(p, job, name: str, workers: int, storage: Path) -> dict[str, torch.Te
 def test_two_workers_same_global_batch_same_weights_as_one(synthetic_shards: Path, tmp_path: Path) -> None:
     import ray
 
-    from pipeline.training.trainer import init_ray, make_job
+    from pipeline.runtime import init_ray
+    from pipeline.training.trainer import make_job
 
     sets = [f"data.shards_dir={synthetic_shards}", f"train.storage_path={tmp_path}", "train.epochs=1",
             f"train.batch_size={GLOBAL_BATCH}", "train.lr_warmup_epochs=0", "train.use_tuned=false",

@@ -105,7 +105,7 @@ def test_champions_load_from_registry_and_classify_3_images(repro: dict) -> None
     script = (
         "import json, sys, numpy as np, torch, mlflow.pytorch\n"
         "from pipeline import tracking\n"
-        "from pipeline.registry import example_batch\n"
+        "from pipeline.publish import example_batch\n"
         "x = torch.from_numpy(np.concatenate([example_batch('data/shards', 36, 32, n=3)]))\n"
         "for name in sys.argv[1:]:\n"
         "    m = tracking.load_registered_model(f'models:/{name}@champion')\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.evaluation import REFERENCE, error_pct, table_rows, topk_correct
-from pipeline.registry import decide_champion
+from pipeline.publish import decide_champion
 
 
 def test_topk_correct_counts_exactly() -> None:

@@ -32,7 +32,7 @@ import torch
 from pipeline import tracking
 from pipeline.config import Params, load_params
 from pipeline.data.shards import read_manifest
-from pipeline.registry import InferenceModel, decide_champion, example_batch, model_card, register_model, top_k
+from pipeline.publish import InferenceModel, decide_champion, example_batch, model_card, publish_model, top_k
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_SH = ROOT / "infra" / "mlflow" / "local" / "serve.sh"
@@ -213,7 +213,7 @@ def registered(server: dict[str, Any], synthetic_shards: Path, tmp_path_factory:
     table = tmp / "error_table.md"
     table.write_text("| arch | top-1 err |\n|---|---|\n| resnet18 | 62.50 |\n")
     t0 = time.perf_counter()
-    record = register_model(p, "resnet18", model_dir, eval_path, train_metrics_path=train_metrics,
+    record = publish_model(p, "resnet18", model_dir, eval_path, train_metrics_path=train_metrics,
                             error_table_path=table)
     return {"p": p, "record": record, "model_dir": model_dir, "seconds": time.perf_counter() - t0}
 
@@ -319,7 +319,7 @@ def test_version_source_is_the_training_run_with_dataset_input_and_run_group(ser
     model_dir, eval_path = make_trained(tmp_path, p, seed=7, top1_err=40.0)
     train_metrics = tmp_path / "train.json"
     train_metrics.write_text(json.dumps({"mlflow_run_id": train_run}))
-    rec = register_model(p, "resnet18", model_dir, eval_path, train_metrics_path=train_metrics)
+    rec = publish_model(p, "resnet18", model_dir, eval_path, train_metrics_path=train_metrics)
 
     client = MlflowClient(tracking_uri=server["uri"])
     mv = client.get_model_version_by_alias("src-resnet18-synthetic", "champion")
@@ -350,8 +350,8 @@ def test_champion_moves_only_to_a_better_version_on_the_same_data(server: dict[s
                                                                   tmp_path: Path) -> None:
     p = make_params(synthetic_shards, "registry.model_name=champ-{arch}-{dataset}")
     name = "champ-resnet18-synthetic"
-    better = register_model(p, "resnet18", *make_trained(tmp_path, p, seed=1, top1_err=50.0))
-    worse = register_model(p, "resnet18", *make_trained(tmp_path, p, seed=2, top1_err=56.25))
+    better = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=1, top1_err=50.0))
+    worse = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=2, top1_err=56.25))
     assert (better["version"], worse["version"]) == ("1", "2")
     assert better["alias"] == "champion" and worse["alias"] is None and not worse["champion_moved"]
     assert "does not beat champion v1" in worse["why"] and worse["champion_version"] == "1"
@@ -359,7 +359,7 @@ def test_champion_moves_only_to_a_better_version_on_the_same_data(server: dict[s
     v2 = tracking.get_model_version(name, "2")
     assert v2.tags["champion.moved"] == "false" and "does not beat" in v2.tags["champion.why"]
 
-    best = register_model(p, "resnet18", *make_trained(tmp_path, p, seed=3, top1_err=43.75))
+    best = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=3, top1_err=43.75))
     assert best["alias"] == "champion" and "beats champion v1" in best["why"]
     assert tracking.alias_version(name, "champion").version == "3"
     assert [v.version for v in tracking.model_versions(name)] == ["1", "2", "3"]
@@ -372,7 +372,7 @@ def test_metrics_of_other_data_are_refused_before_anything_is_logged(server: dic
     ev = json.loads(eval_path.read_text())
     eval_path.write_text(json.dumps({**ev, "data_fingerprint": "0" * 64}))  # a stale metrics/eval file
     with pytest.raises(ValueError, match="rerun the evaluate stage"):
-        register_model(p, "resnet18", model_dir, eval_path)
+        publish_model(p, "resnet18", model_dir, eval_path)
     assert tracking.experiment_runs("refused") == []
 
 

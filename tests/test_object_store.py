@@ -2,7 +2,7 @@
 
 moto's server mode (`python -m moto.server`, installed from requirements.txt) is started and stopped by this
 module, on a free port; pyarrow's S3 filesystem reaches it through AWS_ENDPOINT_URL only (pyarrow itself
-ignores that variable: pipeline.data.storage passes it as endpoint_override), with credentials from the
+ignores that variable: pipeline.runtime passes it as endpoint_override), with credentials from the
 environment, as on a cluster. Nothing is mocked in-process: every byte goes over HTTP to that server.
 
 - prepare writes to s3://bucket/shards byte for byte what it writes to a local folder; start-up checks and
@@ -80,9 +80,9 @@ def _objects(prefix: str) -> dict[str, bytes]:
     """{key below prefix: bytes} of every object under s3://BUCKET/prefix, read back over HTTP."""
     import pyarrow.fs as pafs
 
-    from pipeline.data import storage
+    from pipeline import runtime
 
-    fs = storage.s3_filesystem()
+    fs = runtime.s3_filesystem()
     infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
     out = {}
     for info in infos:
@@ -93,9 +93,9 @@ def _objects(prefix: str) -> dict[str, bytes]:
 
 
 def _put(key: str, data: bytes) -> None:
-    from pipeline.data import storage
+    from pipeline import runtime
 
-    storage.write_atomic(f"s3://{BUCKET}/{key}", data)
+    runtime.write_atomic(f"s3://{BUCKET}/{key}", data)
 
 
 def _local_tree(root: Path) -> dict[str, bytes]:
@@ -178,7 +178,7 @@ def test_ray_data_reads_s3_shards_through_the_endpoint_and_refuses_a_corrupted_o
 
     from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.data.shards import ShardChecksumError, shard_files
-    from pipeline.data.storage import ray_storage
+    from pipeline.runtime import ray_storage
 
     shards = f"s3://{BUCKET}/ingest"
     manifest = _prepare(synthetic_tree, shards)

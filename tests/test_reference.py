@@ -46,7 +46,7 @@ def test_reference_row_is_torchvision_weights_through_our_evaluation(torch_home:
 
     from pipeline.data.prepare import prepare_shards
     from pipeline.evaluation import evaluate_reference
-    from pipeline.training.trainer import init_ray
+    from pipeline.runtime import init_ray
 
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(num_classes=1000).eval()
@@ -167,7 +167,8 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(torch_home: Path, synth
     import ray
 
     from pipeline.config import load_params
-    from pipeline.training.trainer import build_trainer, init_ray, make_job, run
+    from pipeline.runtime import init_ray
+    from pipeline.training.trainer import build_trainer, make_job, run
 
     torch.manual_seed(1)
     state = torchvision.models.resnet18().state_dict()

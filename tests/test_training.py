@@ -25,7 +25,7 @@ def tiny_params(shards: Path, storage: Path, **train: object) -> Params:
 def ray_local():
     import ray
 
-    from pipeline.training.trainer import init_ray
+    from pipeline.runtime import init_ray
 
     init_ray()
     yield

@@ -6,8 +6,9 @@
 >>> skip_contribution(model, images)["layer2.0"]["ratio"]        # ||F(x)|| / ||shortcut(x)||
 
 ``measure`` holds the pure measurements (numbers only; the model is left as found), ``plots`` the figures
-(PNG via matplotlib's Agg canvas).  Nothing here logs anywhere: callers hand numbers and paths to
-``pipeline.tracking``.
+(PNG via matplotlib's Agg canvas); neither logs anywhere.  ``degradation`` is the paper's plain-vs-residual
+experiment (the ``degradation`` stage): it trains networks and records them through ``pipeline.tracking``;
+``model_report`` writes every figure and number for one trained model (``python -m pipeline analyze``).
 """
 
 from pipeline.analysis.measure import (

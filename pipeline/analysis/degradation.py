@@ -19,7 +19,6 @@ deeper plain network may or may not train worse than the shallower one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Params, with_absolute_paths
+from pipeline.runtime import publish_dir, write_json
 
 FIGURE = "degradation.png"
 GRADIENT_FIGURE = "gradient_flow.png"
@@ -85,10 +85,8 @@ def run_degradation(p: Params, out_dir: str | Path, metrics_path: str | Path) ->
     else:
         record = _disabled_record()
         _write_outputs(tmp, record)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    _write_json(Path(metrics_path), _dvc_metrics(record))
+    publish_dir(tmp, out_dir)
+    write_json(metrics_path, _dvc_metrics(record))
     return record
 
 
@@ -375,17 +373,10 @@ def _disabled_record() -> dict[str, Any]:
             "budget": {"wall_time_s": 0.0}}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_outputs(out: Path, record: dict[str, Any]) -> None:
     import csv
 
-    _write_json(out / JSON_FILE, record)
+    write_json(out / JSON_FILE, record)
     with (out / CSV_FILE).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
         writer.writeheader()

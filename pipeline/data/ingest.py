@@ -120,15 +120,15 @@ def _shard_datasource() -> type:
 
 def _read(files: Sequence[str], **kw: Any) -> Any:
     """One read block per shard file (no splitting into smaller blocks: that would unfuse read and decode).
-    `files` are local paths or URIs of one dataset (pipeline.data.storage resolves the filesystem)."""
+    `files` are local paths or URIs of one dataset (pipeline.runtime resolves the filesystem)."""
     import ray.data
 
-    from pipeline.data import storage
+    from pipeline import runtime
     from pipeline.data.shards import expected_digests
 
     _configure_data_context()
     files = list(files)
-    fs, paths = storage.resolve_many(files)
+    fs, paths = runtime.resolve_many(files)
     digests = expected_digests(files)
     source = _shard_datasource()(
         paths, filesystem=fs, expected={p: digests[f] for p, f in zip(paths, files, strict=True)},

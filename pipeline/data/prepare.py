@@ -8,7 +8,7 @@ Guarantees, and how they are kept:
   front from the sorted listing and a fixed shuffle seed; each shard is then a pure function of its samples;
   Parquet is written with a fixed schema, codec, row group size and no timestamps.
 - Anywhere pyarrow.fs reaches: `out_dir` is a local path or a URI (s3://, gs://, file://; see
-  pipeline.data.storage for endpoints and credentials, which only the environment gives).
+  pipeline.runtime for endpoints and credentials, which only the environment gives).
 - Atomic: each shard goes to `*.tmp` then `os.replace` (an object store shows an object only once its upload
   completes); the manifest is written last, so a manifest there means a complete set of shards.
 - Resumable: `.plan.json` (written first) records the plan fingerprint, and `.done/<split>-NNNNN.json`
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.data import storage
+from pipeline import runtime
 from pipeline.data.shards import MANIFEST, MANIFEST_VERSION
 from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
 
@@ -168,10 +168,6 @@ class ShardResult:
     rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
 
 
-def _write_atomic(location: str, data: bytes) -> None:
-    storage.write_atomic(location, data)
-
-
 def _parquet_bytes(columns: dict[str, list[Any]]) -> bytes:
     table = pa.Table.from_pydict(columns, schema=SHARD_SCHEMA)
     sink = pa.BufferOutputStream()
@@ -213,10 +209,10 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int)
         columns["height"].append(height)
         columns["width"].append(width)
     blob = _parquet_bytes(columns)
-    location = storage.join(out_dir, task.path)
-    if not storage.is_uri(out_dir):
+    location = runtime.join(out_dir, task.path)
+    if not runtime.is_uri(out_dir):
         Path(location).parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(location, blob)
+    runtime.write_atomic(location, blob)
     return ShardResult(
         split=task.split,
         index=task.index,
@@ -269,7 +265,7 @@ def plan_shards(listing: SourceListing, rows_per_shard: int, shuffle_seed: int) 
 
 
 def _done_path(out: str, split: str, index: int) -> str:
-    return storage.join(out, DONE_DIR, f"{split}-{index:05d}.json")
+    return runtime.join(out, DONE_DIR, f"{split}-{index:05d}.json")
 
 
 def _finished(out: str, task: ShardTask, done_sizes: dict[str, int], shard_sizes: dict[str, int]) -> ShardResult | None:
@@ -280,12 +276,12 @@ def _finished(out: str, task: ShardTask, done_sizes: dict[str, int], shard_sizes
     if done.rpartition("/")[2] not in done_sizes or name not in shard_sizes:
         return None
     try:
-        result = ShardResult(**json.loads(storage.read_bytes(done)))
+        result = ShardResult(**json.loads(runtime.read_bytes(done)))
     except (ValueError, TypeError, OSError):
         return None
     if shard_sizes[name] != result.nbytes:
         return None
-    if hashlib.sha256(storage.read_bytes(storage.join(out, task.path))).hexdigest() != result.sha256:
+    if hashlib.sha256(runtime.read_bytes(runtime.join(out, task.path))).hexdigest() != result.sha256:
         return None
     return result
 
@@ -293,18 +289,14 @@ def _finished(out: str, task: ShardTask, done_sizes: dict[str, int], shard_sizes
 def _remove_outputs(out: str) -> None:
     """Delete what an earlier prepare wrote here (and only that), manifest first."""
     for name in (MANIFEST, REJECTED, PLAN):
-        storage.delete(storage.join(out, name))
-    for name in storage.list_files(storage.join(out, DONE_DIR)):
+        runtime.delete(runtime.join(out, name))
+    for name in runtime.list_files(runtime.join(out, DONE_DIR)):
         if name.endswith((".json", ".tmp")):
-            storage.delete(storage.join(out, DONE_DIR, name))
+            runtime.delete(runtime.join(out, DONE_DIR, name))
     for split in SPLITS:
-        for name in storage.list_files(storage.join(out, split)):
+        for name in runtime.list_files(runtime.join(out, split)):
             if name.endswith((".parquet", ".tmp")):
-                storage.delete(storage.join(out, split, name))
-
-
-def _write_json(location: str, obj: Any) -> None:
-    _write_atomic(location, (json.dumps(obj, indent=2) + "\n").encode())
+                runtime.delete(runtime.join(out, split, name))
 
 
 def _write_rejected(path: str, rejected: Sequence[Rejection]) -> None:
@@ -313,7 +305,7 @@ def _write_rejected(path: str, rejected: Sequence[Rejection]) -> None:
     writer.writerow(["key", "split", "reason"])
     for r in sorted(rejected, key=lambda r: (r.split, r.key)):
         writer.writerow([r.key, r.split, r.reason])
-    _write_atomic(path, buf.getvalue().encode())
+    runtime.write_atomic(path, buf.getvalue().encode())
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -337,7 +329,7 @@ def same_dataset(manifest: dict[str, Any], raw_dir: str | os.PathLike[str], layo
     source = manifest.get("source") or {}
     old = str(source.get("raw_dir", ""))
     new = os.fspath(raw_dir)
-    norm = (lambda p: p.rstrip("/")) if storage.is_uri(new) else os.path.abspath
+    norm = (lambda p: p.rstrip("/")) if runtime.is_uri(new) else os.path.abspath
     return source.get("layout") == layout and bool(old) and norm(old) == norm(new)
 
 
@@ -345,7 +337,7 @@ def dataset_shards_dir(base: str, raw_dir: str | os.PathLike[str]) -> str:
     """A shards folder of its own for a raw dataset named on the command line: `BASE-<name>-<hash>` next to
     `base` (params' data.shards_dir), so that preparing it never touches the DVC pipeline's shards."""
     raw = os.fspath(raw_dir)
-    full = raw.rstrip("/") if storage.is_uri(raw) else os.path.abspath(raw)
+    full = raw.rstrip("/") if runtime.is_uri(raw) else os.path.abspath(raw)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(full.rstrip("/"))) or "data"
     return f"{base.rstrip('/')}-{name}-{hashlib.sha256(full.encode()).hexdigest()[:8]}"
 
@@ -448,38 +440,38 @@ def prepare_shards(
     ).hexdigest()
     tasks = plan_shards(listing, rows_per_shard, shuffle_seed)
 
-    out = os.fspath(out_dir).rstrip("/") if storage.is_uri(out_dir) else os.path.abspath(out_dir)
-    storage.makedirs(out)
+    out = os.fspath(out_dir).rstrip("/") if runtime.is_uri(out_dir) else os.path.abspath(out_dir)
+    runtime.makedirs(out)
     try:
-        same_plan = json.loads(storage.read_bytes(storage.join(out, PLAN))).get("fingerprint") == fingerprint
+        same_plan = json.loads(runtime.read_bytes(runtime.join(out, PLAN))).get("fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):
         same_plan = False
-    manifest_at = storage.join(out, MANIFEST)
+    manifest_at = runtime.join(out, MANIFEST)
     if not same_plan and not replace:
         try:
-            old = json.loads(storage.read_bytes(manifest_at))
+            old = json.loads(runtime.read_bytes(manifest_at))
         except (OSError, ValueError):
             old = None  # no complete dataset here (an interrupted prepare's leftovers may go)
         other = isinstance(old, dict) and old.get("fingerprint") != fingerprint
         if other and not same_dataset(old, raw_dir, listing.layout):
             _refuse_other_dataset(out, old, raw_dir, listing.layout)
     if same_plan:
-        storage.delete(manifest_at)  # a manifest there must always mean "complete"
+        runtime.delete(manifest_at)  # a manifest there must always mean "complete"
     else:
         _remove_outputs(out)
         plan = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "shards": [t.path for t in tasks]}
-        _write_json(storage.join(out, PLAN), plan)
+        runtime.write_json(runtime.join(out, PLAN), plan)
     planned = {t.path for t in tasks}
     shard_sizes: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        storage.makedirs(storage.join(out, split))
-        present = storage.list_files(storage.join(out, split))
+        runtime.makedirs(runtime.join(out, split))
+        present = runtime.list_files(runtime.join(out, split))
         for name in present:  # stale temp files and shards of no task in this plan
             if name.endswith(".tmp") or (name.endswith(".parquet") and f"{split}/{name}" not in planned):
-                storage.delete(storage.join(out, split, name))
+                runtime.delete(runtime.join(out, split, name))
         shard_sizes[split] = present
-    storage.makedirs(storage.join(out, DONE_DIR))
-    done_sizes = storage.list_files(storage.join(out, DONE_DIR)) if same_plan else {}
+    runtime.makedirs(runtime.join(out, DONE_DIR))
+    done_sizes = runtime.list_files(runtime.join(out, DONE_DIR)) if same_plan else {}
 
     results: dict[str, ShardResult] = {}
     todo: list[ShardTask] = []
@@ -494,7 +486,7 @@ def prepare_shards(
 
     def record(result: ShardResult) -> None:
         results[result.path] = result
-        _write_json(_done_path(out, result.split, result.index), asdict(result))
+        runtime.write_json(_done_path(out, result.split, result.index), asdict(result))
 
     with tqdm(total=n_images, initial=done_images, unit="img", desc="prepare", disable=not progress) as bar:
         if todo and _use_ray(prepare_on):
@@ -520,13 +512,13 @@ def prepare_shards(
 
     ordered = [results[t.path] for t in tasks]
     rejected = list(listing.rejected) + [Rejection(*r) for res in ordered for r in res.rejected]
-    _write_rejected(storage.join(out, REJECTED), rejected)
+    _write_rejected(runtime.join(out, REJECTED), rejected)
     n_inputs = len(listing.samples) + len(listing.rejected)
     limit = max_rejected * n_inputs if max_rejected < 1 else max_rejected
     if len(rejected) > limit:
         raise DataError(
             f"{len(rejected)} of {n_inputs} inputs from {os.fspath(raw_dir)} were rejected, more than "
-            f"data.max_rejected={max_rejected:g} allows; the reasons are in {storage.join(out, REJECTED)}"
+            f"data.max_rejected={max_rejected:g} allows; the reasons are in {runtime.join(out, REJECTED)}"
         )
 
     splits: dict[str, Any] = {}
@@ -552,7 +544,7 @@ def prepare_shards(
         "rejected": len(rejected),
         "options": options,
     }
-    _write_json(manifest_at, manifest)
+    runtime.write_json(manifest_at, manifest)
     return manifest
 
 
@@ -570,5 +562,5 @@ def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = N
         from pipeline.data.shards import read_manifest_bytes
 
         Path(record).parent.mkdir(parents=True, exist_ok=True)
-        storage.write_atomic(str(Path(record).resolve()), read_manifest_bytes(d.shards_dir))
+        runtime.write_atomic(str(Path(record).resolve()), read_manifest_bytes(d.shards_dir))
     return manifest

@@ -1,6 +1,6 @@
 """Read what `prepare_shards` wrote: the manifest, shard locations, verified reads, helpers for tests and eval.
 
-`shards_dir` is a local path or a URI (pipeline.data.storage). Readers take their file list from `shard_files`
+`shards_dir` is a local path or a URI (pipeline.runtime). Readers take their file list from `shard_files`
 (the manifest), never from a directory glob: a glob would also pick up stray files, and only the manifest's
 sizes and sha256 say a shard is the one that was prepared.
 
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data import storage
+from pipeline import runtime
 from pipeline.data.sources import SPLITS, DataError
 
 if TYPE_CHECKING:  # pyarrow is imported only by the helpers that need it: keep this module light
@@ -47,11 +47,11 @@ class ShardChecksumError(DataError):
 def _root(shards_dir: str | os.PathLike[str]) -> str:
     """Local folders as absolute, symlink-free paths (what readers on any working directory need)."""
     loc = os.fspath(shards_dir)
-    return loc.rstrip("/") if storage.is_uri(loc) else str(Path(loc).resolve())
+    return loc.rstrip("/") if runtime.is_uri(loc) else str(Path(loc).resolve())
 
 
 def manifest_location(shards_dir: str | os.PathLike[str]) -> str:
-    return storage.join(_root(shards_dir), MANIFEST)
+    return runtime.join(_root(shards_dir), MANIFEST)
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
@@ -67,11 +67,11 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
 def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
     where = manifest_location(shards_dir)
     try:
-        return storage.read_bytes(where)
+        return runtime.read_bytes(where)
     except FileNotFoundError:
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
     except OSError as exc:  # pyarrow reports a missing object, a denied bucket, ... as OSError
-        if storage.is_uri(where) and "not found" not in str(exc).lower() and "nosuch" not in str(exc).lower():
+        if runtime.is_uri(where) and "not found" not in str(exc).lower() and "nosuch" not in str(exc).lower():
             raise ManifestError(f"cannot read the shard manifest at {where}: {exc}") from None
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
 
@@ -119,7 +119,7 @@ def shard_files(
     root = _root(shards_dir)
     where = manifest_location(root)
     entries = _split_entry(read_manifest(root), split, where)["shards"][:limit]
-    paths = [storage.join(root, s["path"]) for s in entries]
+    paths = [runtime.join(root, s["path"]) for s in entries]
     if verify and entries:
         _check_sizes(root, entries, where)
         _check_footers(paths, entries)
@@ -131,9 +131,9 @@ def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
     for shard in entries:
         folder, _, name = shard["path"].rpartition("/")
         if folder not in listings:
-            listings[folder] = storage.list_files(storage.join(root, folder))
+            listings[folder] = runtime.list_files(runtime.join(root, folder))
         size = listings[folder].get(name)
-        loc = storage.join(root, shard["path"])
+        loc = runtime.join(root, shard["path"])
         if size is None:
             raise ShardChecksumError(f"shard {loc} listed in {where} is missing: rerun the prepare stage")
         if size != shard["nbytes"]:
@@ -148,7 +148,7 @@ def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
 
     from pipeline.data.prepare import SHARD_SCHEMA
 
-    fs, path = storage.resolve(loc)
+    fs, path = runtime.resolve(loc)
     try:
         # A HEAD and one or two ranged GETs on an object store: kilobytes, whatever the shard's size.
         with fs.open_input_file(path) as f:
@@ -163,7 +163,7 @@ def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
 
 
 def _check_footers(paths: list[str], entries: list[dict[str, Any]]) -> None:
-    if len(paths) == 1 or not storage.is_uri(paths[0]):
+    if len(paths) == 1 or not runtime.is_uri(paths[0]):
         problems = [_footer_problem(p, s) for p, s in zip(paths, entries, strict=True)]
     else:
         with ThreadPoolExecutor(min(FOOTER_THREADS, len(paths))) as pool:
@@ -196,13 +196,13 @@ _EXPECTED_CACHE: dict[tuple[str, bytes], dict[str, tuple[int, str]]] = {}
 def expected_digests(locations: list[str]) -> dict[str, tuple[int, str]]:
     """{location: (nbytes, sha256)} from the manifest of each shard's dataset (`<shards_dir>/<split>/NAME`)."""
     out: dict[str, tuple[int, str]] = {}
-    for root in sorted({storage.parent(storage.parent(loc)) for loc in locations}):
+    for root in sorted({runtime.parent(runtime.parent(loc)) for loc in locations}):
         raw = read_manifest_bytes(root)
         key = (root, hashlib.sha256(raw).digest())
         if key not in _EXPECTED_CACHE:
             manifest = parse_manifest(raw, manifest_location(root))
             _EXPECTED_CACHE[key] = {
-                storage.join(root, s["path"]): (int(s["nbytes"]), str(s["sha256"]))
+                runtime.join(root, s["path"]): (int(s["nbytes"]), str(s["sha256"]))
                 for split in manifest["splits"].values() for s in split["shards"] if "nbytes" in s
             }
         out.update(_EXPECTED_CACHE[key])
@@ -226,7 +226,7 @@ def read_shard(loc: str, columns: list[str] | None = None, expected: tuple[int, 
     """One shard as a Table, its bytes hashed while read and checked against the manifest (or `expected`)."""
     nbytes, sha = expected or expected_digests([loc])[loc]
     try:
-        data = storage.read_bytes(loc)
+        data = runtime.read_bytes(loc)
     except (FileNotFoundError, OSError) as exc:
         raise ShardChecksumError(f"shard {loc} cannot be read: {exc}") from None
     check_shard_bytes(loc, data, nbytes, sha)
@@ -252,15 +252,15 @@ def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
         if entry is None:
             problems.append(f"manifest has no {split} split")
             continue
-        present = storage.list_files(storage.join(root, split))
+        present = runtime.list_files(runtime.join(root, split))
         listed = set()
         for shard in entry["shards"]:
-            loc = storage.join(root, shard["path"])
+            loc = runtime.join(root, shard["path"])
             listed.add(shard["path"].rpartition("/")[2])
             if shard["path"].rpartition("/")[2] not in present:
                 problems.append(f"{shard['path']}: missing")
                 continue
-            data = storage.read_bytes(loc)
+            data = runtime.read_bytes(loc)
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['path']}: sha256 differs from the manifest")
                 continue

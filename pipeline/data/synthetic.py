@@ -18,7 +18,6 @@ import io
 import itertools
 import math
 import multiprocessing
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.data.sources import KAGGLE_MAPPING, KAGGLE_SOLUTION, SYNTHETIC_README, DataError
+from pipeline.runtime import publish_dir
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "bar")
 # Hues spread around the wheel, plus white; all bright enough to stand out from the dimmed backgrounds.
@@ -354,13 +354,6 @@ def generate_synthetic_imagenet(
         }
         (tmp / SYNTHETIC_README).write_text(_readme(classes, args), encoding="utf-8")
 
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,13 +7,14 @@ code is ever executed from a checkpoint).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.runtime import publish_dir
 
 TRAIN_STATE_FILE = "checkpoint.pt"  # inside a Ray Train checkpoint directory (resume state)
 MODEL_FILE = "model.pt"  # inside models/ARCH/ (the trained model)
@@ -46,9 +47,7 @@ def export_model_dir(out_dir: str | Path, train_state: dict[str, Any]) -> Path:
     tmp.mkdir(parents=True)
     torch.save({"state_dict": weights, **meta}, tmp / MODEL_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 

@@ -14,7 +14,6 @@ Off (the default) this module is never imported by the loop's hot path: `phase` 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import Counter
@@ -78,11 +77,10 @@ class Probe:
         self._originals.clear()
 
     def write(self, rank: int) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from pipeline.runtime import write_json
+
         blob = {"rank": rank, "steps": self.steps, "syncs": dict(self.syncs), "collectives": self.collectives}
-        tmp = self.out_dir / f".rank{rank}.json.tmp"
-        tmp.write_text(json.dumps(blob, indent=1))
-        os.replace(tmp, self.out_dir / f"rank{rank}.json")
+        write_json(self.out_dir / f"rank{rank}.json", blob)
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

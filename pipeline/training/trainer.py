@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,40 +10,17 @@ from typing import Any
 
 from pipeline.config import Params, with_absolute_paths
 from pipeline.data.shards import read_manifest, shard_files
+from pipeline.runtime import (
+    LOCAL_DATA_CPUS,
+    absolute_storage,
+    init_ray,
+    ray_storage,
+    worker_threads,
+    write_csv,
+    write_json,
+)
 from pipeline.training.identity import train_run_name
 from pipeline.training.loop import Job, train_loop_per_worker
-
-LOCAL_DATA_CPUS = 2
-
-
-def init_ray(min_cpus: float = 0) -> dict[str, float]:
-    """`RAY_ADDRESS` set: join that cluster. Unset: start a local Ray sized to this machine.
-
-    Returns `ray.cluster_resources()`. Idempotent within a process.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            cores = os.cpu_count() or 1
-            ray.init(
-                # Logical CPUs beyond the cores are for Ray Data's read/decode tasks: when the training
-                # workers hold every core's worth of CPUs, Ray Data's budget is 0 and ingest never starts
-                # (seen on 2 cores). Worker threads are set explicitly, so this does not oversubscribe torch.
-                num_cpus=max(cores + LOCAL_DATA_CPUS, math.ceil(min_cpus)),
-                include_dashboard=False,
-                log_to_driver=True,
-                # Workers import `pipeline` from the repository root.
-                runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
-            )
-    return dict(ray.cluster_resources())
-
-
-def worker_threads(cpus_per_worker: float) -> int:
-    """Intra-op threads per worker: its CPU share, at least one (more threads than cores only thrash)."""
-    return max(1, int(round(cpus_per_worker)))
 
 
 @dataclass
@@ -94,10 +70,8 @@ def build_trainer(
         use_gpu=tp.use_gpu,
         resources_per_worker=None if num_workers == 0 else {"CPU": tp.cpus_per_worker},
     )
-    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.data.storage).
-    from pipeline.data.storage import ray_storage
-
-    ray_path, ray_fs = ray_storage(_storage(storage_path))
+    # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.runtime).
+    ray_path, ray_fs = ray_storage(absolute_storage(storage_path))
     run_config = RunConfig(
         name=name,
         storage_path=ray_path,
@@ -148,13 +122,6 @@ def _worker_env() -> dict[str, Any]:
 
     uri = tracking_uri()
     return {"env_vars": {"MLFLOW_TRACKING_URI": uri}} if uri.startswith("sqlite:") else {}
-
-
-def _storage(path: str) -> str:
-    """Local relative paths become absolute (Ray requires it); URIs (s3://, gs://, file://) pass through."""
-    if "://" in path:
-        return path
-    return str(Path(path).resolve())
 
 
 def run(trainer: Any) -> Outcome:
@@ -237,30 +204,6 @@ def tuned_hparams(p: Params, best_path: str | Path | None) -> tuple[float, int, 
     return p.train.lr, p.train.lr_warmup_epochs, "params"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_csv_atomic(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fields = list(rows[0]) if rows else []
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def train_arch(
     p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path,
     best_path: str | Path | None = "tune/best.json",
@@ -319,8 +262,8 @@ def train_arch(
         "mlflow_run_id": run_id,
         "resumed_at_epochs": list(outcome.state.get("resumed_at", [])),
     }
-    write_json_atomic(metrics_path, final)
-    write_csv_atomic(curve_path, [{k: v for k, v in h.items()} for h in outcome.history])
+    write_json(metrics_path, final)
+    write_csv(curve_path, [{k: v for k, v in h.items()} for h in outcome.history])
     tracking.log_artifact(run_id, curve_path, "curves")
     tracking.log_artifact(run_id, Path(out_dir) / "meta.json")
     tracking.set_tags(run_id, {"ray.run_name": name, "ray.path": str(outcome.path)})

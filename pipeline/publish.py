@@ -160,7 +160,7 @@ def _read_json(path: str | Path | None) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def register_model(
+def publish_model(
     p: Params, arch: str, model_dir: str | Path, eval_path: str | Path, *,
     train_metrics_path: str | Path | None = None, error_table_path: str | Path | None = None,
 ) -> dict[str, Any]:
