@@ -39,8 +39,7 @@ import numpy as np
 
 def _make_dataset(root: Path, n_shards: int, shard_bytes: int, seed: int) -> int:
     """`n_shards` train shards of ~`shard_bytes` each (+ 1 small val shard) and a v2 manifest; returns bytes."""
-    from pipeline.data.prepare import _parquet_bytes
-    from pipeline.data.shards import MANIFEST_VERSION
+    from pipeline.data.shards import MANIFEST_VERSION, encode_shard
 
     rng = np.random.default_rng(seed)
     rows, image_bytes = 64, shard_bytes // 64
@@ -50,7 +49,7 @@ def _make_dataset(root: Path, n_shards: int, shard_bytes: int, seed: int) -> int
     for split, count in (("train", n_shards), ("val", 1)):
         for i in range(count):
             images = [rng.bytes(image_bytes) for _ in range(rows)]
-            blob = _parquet_bytes({"image": images, "label": [j % 10 for j in range(rows)],
+            blob = encode_shard({"image": images, "label": [j % 10 for j in range(rows)],
                                    "wnid": [f"n{j % 10:08d}" for j in range(rows)],
                                    "key": [f"{split}/{i}/{j}" for j in range(rows)],
                                    "height": [375] * rows, "width": [500] * rows})

@@ -113,3 +113,11 @@ def test_empty_raw_folder_is_a_clear_error(tmp_path: Path) -> None:
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "raw" in lines[0] and lines[0].startswith("error:"), out.stderr
     assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_config_arch_names_are_the_model_registry() -> None:
+    """params validation knows the registry's names without importing model code (see config.ARCHS)."""
+    from pipeline.config import ARCHS
+    from pipeline.models import MODELS
+
+    assert tuple(sorted(ARCHS)) == MODELS

@@ -38,30 +38,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import runtime
-from pipeline.data.shards import MANIFEST, MANIFEST_VERSION
+from pipeline.data.shards import MANIFEST, MANIFEST_VERSION, ROW_GROUP_ROWS, encode_shard, shard_schema
 from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
 
 REJECTED = "rejected.csv"
 PLAN = ".plan.json"
 DONE_DIR = ".done"
-# The schema every shard has; fixed so shards are byte-identical and readers can rely on it.
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("label", pa.int64(), nullable=False),
-        pa.field("wnid", pa.string(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-    ]
-)
-# ~25 MB row groups at ImageNet's ~110 KB/image: readers can stream a shard without holding all of it.
-ROW_GROUP_ROWS = 256
 
 
 class RejectedImage(Exception):
@@ -168,23 +154,9 @@ class ShardResult:
     rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
 
 
-def _parquet_bytes(columns: dict[str, list[Any]]) -> bytes:
-    table = pa.Table.from_pydict(columns, schema=SHARD_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=ROW_GROUP_ROWS,
-        compression="NONE",  # JPEG bytes do not compress; a fixed codec also keeps the bytes reproducible
-        use_dictionary=["wnid"],
-        write_statistics=["label", "wnid", "height", "width"],  # min/max of image bytes would bloat footers
-    )
-    return sink.getvalue().to_pybytes()
-
-
 def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int) -> ShardResult:
     """Read, check and (if needed) re-encode the task's samples, then write its shard atomically."""
-    columns: dict[str, list[Any]] = {name: [] for name in SHARD_SCHEMA.names}
+    columns: dict[str, list[Any]] = {name: [] for name in shard_schema().names}
     rejected: list[list[str]] = []
     reencoded = 0
     for sample, label in zip(task.samples, task.labels, strict=True):
@@ -208,7 +180,7 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int)
         columns["key"].append(sample.key)
         columns["height"].append(height)
         columns["width"].append(width)
-    blob = _parquet_bytes(columns)
+    blob = encode_shard(columns)
     location = runtime.join(out_dir, task.path)
     if not runtime.is_uri(out_dir):
         Path(location).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Read what `prepare_shards` wrote: the manifest, shard locations, verified reads, helpers for tests and eval.
+"""The shard format, in one place: the schema, the writer prepare uses, the manifest, verified reads.
 
 `shards_dir` is a local path or a URI (pipeline.runtime). Readers take their file list from `shard_files`
 (the manifest), never from a directory glob: a glob would also pick up stray files, and only the manifest's
@@ -17,6 +17,7 @@ Verification is split so that it scales with the files a run reads, not with the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +33,45 @@ if TYPE_CHECKING:  # pyarrow is imported only by the helpers that need it: keep 
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: every shard entry has `nbytes` (start-up size check) besides rows and sha256
+# ~25 MB row groups at ImageNet's ~110 KB/image: readers can stream a shard without holding all of it.
+ROW_GROUP_ROWS = 256
 # Footers are read with this many threads: one small ranged GET each on an object store.
 FOOTER_THREADS = 16
+
+
+@functools.cache
+def shard_schema() -> pa.Schema:
+    """The schema every shard has; fixed so shards are byte-identical and readers can rely on it."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("image", pa.binary(), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("wnid", pa.string(), nullable=False),
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+        ]
+    )
+
+
+def encode_shard(columns: dict[str, list[Any]]) -> bytes:
+    """One shard's Parquet bytes from its columns (the writer of `prepare_shards`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pydict(columns, schema=shard_schema())
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=ROW_GROUP_ROWS,
+        compression="NONE",  # JPEG bytes do not compress; a fixed codec also keeps the bytes reproducible
+        use_dictionary=["wnid"],
+        write_statistics=["label", "wnid", "height", "width"],  # min/max of image bytes would bloat footers
+    )
+    return sink.getvalue().to_pybytes()
 
 
 class ManifestError(DataError):
@@ -146,7 +184,6 @@ def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
 def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
     import pyarrow.parquet as pq
 
-    from pipeline.data.prepare import SHARD_SCHEMA
 
     fs, path = runtime.resolve(loc)
     try:
@@ -157,7 +194,7 @@ def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
         return f"shard {loc} has no readable Parquet footer ({exc}): rerun the prepare stage"
     if meta.num_rows != shard["rows"]:
         return f"shard {loc} has {meta.num_rows} rows in its footer, the manifest says {shard['rows']}"
-    if not meta.schema.to_arrow_schema().remove_metadata().equals(SHARD_SCHEMA):
+    if not meta.schema.to_arrow_schema().remove_metadata().equals(shard_schema()):
         return f"shard {loc} does not have the shard schema: rerun the prepare stage"
     return None
 
@@ -287,9 +324,8 @@ def load_split_table(shards_dir: str | os.PathLike[str], split: str, verify: boo
 
     paths = shard_files(shards_dir, split, verify=verify)
     if not paths:
-        from pipeline.data.prepare import SHARD_SCHEMA
 
-        return SHARD_SCHEMA.empty_table()
+        return shard_schema().empty_table()
     return pa.concat_tables([read_shard(p) for p in paths])
 
 
