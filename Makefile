@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup repro test test-all bench ui lint clean
+.PHONY: setup repro test test-fast test-all bench ui lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ repro: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The inner loop: unit and pure-Python tests, no Ray, servers or subprocesses (the conftest refuses them there).
+test-fast: setup
+	PIPELINE_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow and not ray and not e2e and not server and not subprocess"
 
 test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow"
@@ -90,3 +94,8 @@ mlflow-local: setup
 MODEL ?= models:/resnet18-synthetic@champion
 serve-model: setup
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p 5001
+
+# docs/parameters.md is generated from the schema's field descriptions (tests/test_config.py keeps it in sync).
+.PHONY: docs
+docs: setup
+	$(BIN)/python -m pipeline.config docs/parameters.md

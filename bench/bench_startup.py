@@ -1,4 +1,4 @@
-"""Start-up cost before the first training step: the old full sha256 re-hash vs the new cheap checks (#18).
+"""Start-up cost before the first training step: a full sha256 re-hash of the train shards vs the cheap checks.
 
     .venv/bin/python -m bench.bench_startup [--gb 2] [--shards 32] [--dir /tmp/bench_startup] [--keep]
 
@@ -7,9 +7,9 @@ column: start-up never decodes an image), one of `gb` GB and one of a quarter of
 manifest (rows, nbytes, sha256 per shard), then measures, side by side in one process, alternating, `--runs`
 times on each:
 
-- before: what `make_job` did until #18 (and evaluation did too): read the manifest and sha256 every train
-  shard (`shard_files(verify=True)` then = one full read of the dataset);
-- after: today's `shard_files(verify=True)`: the manifest, one listing for the sizes, each shard's Parquet
+- before: a start-up that re-hashes: read the manifest and sha256 every train shard (one full read of the
+  dataset before the first step);
+- after: `shard_files(verify=True)`: the manifest, one listing for the sizes, each shard's Parquet
   footer (row count, schema). Bytes are hashed later, by the read task that fetches them anyway.
 
 "after" must not grow with the dataset's bytes: the two sizes have the same shard count, so its time should be
@@ -68,7 +68,7 @@ def _make_dataset(root: Path, n_shards: int, shard_bytes: int, seed: int) -> int
 
 
 def _before(root: Path) -> float:
-    """The pre-#18 start-up: manifest + sha256 of every train shard (what `shard_files(verify=True)` did)."""
+    """A re-hashing start-up: manifest + sha256 of every train shard."""
     from pipeline.data.shards import read_manifest, sha256_file
 
     t0 = time.perf_counter()

@@ -103,32 +103,52 @@ class TrainParams(_Section):
         "needs one.",
     )
     batch_size: int = Field(256, ge=1, le=1 << 20, description="GLOBAL batch size, fixed for any worker count.")
-    opt: Literal["sgd", "adamw"] = "sgd"
+    opt: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser: SGD with momentum (the paper) or AdamW.")
     lr: float = Field(0.1, gt=0, le=100, description="Peak LR for batch_size (paper: 0.1 at 256).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (the paper: 0.9).")
+    nesterov: bool = Field(False, description="Nesterov momentum for SGD.")
+    weight_decay: float = Field(
+        1e-4, ge=0, le=1, description="L2 weight decay of conv/linear weights (the paper: 1e-4)."
+    )
     norm_weight_decay: float | None = Field(None, ge=0, le=1, description="Decay of norm/bias; null = weight_decay.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    lr_scheduler: Literal["cosine", "step"] = "step"
-    lr_step_size: int = Field(30, ge=1)
-    lr_gamma: float = Field(0.1, gt=0, le=1)
-    lr_warmup_epochs: int = Field(0, ge=0)
-    lr_warmup_decay: float = Field(0.01, gt=0, le=1)
-    lr_min: float = Field(0.0, ge=0)
-    clip_grad_norm: float | None = Field(None, gt=0)
-    amp: Literal["bf16", "fp16", "off"] = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    sync_bn: bool = False
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (torchvision's modern recipe: 0.1)."
+    )
+    lr_scheduler: Literal["cosine", "step"] = Field(
+        "step", description="After warmup: step decay (the paper: /10 every 30 epochs) or cosine down to lr_min."
+    )
+    lr_step_size: int = Field(30, ge=1, description="Epochs between step decays (lr_scheduler: step).")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="Factor of each step decay (lr_scheduler: step).")
+    lr_warmup_epochs: int = Field(
+        0, ge=0, description="Linear warmup epochs before the schedule (Goyal et al.: 5 above batch 256)."
+    )
+    lr_warmup_decay: float = Field(0.01, gt=0, le=1, description="Warmup starts at lr x this factor.")
+    lr_min: float = Field(0.0, ge=0, description="Final lr of the cosine schedule.")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the global gradient L2 norm to this; null = no clipping."
+    )
+    amp: Literal["bf16", "fp16", "off"] = Field(
+        "bf16", description="Autocast dtype for training and evaluation; fp16 adds a GradScaler; off = fp32."
+    )
+    channels_last: bool = Field(
+        True, description="NHWC memory format for model and batches (faster convolutions on GPUs)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (a one-off compile cost per worker).")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across workers (GPUs only; ignored with a message on CPU).")
     model_ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA.")
-    mixup_alpha: float = Field(0.0, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha); 0 = off.")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, description="CutMix Beta(alpha, alpha); 0 = off (with mixup, one of the two per batch)."
+    )
     auto_augment: Literal["ta_wide", "ra"] | None = None
-    train_crop_size: int = Field(224, ge=8, le=4096)
-    train_crop_min_scale: float = Field(0.08, gt=0, le=1)
-    val_resize_size: int = Field(256, ge=8, le=4096)
-    val_crop_size: int = Field(224, ge=8, le=4096)
+    train_crop_size: int = Field(224, ge=8, le=4096, description="Side of the RandomResizedCrop training crop, px.")
+    train_crop_min_scale: float = Field(
+        0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
+    )
+    val_resize_size: int = Field(256, ge=8, le=4096, description="Evaluation: the shorter side is resized to this, px.")
+    val_crop_size: int = Field(
+        224, ge=8, le=4096, description="Evaluation: side of the center crop after the resize, px."
+    )
     val_every_epochs: int = Field(
         1, ge=1, le=10_000, description="Validate every N epochs (and always after the last); epochs between "
         "report the last validation's errors."
@@ -139,7 +159,7 @@ class TrainParams(_Section):
         1.0, gt=0, le=512, description="CPUs reserved per training worker (also its torch threads). A GPU worker "
         "needs 1-2: decoding runs in Ray Data tasks on the node's other CPUs."
     )
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="One GPU per training worker (NCCL); evaluation then uses GPUs too.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts; -1 = forever.")
     storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
     pretrained: str | None = Field(
@@ -177,7 +197,9 @@ class TrainParams(_Section):
 
 
 class EvalParams(_Section):
-    batch_size: int = Field(256, ge=1, le=1 << 20)
+    batch_size: int = Field(
+        256, ge=1, le=1 << 20, description="Images per inference batch (a runtime knob: reruns nothing)."
+    )
     ten_crop: bool = Field(False, description="The paper's 10-crop test (sec. 3.4) instead of 1 center crop.")
     ray_min_images: int = Field(
         5000, ge=0, description="Val sets of at least this many images run as Ray Data batch inference over the "
@@ -266,11 +288,14 @@ class DegradationParams(_Section):
 
 class RegistryParams(_Section):
     model_name: str = Field("{arch}-{dataset}", description="Registered name; {arch} and {dataset} filled in.")
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    alias: str = Field(
+        "champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+        description="Alias moved to a new version only when it beats the current one on the same data.",
+    )
 
 
 class TrackingParams(_Section):
-    experiment: str = Field("resnet-pipeline", min_length=1)
+    experiment: str = Field("resnet-pipeline", min_length=1, description="MLflow experiment of every run.")
 
 
 class ClusterParams(_Section):
@@ -283,7 +308,7 @@ class ClusterParams(_Section):
 
 
 class Params(_Section):
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of initialisation, data order, augmentation and tuning.")
     data: DataParams = Field(default_factory=DataParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
@@ -357,3 +382,103 @@ def with_absolute_paths(p: Params, root: str | Path = ".") -> Params:
     data = p.data.model_copy(update={"raw_dir": fix(p.data.raw_dir), "shards_dir": fix(p.data.shards_dir)})
     train = p.train.model_copy(update={"storage_path": fix(p.train.storage_path)})
     return p.model_copy(update={"data": data, "train": train})
+
+
+# --- docs/parameters.md is generated from the field descriptions above (`make docs`; a test keeps it in sync) ---
+
+_SECTION_DOCS = {
+    "data": "Raw data, shards and preparation (docs/data.md).",
+    "model": "Which networks the DAG trains, and their construction options.",
+    "train": "The training recipe and its runtime knobs (docs/training.md).",
+    "eval": "The evaluate stage (docs/evaluation.md).",
+    "tune": "The Ray Tune search over learning rate and warmup (docs/training.md).",
+    "degradation": "The plain-vs-residual experiment (docs/degradation.md).",
+    "registry": "MLflow model registry names and the champion alias (docs/evaluation.md).",
+    "tracking": "MLflow tracking.",
+    "cluster": "How stages wait for an autoscaling cluster (docs/cluster.md).",
+}
+
+
+def _bounds(field: Any) -> str:
+    """A field's constraints as text: `>= 1, <= 100`, the choices of a Literal, a pattern."""
+    import types
+    import typing
+
+    parts = []
+    for meta in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >="),
+                           ("pattern", "matches")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sign} `{value}`")
+    choices: list[str] = []
+    union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+    for arg in typing.get_args(field.annotation) if union else (field.annotation,):
+        if typing.get_origin(arg) is Literal:
+            choices += [json.dumps(a) for a in typing.get_args(arg)]
+        elif arg is type(None):
+            choices.append("null")
+    if choices and any(c != "null" for c in choices):
+        parts.insert(0, "one of " + ", ".join(f"`{c}`" for c in choices))
+    elif choices:
+        parts.append("or `null`")
+    return "; ".join(parts)
+
+
+def parameters_markdown() -> str:
+    """The reference of every parameter: key, default, allowed values, meaning (docs/parameters.md)."""
+    lines = [
+        "# Parameters",
+        "",
+        "Every key of `params.yaml`, generated from the schema in `pipeline/config.py` (`make docs`; a test fails",
+        "when this page and the schema differ). Unknown keys and out-of-bounds values are refused with the key and",
+        "the file named. Override any key with `--set key.sub=value` on a stage, or `dvc exp run -S key=value`.",
+        "",
+    ]
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += rows(field.annotation, key + ".")
+                continue
+            default = field.get_default(call_default_factory=True)
+            desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| `{key}` | `{json.dumps(default)}` | {_bounds(field)} | {desc} |")
+        return out
+
+    header = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    top = [f for f, info in Params.model_fields.items()
+           if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))]
+    lines += ["## Top level", "", *header]
+    for name in top:
+        field = Params.model_fields[name]
+        lines.append(f"| `{name}` | `{json.dumps(field.get_default(call_default_factory=True))}` | {_bounds(field)} | "
+                     f"{field.description or ''} |")
+    for name, info in Params.model_fields.items():
+        if name in top:
+            continue
+        lines += ["", f"## `{name}`", "", _SECTION_DOCS.get(name, ""), "", *header, *rows(info.annotation, name + ".")]
+    return "\n".join(lines) + "\n"
+
+
+def undocumented_fields() -> list[str]:
+    """Keys whose schema field has no description (the generated reference would leave them unexplained)."""
+    missing: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, prefix + name + ".")
+            elif not field.description:
+                missing.append(prefix + name)
+
+    walk(Params, "")
+    return missing
+
+
+if __name__ == "__main__":  # `python -m pipeline.config docs/parameters.md` (what `make docs` runs)
+    import sys
+
+    Path(sys.argv[1]).write_text(parameters_markdown())

@@ -405,3 +405,25 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not start") from None
             time.sleep(0.2)
+
+
+# --- test tiers ------------------------------------------------------------------------------------------------
+# `make test-fast` (PIPELINE_TEST_TIER=fast) runs the tests without the markers below. So that a test which starts
+# Ray, a server or a CLI cannot slip into the fast tier unmarked, every new process started through `subprocess`
+# (Ray's raylet and GCS, `mlflow server`, moto, dvc, our CLIs) fails the test there, naming the marker to add.
+FAST_TIER_EXCLUDES = ("slow", "ray", "e2e", "server", "subprocess")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.environ.get("PIPELINE_TEST_TIER") != "fast":
+        return
+    if any(request.node.get_closest_marker(m) for m in FAST_TIER_EXCLUDES):
+        return
+    def refuse(self: subprocess.Popen, args: object, *a: object, **kw: object) -> None:
+        raise RuntimeError(
+            f"{request.node.nodeid} starts a process ({args!r}) in the fast tier: mark it "
+            "@pytest.mark.subprocess (or ray / server / e2e) so that `make test-fast` leaves it to `make test`"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

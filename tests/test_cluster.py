@@ -1,4 +1,4 @@
-"""The cluster path for real, on this machine (issue #8).
+"""The cluster path for real, on this machine.
 
 - A Ray head started the way the cluster configs start theirs (`ray start --head`, `RAY_AUTH_MODE=token` with a
   token file, the dashboard and its Jobs API on loopback, `PIPELINE_WORKSPACE` in the node's environment) runs
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent  # not resolved: .venv/bin/python is a symlink to the base interpreter
 RAY = str(VENV_BIN / "ray")
 
-# The documented submission (README "Run on a cluster", docs/cluster.md section 2; tests/test_infra.py holds
+# The documented submission (docs/cluster.md section 2; tests/test_infra.py holds
 # every documented command to this entrypoint and runtime env).
 RUNTIME_ENV = "infra/ray/runtime_env.yaml"
 ENTRYPOINT = ["bash", "infra/ray/entrypoint.sh"]

@@ -1,4 +1,4 @@
-"""Data on a real 2-node Ray cluster on this machine (issue #18): two `ray start` (a head and a worker node, one CPU
+"""Data on a real 2-node Ray cluster on this machine: two `ray start` (a head and a worker node, one CPU
 each, free ports, sessions of their own, torn down by session like tests/test_cluster.py's head).
 
 - Distributed prepare (`prepare_on: ray`, one task per shard on both nodes) writes exactly the bytes of the

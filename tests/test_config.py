@@ -121,3 +121,14 @@ def test_config_arch_names_are_the_model_registry() -> None:
     from pipeline.models import MODELS
 
     assert tuple(sorted(ARCHS)) == MODELS
+
+
+def test_parameters_doc_is_the_schema() -> None:
+    """docs/parameters.md is exactly what the schema generates, and every field explains itself."""
+    from pathlib import Path
+
+    from pipeline.config import parameters_markdown, undocumented_fields
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "parameters.md"
+    assert page.read_text() == parameters_markdown(), "docs/parameters.md is stale: run `make docs`"
+    assert undocumented_fields() == [], "give these fields a Field(description=...)"

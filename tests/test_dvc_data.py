@@ -1,4 +1,4 @@
-"""The shards under DVC (issue #18), with the real `dvc repro` in a temporary copy of the repository.
+"""The shards under DVC, with the real `dvc repro` in a temporary copy of the repository.
 
 - `dvc repro prepare` twice: the second does nothing; the shards are tracked but never copied into the DVC
   cache (stored once); downstream stages depend on data/dataset.json, the manifest's byte copy.

@@ -1,4 +1,4 @@
-"""Shards and checkpoints on an S3-compatible object store (issue #18), against a real server on loopback.
+"""Shards and checkpoints on an S3-compatible object store, against a real server on loopback.
 
 moto's server mode (`python -m moto.server`, installed from requirements.txt) is started and stopped by this
 module, on a free port; pyarrow's S3 filesystem reaches it through AWS_ENDPOINT_URL only (pyarrow itself
