@@ -4,8 +4,12 @@ ranks and batches are exact (torchvision's `evaluate` sums counts and checks the
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Manifest
 
 
 def topk_counts(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -204,7 +208,7 @@ def _local_predictions(files: list[str], tf: dict, ten_crop: bool, predictor_kwa
             yield predictor(decoded)
 
 
-def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: dict, *, batch_size: int,
+def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Manifest, *, batch_size: int,
               ten_crop: bool, concurrency: int | None = None, ray_min_images: int = 0,
               layout: dict | None = None) -> dict:
     import numpy as np

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from torch import nn
 from pipeline.config import Params
 from pipeline.data.shards import dataset_name
 from pipeline.data.transforms import MEAN, STD
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Manifest
 
 
 class InferenceModel(nn.Module):
@@ -56,7 +59,7 @@ def _pct(value: Any) -> str:
 
 def model_card(
     arch: str, meta: dict[str, Any], ev: dict[str, Any], dataset: str,
-    manifest: dict[str, Any] | None = None, lineage: dict[str, str] | None = None,
+    manifest: Manifest | None = None, lineage: dict[str, str] | None = None,
 ) -> str:
     """The registered version's description (Markdown): metrics, data, recipe, input/output, lineage and
     references, all read from the self-describing model dir (`meta`), the evaluation JSON and the manifest."""
@@ -199,7 +202,7 @@ def publish_model(
 
 
 def _register(
-    p: Params, arch: str, name: str, dataset: str, fp: str, manifest: dict[str, Any], model: nn.Module,
+    p: Params, arch: str, name: str, dataset: str, fp: str, manifest: Manifest, model: nn.Module,
     meta: dict[str, Any], ev: dict[str, Any], run_id: str, train_run_id: str,
 ) -> dict[str, Any]:
     from pipeline import tracking

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.evaluation import table_rows
 from pipeline.runtime import write_atomic, write_csv
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Manifest
 
 
 def _fmt(v: Any) -> str:
@@ -149,7 +152,7 @@ def per_class_rows(details: dict[str, dict[str, Any]], names: dict[str, str]) ->
     return lines
 
 
-def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | Path, manifest: dict[str, Any],
+def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | Path, manifest: Manifest,
                  out_dir: str | Path, details_dir: str | Path | None = None) -> list[dict[str, Any]]:
     import csv
 

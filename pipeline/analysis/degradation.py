@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch import nn
 
 from pipeline.config import Params, with_absolute_paths
 from pipeline.runtime import publish_dir, write_json
+
+if TYPE_CHECKING:
+    from pipeline.data.shards import Manifest
 
 FIGURE = "degradation.png"
 GRADIENT_FIGURE = "gradient_flow.png"
@@ -327,7 +330,7 @@ def _final(arch: str, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def is_synthetic(manifest: dict[str, Any]) -> bool:
+def is_synthetic(manifest: Manifest) -> bool:
     """The embedded generated set: its layout is "synthetic", or every class name says so."""
     if str(manifest.get("source", {}).get("layout", "")) == "synthetic":
         return True

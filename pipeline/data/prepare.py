@@ -42,7 +42,15 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import runtime
-from pipeline.data.shards import MANIFEST, MANIFEST_VERSION, ROW_GROUP_ROWS, encode_shard, shard_schema
+from pipeline.data.shards import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    ROW_GROUP_ROWS,
+    Manifest,
+    encode_shard,
+    shard_schema,
+    write_manifest,
+)
 from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
 
 REJECTED = "rejected.csv"
@@ -296,7 +304,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 # ------------------------------------------------------------------------------------------------- entry
 
 
-def same_dataset(manifest: dict[str, Any], raw_dir: str | os.PathLike[str], layout: str) -> bool:
+def same_dataset(manifest: Manifest, raw_dir: str | os.PathLike[str], layout: str) -> bool:
     """Whether a manifest was prepared from this raw dataset (same folder, same layout), whatever the options."""
     source = manifest.get("source") or {}
     old = str(source.get("raw_dir", ""))
@@ -374,7 +382,7 @@ def prepare_shards(
     shuffle_seed: int = 0,
     replace: bool = False,
     prepare_on: str = "auto",
-) -> dict[str, Any]:
+) -> Manifest:
     """Prepare `raw_dir` into Parquet shards under `out_dir` (a path or a URI); returns the manifest (also
     written there, last).
 
@@ -505,7 +513,7 @@ def prepare_shards(
             "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
             "shards": [{"path": r.path, "rows": r.rows, "nbytes": r.nbytes, "sha256": r.sha256} for r in mine],
         }
-    manifest: dict[str, Any] = {
+    manifest: Manifest = {
         "version": MANIFEST_VERSION,
         "source": {"layout": listing.layout, "raw_dir": os.fspath(raw_dir), "fingerprint": source_fp},
         "fingerprint": fingerprint,
@@ -516,11 +524,11 @@ def prepare_shards(
         "rejected": len(rejected),
         "options": options,
     }
-    runtime.write_json(manifest_at, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
-def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = None) -> dict[str, Any]:
+def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = None) -> Manifest:
     """prepare_shards with the `data` section of params.yaml (pipeline.config.DataParams). `record`: also
     copy the manifest, byte for byte, to this local file (the DVC stage's output that downstream stages
     depend on: the dataset's identity wherever the shards live)."""

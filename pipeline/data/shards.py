@@ -23,7 +23,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, get_type_hints
 
 from pipeline import runtime
 from pipeline.data.sources import SPLITS, DataError
@@ -92,14 +92,86 @@ def manifest_location(shards_dir: str | os.PathLike[str]) -> str:
     return runtime.join(_root(shards_dir), MANIFEST)
 
 
-def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+class ShardEntry(TypedDict):
+    path: str  # relative to shards_dir: "train/00000.parquet"
+    rows: int
+    nbytes: int  # checked against one listing at start-up
+    sha256: str  # checked while the shard is read
+
+
+class SplitEntry(TypedDict):
+    n_images: int
+    n_reencoded: int  # images prepare re-encoded (too large, not RGB JPEG)
+    class_counts: dict[str, int]  # wnid -> images
+    shards: list[ShardEntry]
+
+
+class ClassEntry(TypedDict):
+    index: int  # the label: position in sorted wnids
+    wnid: str
+    name: str
+
+
+class SourceEntry(TypedDict):
+    layout: str  # ilsvrc_tar | kaggle | folders | imagefolder
+    raw_dir: str
+    fingerprint: str  # of the raw listing (names, sizes, mtimes)
+
+
+class Manifest(TypedDict):
+    """`manifest.json`, written last by prepare: a manifest means a complete dataset."""
+
+    version: int  # MANIFEST_VERSION
+    source: SourceEntry
+    fingerprint: str  # the dataset's identity: source fingerprint + prepare options
+    classes: list[ClassEntry]
+    num_classes: int
+    splits: dict[str, SplitEntry]
+    n_inputs: int
+    rejected: int
+    options: dict[str, Any]  # the prepare options that shaped the shards
+
+
+def _missing_keys(obj: Any, schema: Any) -> list[str]:
+    """Keys of the TypedDict `schema` that `obj` lacks, dotted, nested entries included."""
+    if not isinstance(obj, dict):
+        return ["(not an object)"]
+    hints = get_type_hints(schema)
+    missing = [key for key in hints if key not in obj]
+    nested = {"source": SourceEntry}
+    for key, sub in nested.items():
+        if key in obj and key in hints:
+            missing += [f"{key}.{m}" for m in _missing_keys(obj[key], sub)]
+    if schema is Manifest:
+        for i, cls in enumerate(obj.get("classes") or []):
+            missing += [f"classes[{i}].{m}" for m in _missing_keys(cls, ClassEntry)]
+        for split, entry in (obj.get("splits") or {}).items():
+            missing += [f"splits.{split}.{m}" for m in _missing_keys(entry, SplitEntry)]
+            for i, shard in enumerate(entry.get("shards") or [] if isinstance(entry, dict) else []):
+                missing += [f"splits.{split}.shards[{i}].{m}" for m in _missing_keys(shard, ShardEntry)]
+    return missing
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Decode and check a manifest: every key of `Manifest` present, or ManifestError naming the file and keys."""
     try:
         manifest = json.loads(data.decode("utf-8"))
     except ValueError as exc:
         raise ManifestError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or "splits" not in manifest or "classes" not in manifest:
         raise ManifestError(f"{where} is not a shard manifest (no 'splits' or 'classes')")
-    return manifest
+    missing = _missing_keys(manifest, Manifest)
+    if missing:
+        raise ManifestError(
+            f"{where} was written by an older prepare or is damaged (missing {', '.join(missing[:5])}): run the "
+            "prepare stage again"
+        )
+    return manifest  # type: ignore[return-value]  (checked above)
+
+
+def write_manifest(shards_dir: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Write `manifest.json` atomically; prepare calls it last, after every shard is in place."""
+    runtime.write_json(manifest_location(shards_dir), manifest)
 
 
 def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
@@ -114,7 +186,7 @@ def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
 
 
-def dataset_name(manifest: dict[str, Any]) -> str:
+def dataset_name(manifest: Manifest) -> str:
     """The dataset's short name (registered models are `{arch}-{dataset}`; MLflow's dataset inputs use it)."""
     layout = manifest["source"]["layout"]
     if layout == "synthetic":
@@ -124,7 +196,7 @@ def dataset_name(manifest: dict[str, Any]) -> str:
     return "imagenet" if int(manifest["num_classes"]) == 1000 else f"imagenet{manifest['num_classes']}"
 
 
-def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def read_manifest(shards_dir: str | os.PathLike[str]) -> Manifest:
     return parse_manifest(read_manifest_bytes(shards_dir), manifest_location(shards_dir))
 
 
@@ -136,11 +208,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _split_entry(manifest: dict[str, Any], split: str, where: str) -> dict[str, Any]:
+def _split_entry(manifest: Manifest, split: str, where: str) -> SplitEntry:
     splits = manifest["splits"]
     if split not in splits:
         raise ManifestError(f"{where} has no split {split!r}; it has {sorted(splits)}")
-    entry: dict[str, Any] = splits[split]
+    entry: SplitEntry = splits[split]
     if entry["shards"] and "nbytes" not in entry["shards"][0]:
         raise ManifestError(f"{where} was written by an older prepare (no shard sizes): run the prepare stage again")
     return entry
@@ -164,7 +236,7 @@ def shard_files(
     return paths
 
 
-def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
+def _check_sizes(root: str, entries: list[ShardEntry], where: str) -> None:
     listings: dict[str, dict[str, int]] = {}
     for shard in entries:
         folder, _, name = shard["path"].rpartition("/")
@@ -181,7 +253,7 @@ def _check_sizes(root: str, entries: list[dict[str, Any]], where: str) -> None:
             )
 
 
-def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
+def _footer_problem(loc: str, shard: ShardEntry) -> str | None:
     import pyarrow.parquet as pq
 
 
@@ -199,7 +271,7 @@ def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_footers(paths: list[str], entries: list[dict[str, Any]]) -> None:
+def _check_footers(paths: list[str], entries: list[ShardEntry]) -> None:
     if len(paths) == 1 or not runtime.is_uri(paths[0]):
         problems = [_footer_problem(p, s) for p, s in zip(paths, entries, strict=True)]
     else:
@@ -313,7 +385,7 @@ def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
     return problems
 
 
-def class_names(manifest: dict[str, Any]) -> list[str]:
+def class_names(manifest: Manifest) -> list[str]:
     """Class names by label index."""
     return [c["name"] for c in sorted(manifest["classes"], key=lambda c: c["index"])]
 
