@@ -130,19 +130,10 @@ register_model = REGISTRY.register
 
 
 def register_builder(
-    name: str,
-    make: Callable[..., nn.Module],
-    *,
-    options: dict[str, Any],
-    doc: str,
-    layers: int,
-    family: Family,
-    block: str,
-    source: str,
-    reference_params: int | None = None,
-    paper_params_m: float | None = None,
+    name: str, make: Callable[..., nn.Module], *, options: dict[str, Any], doc: str, **spec: Any
 ) -> Callable[..., nn.Module]:
-    """Register ``make(**options)`` as the keyword-only builder ``name``.
+    """Register ``make(**options)`` as the keyword-only builder ``name``; ``spec`` is what
+    ``ModelRegistry.register`` records (layers, family, block, source, reference_params, paper_params_m).
 
     ``options`` are the builder's keywords and their defaults (what ``model_info(...)["defaults"]`` shows and
     ``build_model`` checks); every family registers its members through here instead of one closure each.
@@ -156,10 +147,7 @@ def register_builder(
     )
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = doc
-    return REGISTRY.register(
-        name, layers=layers, family=family, block=block, source=source,
-        reference_params=reference_params, paper_params_m=paper_params_m,
-    )(builder)
+    return REGISTRY.register(name, **spec)(builder)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
