@@ -27,7 +27,7 @@ test: setup
 
 # The inner loop: unit and pure-Python tests, no Ray, servers or subprocesses (the conftest refuses them there).
 test-fast: setup
-	PIPELINE_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow and not ray and not e2e and not server and not subprocess"
+	PIPELINE_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow and not ray and not e2e and not server and not subprocess and not heavy"
 
 test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow"

@@ -411,7 +411,17 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
 # `make test-fast` (PIPELINE_TEST_TIER=fast) runs the tests without the markers below. So that a test which starts
 # Ray, a server or a CLI cannot slip into the fast tier unmarked, every new process started through `subprocess`
 # (Ray's raylet and GCS, `mlflow server`, moto, dvc, our CLIs) fails the test there, naming the marker to add.
-FAST_TIER_EXCLUDES = ("slow", "ray", "e2e", "server", "subprocess")
+FAST_TIER_EXCLUDES = ("slow", "ray", "e2e", "server", "subprocess", "heavy")
+# Short-lived queries the library itself makes (`git rev-parse HEAD` for lineage, `uname -p` in platform info).
+ALLOWED_IN_FAST_TIER = ("git", "uname")
+# Fixtures that start a server: a test using one is marked `server` without saying so itself.
+SERVER_FIXTURES = ("server", "registered", "s3_endpoint")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if set(getattr(item, "fixturenames", ())) & set(SERVER_FIXTURES):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(autouse=True)
@@ -420,7 +430,13 @@ def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
         return
     if any(request.node.get_closest_marker(m) for m in FAST_TIER_EXCLUDES):
         return
+    original = subprocess.Popen.__init__
+
     def refuse(self: subprocess.Popen, args: object, *a: object, **kw: object) -> None:
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) and args else args).split()[0])
+        if program in ALLOWED_IN_FAST_TIER:
+            original(self, args, *a, **kw)
+            return
         raise RuntimeError(
             f"{request.node.nodeid} starts a process ({args!r}) in the fast tier: mark it "
             "@pytest.mark.subprocess (or ray / server / e2e) so that `make test-fast` leaves it to `make test`"

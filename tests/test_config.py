@@ -89,6 +89,7 @@ def test_absolute_paths_leave_uris_alone(tmp_path: Path) -> None:
         (["--params", "missing.yaml"], "missing.yaml"),
     ],
 )
+@pytest.mark.subprocess
 def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "stages.prepare", *args], cwd=tmp_path, env=env,
@@ -99,6 +100,7 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: li
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_empty_raw_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     params = tmp_path / "p.yaml"

@@ -59,6 +59,7 @@ def tiny_degradation_params(shards: Path, *sets: str):  # noqa: ANN201
     ])
 
 
+@pytest.mark.heavy
 def test_tiny_degradation_run_writes_figures_numbers_and_mlflow(synthetic_shards, mlflow_db, tmp_path) -> None:
     from pipeline import tracking
     from pipeline.analysis.degradation import run_degradation
@@ -115,6 +116,7 @@ def test_tiny_degradation_run_writes_figures_numbers_and_mlflow(synthetic_shards
     assert "val_top1_err/plain20" in tracking.run_metrics(parent)
 
 
+@pytest.mark.subprocess
 def test_disabled_stage_writes_only_a_summary(tmp_path: Path) -> None:
     """The real stage command with enabled=false: no data read (the shards path does not exist), nothing
     trained, no MLflow store touched, every declared output written; stale files of an earlier run go."""

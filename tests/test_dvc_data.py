@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import copy_repo, write_params
 
+pytestmark = pytest.mark.subprocess  # every test here runs a CLI, make or dvc
+
 TINY = {
     "data.synthetic.num_classes": 3,
     "data.synthetic.train_per_class": 8,

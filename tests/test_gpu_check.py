@@ -21,6 +21,8 @@ from bench.common import RECORD_KEYS
 from bench.gpu_check import FORBIDDEN_IMPORTS, HANG_ENV, INJECT_ENV, RefuseImports
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess  # every test here runs the check as a process, make or a script
+
 # Runs the check as `python -m bench.gpu_check` would, recording for every top-level module the file that first
 # imported it (the check's own guard sees only the refused ones); then writes {module: importer}.
 BOOTSTRAP = r"""

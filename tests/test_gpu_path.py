@@ -177,6 +177,7 @@ def test_two_workers_no_host_sync_in_the_step_and_a_fixed_number_of_collectives(
         assert {c["phase"] for c in trained} <= {"epoch_end", "checkpoint"}, trained
 
 
+@pytest.mark.heavy
 def test_validation_in_the_loop_gives_the_evaluate_stage_numbers(synthetic_shards, tmp_path) -> None:
     """Both go through `eval_logits` (same decode, normalisation, autocast dtype, EMA weights when on)."""
     from pipeline.evaluation import evaluate_model

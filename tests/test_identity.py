@@ -182,6 +182,7 @@ def committed_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ({"train.lr": 0.05}, {f"train@{a}" for a in Params().model.archs}),
     ({"train.batch_size": 32}, {"tune", *{f"train@{a}" for a in Params().model.archs}}),  # degradation: its own
 ])
+@pytest.mark.subprocess
 def test_dvc_status_reruns_only_what_an_edit_changes(committed_dag: Path, edit: dict[str, Any],
                                                      expected: set[str]) -> None:
     original = (committed_dag / "params.yaml").read_text()

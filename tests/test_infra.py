@@ -237,6 +237,7 @@ def test_rayjob_runs_the_documented_entrypoint_with_the_same_runtime_env() -> No
     assert job_env["working_dir"] == workdir
 
 
+@pytest.mark.subprocess
 def test_entrypoint_script_passes_bash_syntax_check() -> None:
     script = REPO / ENTRYPOINT_SCRIPT
     assert script.is_file()
@@ -279,6 +280,7 @@ def _run_entrypoint(src: Path, tmp_path: Path, env_extra: dict[str, str], *args:
     )
 
 
+@pytest.mark.subprocess
 def test_entrypoint_runs_dvc_without_git_in_the_persistent_workspace(tmp_path: Path) -> None:
     log = tmp_path / "dvc.log"
     _stub_dvc(tmp_path / "bin", log)
@@ -309,6 +311,7 @@ def test_entrypoint_runs_dvc_without_git_in_the_persistent_workspace(tmp_path: P
     assert "finished: exit code 0" in out.stdout
 
 
+@pytest.mark.subprocess
 def test_entrypoint_falls_back_to_the_image_commit_and_runs_in_place(tmp_path: Path) -> None:
     log = tmp_path / "dvc.log"
     _stub_dvc(tmp_path / "bin", log)
@@ -324,6 +327,7 @@ def test_entrypoint_falls_back_to_the_image_commit_and_runs_in_place(tmp_path: P
     assert (src / "dvc.lock").read_text() == "laptop lock\n"
 
 
+@pytest.mark.subprocess
 def test_entrypoint_refuses_a_folder_that_is_not_the_repository(tmp_path: Path) -> None:
     _stub_dvc(tmp_path / "bin", tmp_path / "dvc.log")
     empty = tmp_path / "empty"
@@ -539,6 +543,7 @@ def _run_mlflow_entrypoint(tmp_path: Path, env_extra: dict[str, str]) -> subproc
     )
 
 
+@pytest.mark.subprocess
 def test_mlflow_entrypoint_builds_uris_and_a_private_auth_config(tmp_path: Path) -> None:
     password = "p@ss:w/rd%"  # every character that breaks a URI or configparser
     out = _run_mlflow_entrypoint(tmp_path, {"POSTGRES_PASSWORD": password, "POSTGRES_HOST": "db"})
@@ -554,6 +559,7 @@ def test_mlflow_entrypoint_builds_uris_and_a_private_auth_config(tmp_path: Path)
     assert config["mlflow"]["default_permission"] == "READ"
 
 
+@pytest.mark.subprocess
 def test_mlflow_entrypoint_refuses_to_start_without_a_database(tmp_path: Path) -> None:
     out = _run_mlflow_entrypoint(tmp_path, {})
     assert out.returncode != 0

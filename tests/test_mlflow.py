@@ -438,6 +438,7 @@ def test_system_metrics_logged_for_an_explicit_run_id(server: dict[str, Any]) ->
 # --- credentials ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_basic_auth_server_takes_credentials_from_env_and_stores_none(tmp_path: Path) -> None:
     """serve.sh with MLflow's basic-auth app: the server refuses anonymous requests; the pipeline's tracking
     calls authenticate with MLFLOW_TRACKING_USERNAME/PASSWORD from the environment; the password appears

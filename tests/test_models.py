@@ -94,7 +94,10 @@ def _input(size: int, seed: int = 0, batch: int = 2, channels: int = 3) -> Tenso
 # --- torchvision equivalence (a fixed interface: torchvision's keys and outputs) --------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if "wide" in n or "101" in n or "152" in n else n
+             for n in sorted(REFERENCE_PARAMS)]
+)
 def test_loads_torchvision_state_dict_and_gives_same_logits(name: str) -> None:
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)(weights=None).eval()
@@ -115,6 +118,7 @@ def test_loads_torchvision_state_dict_and_gives_same_logits(name: str) -> None:
     assert model_info(name)["reference_params"] == REFERENCE_PARAMS[name]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2"])
 def test_larger_variants_match_reference_param_counts(name: str) -> None:
     # Building torchvision's copies too would double the time; the count and the layout suffice here.
@@ -354,6 +358,7 @@ def test_checkpoint_activations_same_gradients_and_bn_statistics(name: str, size
     assert calls["checkpointed"] == 3  # no checkpointing outside training with grad
 
 
+@pytest.mark.heavy
 def test_checkpoint_activations_under_torch_compile() -> None:
     # The training loop may wrap the model in torch.compile; dynamo refuses a custom checkpoint context_fn,
     # so the compiled path checkpoints without it (aot_eager: no C++ toolchain needed, still traces AC).
@@ -413,7 +418,9 @@ def test_models_lists_every_family_sorted() -> None:
     assert expected <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if n == "resnet1202" else n for n in MODELS]
+)
 def test_output_shape_and_info(name: str) -> None:
     info = model_info(name)
     assert info["family"] in ("imagenet", "cifar")

@@ -38,6 +38,7 @@ def _torchvision_predictions(model: torch.nn.Module, files: list[Path]) -> list[
         return model(x).argmax(dim=1).tolist()
 
 
+@pytest.mark.ray
 def test_reference_row_is_torchvision_weights_through_our_evaluation(torch_home: Path, tmp_path: Path) -> None:
     """A 1000-class ImageFolder set whose val images are filed under the class torchvision's own pipeline
     predicts for them: torchvision's top-1 error is 0% by construction, so ours must be exactly 0% too; any
@@ -143,6 +144,7 @@ def test_init_from_pretrained_keeps_the_backbone_and_replaces_a_foreign_head() -
         init_from_pretrained(build_model("resnet34", num_classes=1000), state)
 
 
+@pytest.mark.subprocess
 def test_train_pretrained_without_weights_is_a_clear_error(torch_home: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
