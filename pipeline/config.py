@@ -62,6 +62,14 @@ class DataParams(_Section):
         "auto = Ray when RAY_ADDRESS is set. Never changes the output."
     )
     max_rejected: float = Field(0.001, ge=0, description="<1: fraction of inputs; >=1: a count.")
+    minival_per_class: int = Field(
+        10, ge=0, le=100_000, description="Train images per class that prepare holds out as the `minival` "
+        "split (seeded, class-balanced): what tune selects lr and warmup on, so the val set is only ever "
+        "evaluated; 0 = no minival (the tune stage then refuses to run)."
+    )
+    minival_seed: int = Field(
+        0, ge=0, description="Seed of the minival draw (which train images of each class are held out)."
+    )
 
 
 class ModelParams(_Section):
@@ -122,7 +130,14 @@ class TrainParams(_Section):
         1, ge=1, le=10_000, description="Validate every N epochs (and always after the last); epochs between "
         "report the last validation's errors."
     )
-    use_tuned: bool = Field(True, description="Take lr and lr_warmup_epochs from tune/best.json.")
+    use_tuned: bool = Field(
+        True, description="Take lr and lr_warmup_epochs from tune/best.json: the arch's own tuned entry, else "
+        "the tuned arch of the same kind (family and block) nearest in depth (docs/tuning.md)."
+    )
+    include_minival: bool = Field(
+        True, description="Final training reads the full train set (train plus the minival split tune selected "
+        "on); false = train minus minival, the data the tune trials trained on."
+    )
     num_workers: int = Field(2, ge=0, le=4096, description="Ray Train workers; 0 = in-process (tests).")
     cpus_per_worker: float = Field(
         1.0, gt=0, le=512, description="CPUs reserved per training worker (also its torch threads). A GPU worker "
@@ -185,7 +200,11 @@ class EvalParams(_Section):
 
 
 class TuneParams(_Section):
-    arch: str = "resnet18"
+    archs: list[str] = Field(
+        default_factory=lambda: ["resnet18", "resnet50"], min_length=1,
+        description="Architectures searched, one ASHA search each; every arch of model.archs takes the lr of "
+        "its own entry or of the listed arch of its kind (family and block: basic vs bottleneck) nearest in depth.",
+    )
     num_samples: int = Field(8, ge=1, le=10_000)
     epochs: int = Field(3, ge=1, le=1000, description="Max epochs per trial (ASHA's max_t).")
     lr_low: float = Field(0.01, gt=0)
@@ -202,7 +221,14 @@ class TuneParams(_Section):
     train_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of the train shards a trial reads (shards hold mixed classes)."
     )
-    time_budget_s: float = Field(600, gt=0, description="Tuner stops starting/continuing trials after this.")
+    time_budget_s: float = Field(
+        600, gt=0, description="Per tuned arch: its search stops starting/continuing trials after this."
+    )
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        return _check_archs(archs)
 
     @model_validator(mode="after")
     def _bounds(self) -> TuneParams:
@@ -282,6 +308,22 @@ class Params(_Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     cluster: ClusterParams = Field(default_factory=ClusterParams)
+
+    @model_validator(mode="after")
+    def _every_arch_has_a_tuned_kind(self) -> Params:
+        # With use_tuned, each trained arch takes the lr tuned for its kind of network (pipeline.tuning's
+        # transfer rule); an arch of a kind that tune never searches would silently get another kind's rate.
+        if self.train.use_tuned:
+            from pipeline.tuning import lr_source_arch, network_kind
+
+            lost = [a for a in self.model.archs if lr_source_arch(a, self.tune.archs) is None]
+            if lost:
+                kinds = sorted({"/".join(network_kind(a)) for a in lost})
+                raise ValueError(
+                    f"tune.archs {self.tune.archs} has no arch of the kind of {lost} ({', '.join(kinds)}): add one "
+                    "to tune.archs, or set train.use_tuned: false to train them with train.lr"
+                )
+        return self
 
     def digest(self) -> str:
         """A short hash of the resolved parameters (tagged on every MLflow run)."""

@@ -13,6 +13,10 @@ Verification is split so that it scales with the files a run reads, not with the
   sha256 against the JPEG decoding that follows (a few per cent of it), which is why no faster checksum
   is recorded next to it;
 - `verify_shards` (`python -m stages.prepare --verify`): everything, every byte, on demand.
+
+Audit: with the environment variable PIPELINE_SHARD_READ_LOG set to a file path, every footer check and every
+verified read appends one line `footer|bytes<TAB>location` to that file, from whichever process (Ray task, Train
+worker, Tune trial) does it; tests/test_tuning.py uses it to show that tune never opens a val shard.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 2: every shard entry has `nbytes` (start-up size check) besides rows and sha256
 # Footers are read with this many threads: one small ranged GET each on an object store.
 FOOTER_THREADS = 16
+
+
+READ_LOG_ENV = "PIPELINE_SHARD_READ_LOG"
+
+
+def record_read(kind: str, loc: str) -> None:
+    """Append `kind<TAB>loc` to the file named by PIPELINE_SHARD_READ_LOG, if set (one short O_APPEND write per
+    shard: whole lines even from concurrent processes on a local disk)."""
+    log = os.environ.get(READ_LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"{kind}\t{loc}\n")
 
 
 class ManifestError(DataError):
@@ -148,6 +164,7 @@ def _footer_problem(loc: str, shard: dict[str, Any]) -> str | None:
 
     from pipeline.data.prepare import SHARD_SCHEMA
 
+    record_read("footer", loc)
     fs, path = storage.resolve(loc)
     try:
         # A HEAD and one or two ranged GETs on an object store: kilobytes, whatever the shard's size.
@@ -177,7 +194,9 @@ def _check_footers(paths: list[str], entries: list[dict[str, Any]]) -> None:
 
 
 def check_shard_bytes(loc: str, data: bytes | memoryview, nbytes: int, sha256: str) -> None:
-    """Refuse a shard whose bytes are not the ones prepare recorded; the message names it."""
+    """Refuse a shard whose bytes are not the ones prepare recorded; the message names it. Every verified read
+    of shard bytes comes through here (read_shard, the Ray Data read task), hence the audit record."""
+    record_read("bytes", loc)
     if len(data) != nbytes:
         raise ShardChecksumError(
             f"shard {loc} has {len(data)} bytes, the manifest says {nbytes}: rerun the prepare stage"
@@ -247,10 +266,11 @@ def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
         problems.append("class indices are not 0..K-1 over sorted wnids")
     if manifest.get("num_classes") != len(wnids):
         problems.append(f"num_classes {manifest.get('num_classes')} != {len(wnids)} classes listed")
-    for split in SPLITS:
+    for split in (*SPLITS, "minival"):
         entry = manifest["splits"].get(split)
         if entry is None:
-            problems.append(f"manifest has no {split} split")
+            if split != "minival":  # manifests from before the minival split have none
+                problems.append(f"manifest has no {split} split")
             continue
         present = storage.list_files(storage.join(root, split))
         listed = set()
