@@ -157,9 +157,11 @@ def _trial(config: dict[str, Any]) -> None:
 
 def selection_split(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     """The manifest's minival entry; a clear error when prepare carved none (tune must not fall back to val)."""
+    from pipeline.data.sources import DataError
+
     entry = (manifest.get("splits") or {}).get(SELECT_SPLIT) or {}
     if int(entry.get("n_images", 0)) < 1:
-        raise ValueError(
+        raise DataError(
             f"{where} has no {SELECT_SPLIT} split (images held out of train for tune to select on): set "
             "data.minival_per_class >= 1 and rerun the prepare stage; tune never selects on the val set"
         )
