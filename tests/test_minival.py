@@ -194,3 +194,19 @@ def test_minival_shards_hold_no_val_or_train_row(minival_shards: Path) -> None:
     wnids = [c["wnid"] for c in m["classes"]]
     for key, label, wnid in zip(*(table.column(c).to_pylist() for c in ("key", "label", "wnid")), strict=True):
         assert key.startswith(f"train/{wnid}/") and wnids[label] == wnid
+
+
+@pytest.mark.parametrize("include, expected", [
+    (True, "trained on train + minival: the full train set (160 images)"),
+    (False, "trained on train minus minival (144 images)"),
+])
+def test_model_card_says_what_the_model_trained_on(include: bool, expected: str) -> None:
+    from pipeline.registry import model_card
+
+    meta = {"eval_transform": {"resize": 36, "crop": 32}, "num_classes": 4, "data_fingerprint": "x" * 64,
+            "config": {"train": {"epochs": 2, "include_minival": include}}, "epochs_trained": 2}
+    ev = {"top1_err": 10.0, "top5_err": 0.0, "n_images": 16, "num_classes": 4, "data_fingerprint": "x" * 64}
+    manifest = {"source": {"layout": "synthetic"}, "num_classes": 4, "fingerprint": "x" * 64,
+                "splits": {"train": {"n_images": 144}, "minival": {"n_images": 16}, "val": {"n_images": 16}}}
+    card = model_card("resnet18", meta, ev, "synthetic", manifest)
+    assert expected in card and "the 16 minival images (held out of train by prepare) chose the learning rate" in card
