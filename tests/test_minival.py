@@ -210,3 +210,29 @@ def test_model_card_says_what_the_model_trained_on(include: bool, expected: str)
                 "splits": {"train": {"n_images": 144}, "minival": {"n_images": 16}, "val": {"n_images": 16}}}
     card = model_card("resnet18", meta, ev, "synthetic", manifest)
     assert expected in card and "the 16 minival images (held out of train by prepare) chose the learning rate" in card
+
+
+def test_report_stage_files_carry_each_rows_lr_source(tmp_path: Path, minival_shards: Path) -> None:
+    # build_report over the files the DAG writes (metrics/eval, metrics/train): the table's "lr (from)" column,
+    # the provenance lines and the CSV's lr columns.
+    import csv
+
+    from pipeline.report import build_report
+
+    best = _best(tmp_path)
+    for d in ("eval", "train", "curves"):
+        (tmp_path / d).mkdir()
+    for arch in ("resnet18", "resnet34"):
+        (tmp_path / "eval" / f"{arch}.json").write_text(json.dumps(
+            {"arch": arch, "top1_err": 50.0, "top5_err": 0.0, "n_images": 16, "num_classes": 4, "protocol": "p"}))
+        lr, _, src = tuned_lr_for(best, arch, 64, 2)
+        (tmp_path / "train" / f"{arch}.json").write_text(json.dumps(
+            {"epochs": 2, "train_time_s": 1.0, "images_per_s": 10.0, "lr_source": src,
+             "train_splits": ["train", "minival"], "n_train_images": 160}))
+    rows = build_report(tmp_path / "eval", tmp_path / "train", tmp_path / "curves", read_manifest(minival_shards),
+                        tmp_path / "out")
+    md = (tmp_path / "out" / "error_table.md").read_text()
+    assert "| 0.1 (resnet18 @ minival) |" in md  # 0.05 at batch 32 -> 0.1 at 64, both rows
+    assert "- resnet34: lr 0.1 at batch 64 from" in md and "transferred: same kind imagenet/basic" in md
+    table = list(csv.DictReader((tmp_path / "out" / "error_table.csv").open()))
+    assert [r["lr_selected_on"] for r in table] == ["minival", "minival"] and len(rows) == 2
