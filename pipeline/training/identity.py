@@ -72,6 +72,7 @@ TUNE = (
 # options (pipeline.analysis.degradation.recipe_params); degradation.threads is a thread count.
 DEGRADATION = (
     "seed", *RECIPE,
+    "train.include_minival",  # its runs read train + minival like train@ARCH (pipeline.training.trainer.make_job)
     "degradation.enabled", "degradation.archs", "degradation.epochs", "degradation.batch_size", "degradation.lr",
     "degradation.lr_warmup_epochs", "degradation.train_images", "degradation.shortcut",
     "degradation.zero_init_residual", "degradation.grad_batch",
