@@ -15,22 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.archs import ARCHS, lr_source_arch, network_kind
+
 
 class ParamsError(ValueError):
     """A parameter file or override is wrong; the message names the file and the key."""
-
-
-# The networks pipeline.models builds (tests/test_config.py keeps this equal to its registry). Spelled out here
-# so that validating params imports no model code: every stage loads params, and a stage's DVC deps are the
-# code it imports, so an import of pipeline.models here would make an edit to a model rerun data preparation.
-ARCHS: tuple[str, ...] = (
-    "plain110", "plain18", "plain20", "plain32", "plain34", "plain44", "plain50", "plain56",
-    "preact_resnet101", "preact_resnet110", "preact_resnet152", "preact_resnet164", "preact_resnet18",
-    "preact_resnet34", "preact_resnet50",
-    "resnet101", "resnet110", "resnet1202", "resnet152", "resnet18", "resnet20", "resnet32", "resnet34",
-    "resnet44", "resnet50", "resnet56",
-    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "wide_resnet101_2", "wide_resnet50_2",
-)
 
 
 def _check_archs(archs: list[str]) -> list[str]:
@@ -73,6 +62,14 @@ class DataParams(_Section):
         "auto = Ray when RAY_ADDRESS is set. Never changes the output."
     )
     max_rejected: float = Field(0.001, ge=0, description="<1: fraction of inputs; >=1: a count.")
+    minival_per_class: int = Field(
+        10, ge=0, le=100_000, description="Train images per class that prepare holds out as the `minival` "
+        "split (seeded, class-balanced): what tune selects lr and warmup on, so the val set is only ever "
+        "evaluated; 0 = no minival (the tune stage then refuses to run)."
+    )
+    minival_seed: int = Field(
+        0, ge=0, description="Seed of the minival draw (which train images of each class are held out)."
+    )
 
 
 class ModelParams(_Section):
@@ -153,7 +150,14 @@ class TrainParams(_Section):
         1, ge=1, le=10_000, description="Validate every N epochs (and always after the last); epochs between "
         "report the last validation's errors."
     )
-    use_tuned: bool = Field(True, description="Take lr and lr_warmup_epochs from tune/best.json.")
+    use_tuned: bool = Field(
+        True, description="Take lr and lr_warmup_epochs from tune/best.json: the arch's own tuned entry, else "
+        "the tuned arch of the same kind (family and block) nearest in depth (docs/tuning.md)."
+    )
+    include_minival: bool = Field(
+        True, description="Final training reads the full train set (train plus the minival split tune selected "
+        "on); false = train minus minival, the data the tune trials trained on."
+    )
     num_workers: int = Field(2, ge=0, le=4096, description="Ray Train workers; 0 = in-process (tests).")
     cpus_per_worker: float = Field(
         1.0, gt=0, le=512, description="CPUs reserved per training worker (also its torch threads). A GPU worker "
@@ -218,15 +222,24 @@ class EvalParams(_Section):
 
 
 class TuneParams(_Section):
-    arch: str = "resnet18"
-    num_samples: int = Field(8, ge=1, le=10_000)
+    archs: list[str] = Field(
+        default_factory=lambda: ["resnet18", "resnet50"], min_length=1,
+        description="Architectures searched, one ASHA search each; every arch of model.archs takes the lr of "
+        "its own entry or of the listed arch of its kind (family and block: basic vs bottleneck) nearest in depth.",
+    )
+    num_samples: int = Field(8, ge=1, le=10_000, description="Trials per tuned arch (random search under ASHA).")
     epochs: int = Field(3, ge=1, le=1000, description="Max epochs per trial (ASHA's max_t).")
-    lr_low: float = Field(0.01, gt=0)
-    lr_high: float = Field(1.0, gt=0)
-    lr_warmup_epochs: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(2, ge=2)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    lr_low: float = Field(0.01, gt=0, description="Lower end of the log-uniform lr range searched.")
+    lr_high: float = Field(1.0, gt=0, description="Upper end of the log-uniform lr range searched.")
+    lr_warmup_epochs: list[int] = Field(
+        default_factory=lambda: [0, 1], min_length=1,
+        description="Warmup epochs a trial draws from (each < tune.epochs).",
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: 1/this of the trials continue at each rung.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; null = as many as the cluster fits (or num_samples on a growable one)."
+    )
     workers_per_trial: int = Field(
         0, ge=0, le=4096,
         description="Ray Train workers per trial; 0 = the trial trains in its own process (cheap start-up on "
@@ -235,7 +248,14 @@ class TuneParams(_Section):
     train_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of the train shards a trial reads (shards hold mixed classes)."
     )
-    time_budget_s: float = Field(600, gt=0, description="Tuner stops starting/continuing trials after this.")
+    time_budget_s: float = Field(
+        600, gt=0, description="Per tuned arch: its search stops starting/continuing trials after this."
+    )
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, archs: list[str]) -> list[str]:
+        return _check_archs(archs)
 
     @model_validator(mode="after")
     def _bounds(self) -> TuneParams:
@@ -318,6 +338,20 @@ class Params(_Section):
     registry: RegistryParams = Field(default_factory=RegistryParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     cluster: ClusterParams = Field(default_factory=ClusterParams)
+
+    @model_validator(mode="after")
+    def _every_arch_has_a_tuned_kind(self) -> Params:
+        # With use_tuned, each trained arch takes the lr tuned for its kind of network (pipeline.archs'
+        # transfer rule); an arch of a kind that tune never searches would silently get another kind's rate.
+        if self.train.use_tuned:
+            lost = [a for a in self.model.archs if lr_source_arch(a, self.tune.archs) is None]
+            if lost:
+                kinds = sorted({"/".join(network_kind(a)) for a in lost})
+                raise ValueError(
+                    f"tune.archs {self.tune.archs} has no arch of the kind of {lost} ({', '.join(kinds)}): add one "
+                    "to tune.archs, or set train.use_tuned: false to train them with train.lr"
+                )
+        return self
 
     def digest(self) -> str:
         """A short hash of the resolved parameters (tagged on every MLflow run)."""

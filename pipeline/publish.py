@@ -81,8 +81,14 @@ def model_card(
     if manifest is not None:
         n_train = manifest.get("splits", {}).get("train", {}).get("n_images", "?")
         n_val = manifest.get("splits", {}).get("val", {}).get("n_images", "?")
+        n_mini = int(manifest.get("splits", {}).get("minival", {}).get("n_images", 0))
         lines.append(f"- dataset `{dataset}` (source layout `{manifest['source']['layout']}`): {n_train} train / "
                      f"{n_val} val images, {manifest.get('num_classes')} classes.")
+        if n_mini:  # the lr was selected on minival, held out of train; say what the final model trained on
+            full = tp.get("include_minival", True)
+            lines.append(f"- trained on {'train + minival: the full train set' if full else 'train minus minival'} "
+                         f"({int(n_train) + n_mini if full else n_train} images); the {n_mini} minival images "
+                         "(held out of train by prepare) chose the learning rate, the val set chose nothing.")
     eval_fp = str(ev.get("data_fingerprint") or (manifest or {}).get("fingerprint") or meta.get("data_fingerprint"))
     train_fp = str(meta.get("data_fingerprint"))
     lines.append(f"- data fingerprint (evaluation) `{eval_fp}`"

@@ -39,8 +39,47 @@ def reference_weights_note(rows: list[dict[str, Any]], references: dict[str, dic
     return "Reference weights: " + " ".join(parts)
 
 
+def lr_cell(source: dict[str, Any] | None) -> str:
+    """The table's short "lr (from)" cell: the lr trained with and the search or params it came from."""
+    if not source:
+        return "—"
+    lr = f"{float(source['lr']):.4g}"
+    if source.get("from") == "params":
+        return f"{lr} (params)"
+    return f"{lr} ({source.get('tuned_arch')} @ {source.get('selected_on')})"
+
+
+def lr_provenance_lines(trains: dict[str, dict[str, Any]], archs: list[str]) -> list[str]:
+    """One bullet per row: which lr it trained with, which tune search chose it on which split (or that it is
+    the params' lr), the linear-rule rescaling, and which splits the final model trained on."""
+    lines = []
+    for arch in archs:
+        tr = trains.get(arch) or {}
+        src = tr.get("lr_source")
+        if not src:
+            lines.append(f"- {arch}: no record of where its lr came from (trained before lr provenance was kept).")
+            continue
+        data = " + ".join(tr.get("train_splits") or ["train"])
+        full = "the full train set" if "minival" in (tr.get("train_splits") or []) else \
+            "train minus minival (train.include_minival: false)"
+        trained = f"trained on {data} ({tr.get('n_train_images', '?')} images, {full})"
+        if src.get("from") == "params":
+            lines.append(f"- {arch}: lr {float(src['lr']):.4g} at batch {src.get('batch_size')} from params "
+                         f"(train.lr; {src.get('why')}); {trained}.")
+            continue
+        lines.append(
+            f"- {arch}: lr {float(src['lr']):.4g} at batch {src['batch_size']} from {src.get('from')}: "
+            f"{src.get('tuned_arch')}'s search ({src.get('rule')}), selected on the **{src.get('selected_on')}** "
+            f"split ({src.get('selection_images')} train images held out; {src.get('selected_on')} top-1 err "
+            f"{_fmt(src.get('selection_top1_err'))}%), tuned lr {float(src['tuned_lr']):.4g} at trial batch "
+            f"{src.get('tuned_batch_size')} (rescaled: {src.get('scaled')}), warmup "
+            f"{src.get('tuned_lr_warmup_epochs')} epochs; {trained}.")
+    return lines
+
+
 def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures: list[str],
-                    references: dict[str, dict[str, Any]] | None = None) -> str:
+                    references: dict[str, dict[str, Any]] | None = None,
+                    trains: dict[str, dict[str, Any]] | None = None) -> str:
     synthetic = dataset.get("layout") == "synthetic"
     lines = ["# ResNet error table", ""]
     if synthetic:
@@ -55,8 +94,8 @@ def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures
         "",
         "| model | layers | params (M) | top-1 err | top-5 err | chance top-1 | cheatsheet top-1 / top-5 "
         "| paper top-1 / top-5 (10-crop) | torchvision weights, our eval, top-1 / top-5 | Δ top-1 vs cheatsheet "
-        "| epochs | train time (s) | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| epochs | lr (from) | train time (s) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -64,10 +103,15 @@ def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures
             f"{_fmt(r['top5_err'])} | {_fmt(r['chance_top1_err'])} | {_fmt(r['cheatsheet_top1_err'])} / "
             f"{_fmt(r['cheatsheet_top5_err'])} | {_fmt(r['paper_top1_err'])} / {_fmt(r['paper_top5_err'])} | "
             f"{_fmt(r['torchvision_top1_err'])} / {_fmt(r['torchvision_top5_err'])} | "
-            f"{_fmt(r['diff_top1_vs_cheatsheet'])} | {_fmt(r['epochs'])} | {_fmt(r['train_time_s'])} | "
+            f"{_fmt(r['diff_top1_vs_cheatsheet'])} | {_fmt(r['epochs'])} | {_fmt(r.get('lr_from'))} | "
+            f"{_fmt(r['train_time_s'])} | "
             f"{_fmt(r['images_per_s'])} |"
         )
     lines += ["", reference_weights_note(rows, references or {})]
+    if trains is not None:
+        # The table's numbers are on val; no lr was chosen on it (tune selects on minival, held out of train).
+        lines += ["", "Where each row's learning rate came from (the val set above chose none of them):", "",
+                  *lr_provenance_lines(trains, [r["arch"] for r in rows])]
     proto = rows[0]["protocol"] if rows else ""
     lines += ["", f"Protocol (ours): {proto}. Cheatsheet = torchvision V1 weights (resize 256, center crop 224); "
               "paper = He et al. 2015, Table 3 (10-crop); ResNet-18's paper entry is Table 2 (top-1 only).", ""]
@@ -167,6 +211,11 @@ def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | P
     nc = int(manifest["num_classes"])
     counts = {ev["arch"]: count_params(build_model(ev["arch"], num_classes=nc)) for ev in evals}
     rows = table_rows(evals, trains, counts)
+    for r in rows:  # the lr each row trained with, and what chose it (tune search + split, or params)
+        src = (trains.get(r["arch"]) or {}).get("lr_source")
+        r["lr"] = None if not src else float(src["lr"])
+        r["lr_from"] = lr_cell(src) if src else None
+        r["lr_selected_on"] = None if not src else (src.get("selected_on") or src.get("from"))
     curves = {}
     for r in rows:
         f = Path(curve_dir) / f"{r['arch']}.csv"
@@ -186,7 +235,7 @@ def build_report(eval_dir: str | Path, train_dir: str | Path, curve_dir: str | P
     dataset = {**manifest["source"], "num_classes": nc, "n_val": manifest["splits"]["val"]["n_images"],
                "fingerprint": manifest["fingerprint"]}
     references = {ev["arch"]: ev["torchvision_reference"] for ev in evals if ev.get("torchvision_reference")}
-    md = render_markdown(rows, dataset, figures, references)
+    md = render_markdown(rows, dataset, figures, references, trains)
     per_class = per_class_rows(details, {c["wnid"]: c["name"] for c in manifest["classes"]})
     if per_class:
         md += "\n## Per-class top-1 error (%)\n\n" + "\n".join(per_class) + "\n"

@@ -207,6 +207,7 @@ def log_shards_input(run_id: str, manifest: Mapping[str, Any], shards_dir: str |
     log_dataset(run_id, dataset_name(dict(manifest)), str(manifest["fingerprint"]), str(shards_dir), context,
                 profile={"num_classes": manifest.get("num_classes"),
                          "train_images": splits.get("train", {}).get("n_images"),
+                         "minival_images": splits.get("minival", {}).get("n_images", 0),
                          "val_images": splits.get("val", {}).get("n_images")})
 
 

@@ -1,5 +1,16 @@
 """Ray Tune search over learning rate and warmup with ASHA (Train V2 pattern: Tuner over a driver
-function that starts one TorchTrainer per trial and reports through TuneReportCallback)."""
+function that starts one TorchTrainer per trial and reports through TuneReportCallback).
+
+What a search may look at (docs/tuning.md):
+- trials train on the `train` split (train minus minival) and are scored on `minival`, the seeded,
+  class-balanced slice of train that prepare holds out; the val set is never opened by a trial (the val set
+  is what the error table reports, so selecting on it would be test-set leakage);
+- one ASHA search per arch of `tune.archs`; every trained arch takes the lr of its own entry, else of the
+  tuned arch of its kind (family and block: basic vs bottleneck) nearest in depth (`lr_source_arch`);
+- a trial trains with the final run's per-worker batch (train.batch_size / train.num_workers) on
+  max(tune.workers_per_trial, 1) workers, so batch norm sees the batch it will see in the real run; its
+  global batch is recorded and training rescales the lr from it by the linear scaling rule.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.archs import network_kind
 from pipeline.config import Params, with_absolute_paths
+from pipeline.training.tuned import BEST_VERSION
 
 # A trial's driver function only waits on its TorchTrainer: it needs no real CPU, and asking Tune's default
 # 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (seen).
@@ -16,6 +29,19 @@ TRIAL_DRIVER_CPUS = 0.01
 # Logical CPUs left to Ray Data (file listing, reads, decode) next to the trials' workers: with less,
 # every trial's ingest waits on a 0-CPU budget forever (seen on 2 cores).
 DATA_CPU_RESERVE = 1.5
+# The split trials are scored on; tune/best.json and the report name it.
+SELECT_SPLIT = "minival"
+TRANSFER_RULE = ("an arch takes its own tuned lr; otherwise that of the tuned arch of the same kind (model family "
+                 "and block type, e.g. imagenet/basic for ResNet-18/34, imagenet/bottleneck for ResNet-50/101/152) "
+                 "nearest in depth (the shallower on a tie), rescaled to train.batch_size by the linear rule")
+
+
+def trial_batch(p: Params) -> tuple[int, int]:
+    """(global batch of one trial, per-worker batch): the final run's per-worker batch (train.batch_size split
+    over train.num_workers, as the training loop splits it) times the trial's workers, so each trial's batch norm
+    and gradient noise per worker are the real run's."""
+    per_worker = max(p.train.batch_size // max(p.train.num_workers, 1), 1)
+    return per_worker * max(p.tune.workers_per_trial, 1), per_worker
 
 
 def trial_resources(
@@ -37,7 +63,8 @@ def trial_resources(
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial. workers_per_trial >= 1: a TorchTrainer whose reports reach Tune via TuneReportCallback.
+    """One trial: trains config["arch"] on `train` (minus minival), validates on minival.
+    workers_per_trial >= 1: a TorchTrainer whose reports reach Tune via TuneReportCallback.
     0: the loop runs in this trial process and reports to Tune itself (no worker group to start)."""
     from ray import tune
 
@@ -46,8 +73,8 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.training.trainer import build_trainer, make_job
 
     p = Params.model_validate(config["params"])
-    job = make_job(p, p.tune.arch, float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None,
-                   train_fraction=p.tune.train_fraction)
+    job = make_job(p, config["arch"], float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None,
+                   train_fraction=p.tune.train_fraction, train_splits=("train",), val_split=SELECT_SPLIT)
     job.threads = int(config["threads"])
     if p.tune.workers_per_trial == 0:
         job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")  # Tune copies it at each report
@@ -59,6 +86,9 @@ def _trial(config: dict[str, Any]) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # Train V2 inside a Tune function trainable: this trial process only drives the TorchTrainer's controller and
+    # worker group; TuneReportCallback forwards rank 0's ray.train.report metrics to this trial's Tune session,
+    # so ASHA stops the trial (and with it the worker group) at a rung.
     trainer = build_trainer(
         job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}",
         num_workers=p.tune.workers_per_trial, storage_path=config["storage_path"], callbacks=[TuneReportCallback()],
@@ -66,21 +96,33 @@ def _trial(config: dict[str, Any]) -> None:
     trainer.fit()
 
 
+def selection_split(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """The manifest's minival entry; a clear error when prepare carved none (tune must not fall back to val)."""
+    from pipeline.data.sources import DataError
+
+    entry = (manifest.get("splits") or {}).get(SELECT_SPLIT) or {}
+    if int(entry.get("n_images", 0)) < 1:
+        raise DataError(
+            f"{where} has no {SELECT_SPLIT} split (images held out of train for tune to select on): set "
+            "data.minival_per_class >= 1 and rerun the prepare stage; tune never selects on the val set"
+        )
+    return entry
+
+
 def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = None) -> dict[str, Any]:
-    """The tune stage: writes tune/best.json and tune/trials.csv, logs a parent run with child trials."""
+    """The tune stage: one ASHA search per arch of tune.archs; writes tune/best.json (one entry per arch, the
+    split that selected it) and tune/trials.csv, logs a parent run per arch with child trials."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from pipeline.cluster import cluster_can_grow, release_request, wait_for_resources
-    from pipeline.data.shards import read_manifest
-    from pipeline.runtime import absolute_storage, init_ray, worker_threads, write_csv, write_json
-    from pipeline.training.identity import tune_run_name
+    from pipeline.data.shards import manifest_location, read_manifest
+    from pipeline.runtime import init_ray, write_csv, write_json
 
     p = with_absolute_paths(p)
     t = p.tune
     out_dir = Path(out_dir)
+    manifest = read_manifest(p.data.shards_dir)
+    minival = selection_split(manifest, manifest_location(p.data.shards_dir))
     resources = init_ray()
     gpu = {"GPU": 1.0} if p.train.use_gpu else {}
     if cluster_can_grow():
@@ -99,22 +141,80 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         concurrent, per_worker, trial_request = trial_resources(
             resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
         )
-    manifest = read_manifest(p.data.shards_dir)
+    batch, per_worker_batch = trial_batch(p)
+    # The worker CPU share is decided here and the trial's global batch is the final run's per-worker batch
+    # times its workers: the trials' params carry both.
+    trial_params = p.model_copy(update={"train": p.train.model_copy(
+        update={"cpus_per_worker": per_worker, "batch_size": batch})})
+    all_rows: list[dict[str, Any]] = []
+    entries: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
+    for arch in t.archs:
+        name = f"{experiment_name}-{arch}" if experiment_name else None
+        rows, path, names[arch] = _search(p, trial_params, arch, manifest, name, concurrent, trial_request, gpu)
+        ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["selection_top1_err"])]
+        if not ok:
+            raise RuntimeError(f"no tune trial of {arch} reported a result; see {path}")
+        best = min(ok, key=lambda r: r["selection_top1_err"])
+        entries[arch] = {
+            "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
+            "selection_top1_err": best["selection_top1_err"], "kind": "/".join(network_kind(arch)),
+            "batch_size": batch, "per_worker_batch": per_worker_batch, "workers_per_trial": t.workers_per_trial,
+            "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+            "not_run": sum(r["epochs_run"] == 0 for r in rows), "ray_name": names[arch],
+        }
+        all_rows += rows
+    result = {
+        "version": BEST_VERSION,
+        # What chose every lr: the held-out slice of train, never the val set the table reports.
+        "selected_on": SELECT_SPLIT,
+        "selection_images": int(minival["n_images"]),
+        "selection_split": {k: minival.get(k) for k in ("carved_from", "per_class", "seed", "keys_sha256")},
+        "trained_on": "train (minus minival)",
+        "train_images": int(manifest["splits"]["train"]["n_images"]),
+        "data_fingerprint": str(manifest["fingerprint"]),
+        "transfer_rule": TRANSFER_RULE,
+        "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs,
+                   "num_samples": t.num_samples, "epochs": t.epochs, "scheduler": "ASHA",
+                   "grace_period": t.grace_period, "reduction_factor": t.reduction_factor},
+        "archs": entries,
+    }
+    write_csv(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in all_rows])
+    write_json(out_dir / "best.json", result)
+    _plot_trials(all_rows, out_dir / "lr_vs_error.png")
+    for arch in t.archs:
+        _log_tune(p, manifest, arch, [r for r in all_rows if r["arch"] == arch], entries[arch], names[arch], out_dir)
+    release_request()
+    ray.shutdown()
+    return result
+
+
+def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any], name: str | None,
+            concurrent: int, trial_request: float, gpu: dict[str, float]) -> tuple[list[dict[str, Any]], str, str]:
+    """One ASHA search over lr and warmup for `arch` (its own rungs: trials of different archs are never
+    compared). Returns (rows, Ray path, Ray name); an interrupted search of the same identity resumes."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from pipeline.runtime import absolute_storage, ray_storage, worker_threads
+    from pipeline.training.identity import tune_run_name
+
+    t = p.tune
     # The search's identity (pipeline/training/identity.py): an interrupted search restores under this name.
-    name = experiment_name or tune_run_name(p, str(manifest["fingerprint"]))
+    name = name or tune_run_name(p, arch, str(manifest["fingerprint"]))
     storage = absolute_storage(p.train.storage_path)
-    # The worker CPU share is decided here, so the trials' params carry it.
-    trial_params = p.model_copy(update={"train": p.train.model_copy(update={"cpus_per_worker": per_worker})})
     param_space = {
+        "arch": arch,
         "lr": tune.loguniform(t.lr_low, t.lr_high),
         "lr_warmup_epochs": tune.choice(t.lr_warmup_epochs),
         "params": trial_params.model_dump(mode="json"),
-        "threads": worker_threads(per_worker),
+        "threads": worker_threads(trial_params.train.cpus_per_worker),
         "run_name": name,
         "storage_path": storage,
     }
     tune_config = tune.TuneConfig(
-        metric="val_top1_err",
+        metric="val_top1_err",  # the loop's name for its validation split's error: here minival's
         mode="min",
         num_samples=t.num_samples,
         # ASHA (Li et al. 2020): stop the worse half of trials at each rung (grace_period, x reduction_factor).
@@ -127,14 +227,11 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     )
     # A trial that trains in its own process holds its GPU itself; one that drives a worker group asks none.
     trainable = tune.with_resources(_trial, {"CPU": trial_request, **(gpu if t.workers_per_trial == 0 else {})})
-    path = f"{storage}/{name}"
     # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.runtime),
     # with the path inside it.
-    from pipeline.runtime import ray_storage
-
     ray_path, ray_fs = ray_storage(storage)
     run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
-    path = path if ray_fs is None else f"{ray_path}/{name}"
+    path = f"{storage}/{name}" if ray_fs is None else f"{ray_path}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=ray_fs):
         # An interrupted search resumes: finished trials are kept, unfinished ones continue.
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -149,54 +246,42 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         df = res.metrics_dataframe
         hist = [] if df is None or df.empty else df.to_dict("records")
         rows.append({
+            "arch": arch,
             "trial_id": (res.metrics or {}).get("trial_id", ""),
             "lr": cfg.get("lr"), "lr_warmup_epochs": cfg.get("lr_warmup_epochs"),
+            "batch_size": trial_params.train.batch_size,
             "epochs_run": len(hist),
-            "val_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
-            "final_val_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
+            "selected_on": SELECT_SPLIT,
+            "selection_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
+            "final_selection_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
             "stopped_early": 0 < len(hist) < t.epochs,  # by ASHA (not started = cut by the time budget)
             "error": "" if res.error is None else type(res.error).__name__,
             "history": hist,
         })
-    ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["val_top1_err"])]
-    if not ok:
-        raise RuntimeError(f"no tune trial reported a result; see {path}")
-    best = min(ok, key=lambda r: r["val_top1_err"])
-    result = {
-        "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
-        "val_top1_err": best["val_top1_err"], "batch_size": p.train.batch_size, "arch": t.arch,
-        "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
-        "not_run": sum(r["epochs_run"] == 0 for r in rows),
-        "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs},
-    }
-    write_csv(out_dir / "trials.csv", [{k: v for k, v in r.items() if k != "history"} for r in rows])
-    write_json(out_dir / "best.json", result)
-    _plot_trials(rows, out_dir / "lr_vs_error.png")
-    _log_tune(p, manifest, rows, result, name, out_dir)
-    release_request()
-    ray.shutdown()
-    return result
+    return rows, path, name
 
 
-def _log_tune(p: Params, manifest: dict[str, Any], rows: list[dict[str, Any]], best: dict[str, Any],
+def _log_tune(p: Params, manifest: dict[str, Any], arch: str, rows: list[dict[str, Any]], best: dict[str, Any],
               name: str, out_dir: Path) -> None:
-    """One parent run for the search and a child run per trial, with its params and curve."""
+    """One parent run per tuned arch and a child run per trial, with its params and curve."""
     from pipeline import tracking
 
-    tags = tracking.base_tags("tune", p.digest(), str(manifest["fingerprint"]))
-    parent = tracking.start_run(p.tracking.experiment, f"tune-{p.tune.arch}", tags,
-                                params={"tune." + k: v for k, v in p.tune.model_dump().items()})
+    tags = {**tracking.base_tags("tune", p.digest(), str(manifest["fingerprint"])), "tune.selected_on": SELECT_SPLIT}
+    parent = tracking.start_run(p.tracking.experiment, f"tune-{arch}", tags,
+                                params={"arch": arch, "batch_size": best["batch_size"],
+                                        **{"tune." + k: v for k, v in p.tune.model_dump().items()}})
     tracking.log_shards_input(parent, manifest, p.data.shards_dir, "tune")
     for r in rows:
         child = tracking.start_run(p.tracking.experiment, f"trial-{r['trial_id']}", tags,
                                    params={"lr": r["lr"], "lr_warmup_epochs": r["lr_warmup_epochs"]},
                                    parent_run_id=parent)
         for h in r["history"]:
-            tracking.log_metrics(child, {k: h[k] for k in ("val_top1_err", "val_top5_err", "train_loss")
-                                         if k in h}, step=int(h.get("epoch", 0)))
+            metrics = {f"{SELECT_SPLIT}_{k[4:]}" if k.startswith("val_") else k: h[k]
+                       for k in ("val_top1_err", "val_top5_err", "train_loss") if k in h}
+            tracking.log_metrics(child, metrics, step=int(h.get("epoch", 0)))
         tracking.set_tags(child, {"stopped_early": str(r["stopped_early"])})
         tracking.end_run(child, "FAILED" if r["error"] else "FINISHED")
-    tracking.log_metrics(parent, {"best_val_top1_err": best["val_top1_err"], "best_lr": best["lr"],
+    tracking.log_metrics(parent, {f"best_{SELECT_SPLIT}_top1_err": best["selection_top1_err"], "best_lr": best["lr"],
                                   "best_lr_warmup_epochs": best["lr_warmup_epochs"]})
     tracking.set_tags(parent, {"ray.tune_name": name})
     tracking.log_config(parent, p.model_dump(mode="json"))
@@ -211,14 +296,18 @@ def _plot_trials(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for w in sorted({r["lr_warmup_epochs"] for r in rows}):
-        pts = [(r["lr"], r["val_top1_err"]) for r in rows if r["lr_warmup_epochs"] == w]
-        ax.scatter([a for a, _ in pts], [b for _, b in pts], label=f"warmup {w} ep")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("best val top-1 error (%)")
-    ax.legend()
+    archs = sorted({r["arch"] for r in rows})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 3.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        mine = [r for r in rows if r["arch"] == arch]
+        for w in sorted({r["lr_warmup_epochs"] for r in mine}):
+            pts = [(r["lr"], r["selection_top1_err"]) for r in mine if r["lr_warmup_epochs"] == w]
+            ax.scatter([a for a, _ in pts], [b for _, b in pts], label=f"warmup {w} ep")
+        ax.set_xscale("log")
+        ax.set_title(arch, fontsize=9)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"best {SELECT_SPLIT} top-1 error (%)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -37,8 +37,9 @@ def main() -> None:
     except DataError as exc:
         fail(str(exc))
     splits = manifest["splits"]
-    print(f"prepare: {manifest['num_classes']} classes, train {splits['train']['n_images']}, "
-          f"val {splits['val']['n_images']}, rejected {manifest['rejected']} -> {d.shards_dir}")
+    print(f"prepare: {manifest['num_classes']} classes, train {splits['train']['n_images']} + minival "
+          f"{splits['minival']['n_images']} (held out of train for tune), val {splits['val']['n_images']}, "
+          f"rejected {manifest['rejected']} -> {d.shards_dir}")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,24 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "shards"
 
 
+MINIVAL_ARGS = {"num_classes": 4, "train_per_class": 40, "val_per_class": 4, "image_size": 32, "seed": 0}
+MINIVAL_PER_CLASS = 4
+
+
+@pytest.fixture(scope="session")
+def minival_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared shards with a minival split: MINIVAL_ARGS (4 classes x 40 train + 4 val, 32 px), of which
+    MINIVAL_PER_CLASS train images per class are held out as minival; 16 rows per shard. READ-ONLY."""
+    from pipeline.data.prepare import prepare_shards
+    from pipeline.data.synthetic import generate_synthetic_imagenet
+
+    base = tmp_path_factory.mktemp("minival_shards")
+    generate_synthetic_imagenet(base / "raw", **MINIVAL_ARGS)
+    prepare_shards(base / "raw", base / "shards", max_side=64, rows_per_shard=16, workers=1, progress=False,
+                   minival_per_class=MINIVAL_PER_CLASS, minival_seed=0)
+    return base / "shards"
+
+
 # --- a copy of the repository with its own params (end-to-end and cluster tests) ------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

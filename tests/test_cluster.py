@@ -62,6 +62,7 @@ TINY_DAG = {
     "train.batch_size": 8,
     "train.lr_warmup_epochs": 0,
     "train.num_workers": 1,
+    "tune.archs": ["resnet18"],  # the one kind trained here
     "tune.num_samples": 1,
     "tune.epochs": 1,
     "tune.lr_warmup_epochs": [0],
@@ -324,7 +325,7 @@ def test_documented_job_runs_the_dag_on_a_token_authenticated_head(ray_head: Hea
 
     # The DAG's outputs are in the workspace (the cluster's shared volume), not in the submitter's copy.
     assert (ws / "dvc.lock").is_file() and not (repo / "models").exists()
-    assert json.loads((ws / "tune/best.json").read_text())["trials"] == 1
+    assert json.loads((ws / "tune/best.json").read_text())["archs"]["resnet18"]["trials"] == 1
     assert (ws / "models/resnet18/model.pt").is_file() and (ws / "models/resnet18/meta.json").is_file()
     train = json.loads((ws / "metrics/train/resnet18.json").read_text())
     assert train["epochs"] == 1 and train["resumed_at_epochs"] == []

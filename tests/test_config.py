@@ -117,12 +117,15 @@ def test_empty_raw_folder_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "shards" / "manifest.json").exists()
 
 
-def test_config_arch_names_are_the_model_registry() -> None:
-    """params validation knows the registry's names without importing model code (see config.ARCHS)."""
-    from pipeline.config import ARCHS
-    from pipeline.models import MODELS
+def test_arch_table_is_the_model_registry() -> None:
+    """params validation and the lr transfer rule know each network without importing model code (pipeline.archs)."""
+    from pipeline.archs import ARCHS
+    from pipeline.models import MODELS, model_info
 
     assert tuple(sorted(ARCHS)) == MODELS
+    for name, (family, block, layers) in ARCHS.items():
+        info = model_info(name)
+        assert (info["family"], info["block"], info["layers"]) == (family, block, layers), name
 
 
 def test_parameters_doc_is_the_schema() -> None:

@@ -74,12 +74,21 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_repro_builds_every_output(repro: dict) -> None:
     repo: Path = repro["repo"]
     manifest = json.loads((repo / "data/shards/manifest.json").read_text())
-    assert manifest["splits"]["train"]["n_images"] == 4 * 24
+    held_out = manifest["splits"]["minival"]["per_class"]  # params.yaml's data.minival_per_class
+    assert held_out >= 1 and manifest["splits"]["minival"]["n_images"] == 4 * held_out
+    assert manifest["splits"]["train"]["n_images"] == 4 * (24 - held_out)
     best = json.loads((repo / "tune/best.json").read_text())
-    assert TINY["tune.num_samples"] == best["trials"]
-    assert 0.05 <= best["lr"] <= 0.2
+    assert best["selected_on"] == "minival" and sorted(best["archs"]) == sorted(ARCHS)
+    for entry in best["archs"].values():
+        assert TINY["tune.num_samples"] == entry["trials"]
+        assert 0.05 <= entry["lr"] <= 0.2
     table = (repo / "reports/error_table.md").read_text()
     assert "SYNTHETIC" in table
+    for arch in ARCHS:  # each row's lr: its own search, chosen on minival; trained on the full train set
+        assert f"({arch} @ minival)" in table
+        assert f"- {arch}: lr " in table and "selected on the **minival** split" in table
+        train = json.loads((repo / f"metrics/train/{arch}.json").read_text())
+        assert train["lr_source"]["tuned_arch"] == arch and train["n_train_images"] == 4 * 24
     for arch in ARCHS:
         ev = json.loads((repo / f"metrics/eval/{arch}.json").read_text())
         assert ev["n_images"] == 4 * 6  # every val image exactly once

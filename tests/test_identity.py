@@ -92,6 +92,7 @@ def test_runtime_edits_keep_the_run_name(override: str) -> None:
 @pytest.mark.parametrize("override", [
     "seed=1", "train.batch_size=32", "train.epochs=7", "train.epochs_by_arch.resnet18=9", "train.weight_decay=0.001",
     "train.amp=bf16", "model.dropout=0.2", "train.num_workers=2", "train.train_crop_size=24", "train.lr_scheduler=step",
+    "train.include_minival=false",
 ])
 def test_trajectory_edits_change_the_run_name(override: str) -> None:
     base = load_params(ROOT / "params.yaml")
@@ -112,12 +113,16 @@ def test_resolved_values_are_what_counts() -> None:
 
 def test_tune_name_ignores_training_only_and_runtime_params() -> None:
     p = load_params(ROOT / "params.yaml")
-    base = identity.tune_run_name(p, FP)
+    base = identity.tune_run_name(p, "resnet18", FP)
     for override in ("train.epochs=9", "train.lr=0.3", "train.epochs_by_arch.resnet18=1", "eval.batch_size=3",
-                     "train.max_failures=0", "train.num_workers=2"):
-        assert identity.tune_run_name(load_params(ROOT / "params.yaml", [override]), FP) == base, override
-    for override in ("tune.num_samples=9", "train.batch_size=32", "seed=3"):
-        assert identity.tune_run_name(load_params(ROOT / "params.yaml", [override]), FP) != base, override
+                     "train.max_failures=0", "train.include_minival=false",
+                     # another arch added to the list: resnet18's own search is the same one (it resumes)
+                     "tune.archs=[resnet18,resnet34,resnet50]"):
+        assert identity.tune_run_name(load_params(ROOT / "params.yaml", [override]), "resnet18", FP) == base, override
+    # train.num_workers splits train.batch_size into the per-worker batch every trial trains with
+    for override in ("tune.num_samples=9", "train.batch_size=32", "seed=3", "train.num_workers=2"):
+        assert identity.tune_run_name(load_params(ROOT / "params.yaml", [override]), "resnet18", FP) != base, override
+    assert identity.tune_run_name(p, "resnet50", FP) != base
 
 
 def test_unknown_key_or_stage_is_a_clear_error() -> None:

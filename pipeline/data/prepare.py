@@ -1,7 +1,13 @@
 """Raw images -> deterministic Parquet shards + manifest.json + rejected.csv (the `prepare` stage).
 
-Output: `out_dir/{train,val}/NNNNN.parquet`, one row per image with columns
+Output: `out_dir/{train,minival,val}/NNNNN.parquet`, one row per image with columns
 `image` (JPEG bytes), `label`, `wnid`, `key`, `height`, `width`.
+
+`minival` is carved from the raw train split (`minival_per_class` images of every class, drawn with
+`minival_seed`): the held-out set that tune selects learning rates on, so the val set is only ever evaluated.
+Its images are in no train shard; final training reads train + minival (the full train set) by default.
+Separate shards, not a list of keys: every reader still opens whole files named in the manifest, with their
+sizes and sha256, and the train shards a trial reads hold no minival row to filter out.
 
 Guarantees, and how they are kept:
 - Byte-identical output whatever `workers` is: the plan (which sample goes to which shard) is computed up
@@ -51,11 +57,14 @@ from pipeline.data.shards import (
     shard_schema,
     write_manifest,
 )
-from pipeline.data.sources import SPLITS, DataError, Rejection, Sample, SourceListing, list_source
+from pipeline.data.sources import DataError, Rejection, Sample, SourceListing, list_source
 
 REJECTED = "rejected.csv"
 PLAN = ".plan.json"
 DONE_DIR = ".done"
+MINIVAL = "minival"
+# Every split prepare writes, in plan order: the two raw splits and the minival split carved from train.
+PREPARED_SPLITS: tuple[str, ...] = ("train", MINIVAL, "val")
 
 
 class RejectedImage(Exception):
@@ -222,16 +231,48 @@ def _source_fingerprint(listing: SourceListing) -> str:
     return h.hexdigest()
 
 
-def plan_shards(listing: SourceListing, rows_per_shard: int, shuffle_seed: int) -> list[ShardTask]:
+def carve_minival(listing: SourceListing, per_class: int, seed: int) -> frozenset[str]:
+    """The keys of the minival split: `per_class` train images of every class, drawn from the class's sorted
+    keys with a generator seeded by (seed, class index), so a class's draw depends on nothing but its own
+    images (adding a class or an image of another class leaves it alone). Raises DataError naming the class
+    and data.minival_per_class when a class would keep no train image."""
+    if per_class <= 0:
+        return frozenset()
+    by_class: dict[str, list[str]] = {c.wnid: [] for c in listing.classes}
+    for s in listing.samples:
+        if s.split == "train":
+            by_class.setdefault(s.wnid, []).append(s.key)
+    labels = listing.label_of()
+    keys: set[str] = set()
+    for wnid, members in sorted(by_class.items()):
+        if len(members) <= per_class:
+            raise DataError(
+                f"class {wnid} has {len(members)} train images: data.minival_per_class={per_class} would hold "
+                f"out all of them; lower data.minival_per_class (0 = no minival split)"
+            )
+        members.sort()
+        order = np.random.default_rng([seed, labels[wnid]]).permutation(len(members))
+        keys.update(members[i] for i in order[:per_class])
+    return frozenset(keys)
+
+
+def plan_shards(
+    listing: SourceListing, rows_per_shard: int, shuffle_seed: int, minival: frozenset[str] = frozenset()
+) -> list[ShardTask]:
     """Assign samples to shards: sorted by key, shuffled with a fixed seed, cut into `rows_per_shard` runs.
+    Train samples whose key is in `minival` go to the minival split's shards instead.
 
     Shuffling before cutting mixes the classes inside every shard (a file-level shuffle at ingest then
     suffices), and the assignment depends only on the listing and the options, never on the worker count.
     """
     labels = listing.label_of()
     tasks: list[ShardTask] = []
-    for split_code, split in enumerate(SPLITS):
-        samples = sorted((s for s in listing.samples if s.split == split), key=lambda s: s.key)
+
+    def split_of(s: Sample) -> str:
+        return MINIVAL if s.split == "train" and s.key in minival else s.split
+
+    for split_code, split in enumerate(("train", "val", MINIVAL)):  # codes 0, 1 as before minival existed
+        samples = sorted((s for s in listing.samples if split_of(s) == split), key=lambda s: s.key)
         order = np.random.default_rng([shuffle_seed, split_code]).permutation(len(samples))
         shuffled = [samples[i] for i in order]
         for index, start in enumerate(range(0, len(shuffled), rows_per_shard)):
@@ -273,7 +314,7 @@ def _remove_outputs(out: str) -> None:
     for name in runtime.list_files(runtime.join(out, DONE_DIR)):
         if name.endswith((".json", ".tmp")):
             runtime.delete(runtime.join(out, DONE_DIR, name))
-    for split in SPLITS:
+    for split in PREPARED_SPLITS:
         for name in runtime.list_files(runtime.join(out, split)):
             if name.endswith((".parquet", ".tmp")):
                 runtime.delete(runtime.join(out, split, name))
@@ -382,6 +423,8 @@ def prepare_shards(
     shuffle_seed: int = 0,
     replace: bool = False,
     prepare_on: str = "auto",
+    minival_per_class: int = 0,
+    minival_seed: int = 0,
 ) -> Manifest:
     """Prepare `raw_dir` into Parquet shards under `out_dir` (a path or a URI); returns the manifest (also
     written there, last).
@@ -390,9 +433,13 @@ def prepare_shards(
     rejected.csv is written (no manifest then). `prepare_on`: "local" (a pool of `workers` processes), "ray"
     (one task per shard on the Ray cluster) or "auto" (Ray when RAY_ADDRESS is set). `workers`, `prepare_on`
     and `progress` never change the output. `replace`: allow deleting another raw dataset's complete shards.
+    `minival_per_class` > 0: hold that many train images of every class out as the minival split
+    (`carve_minival`, drawn with `minival_seed`); the manifest's train split is then train minus minival.
     """
     if rows_per_shard < 1 or workers < 1 or max_side < 1 or not 1 <= jpeg_quality <= 100:
         raise DataError("rows_per_shard, workers, max_side must be >= 1 and jpeg_quality in [1, 100]")
+    if minival_per_class < 0 or minival_seed < 0:
+        raise DataError(f"minival_per_class and minival_seed must be >= 0, not {minival_per_class}, {minival_seed}")
     if prepare_on not in ("auto", "local", "ray"):
         raise DataError(f"prepare_on must be auto, local or ray, not {prepare_on!r}")
     # Listed from an absolute path: the samples' openers then work in any process, including Ray tasks, whose
@@ -410,6 +457,8 @@ def prepare_shards(
         "jpeg_quality": jpeg_quality,
         "rows_per_shard": rows_per_shard,
         "shuffle_seed": shuffle_seed,
+        "minival_per_class": minival_per_class,
+        "minival_seed": minival_seed,
         "row_group_rows": ROW_GROUP_ROWS,
         "pyarrow": pa.__version__,  # Parquet bytes may differ across pyarrow versions
         "manifest_version": MANIFEST_VERSION,
@@ -418,7 +467,6 @@ def prepare_shards(
     fingerprint = hashlib.sha256(
         json.dumps({"source": source_fp, "options": options}, sort_keys=True).encode()
     ).hexdigest()
-    tasks = plan_shards(listing, rows_per_shard, shuffle_seed)
 
     out = os.fspath(out_dir).rstrip("/") if runtime.is_uri(out_dir) else os.path.abspath(out_dir)
     runtime.makedirs(out)
@@ -435,6 +483,9 @@ def prepare_shards(
         other = isinstance(old, dict) and old.get("fingerprint") != fingerprint
         if other and not same_dataset(old, raw_dir, listing.layout):
             _refuse_other_dataset(out, old, raw_dir, listing.layout)
+    # Planned after the refusal above: a dataset too small for the minival split never masks that message.
+    minival = carve_minival(listing, minival_per_class, minival_seed)
+    tasks = plan_shards(listing, rows_per_shard, shuffle_seed, minival)
     if same_plan:
         runtime.delete(manifest_at)  # a manifest there must always mean "complete"
     else:
@@ -443,7 +494,7 @@ def prepare_shards(
         runtime.write_json(runtime.join(out, PLAN), plan)
     planned = {t.path for t in tasks}
     shard_sizes: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
+    for split in PREPARED_SPLITS:
         runtime.makedirs(runtime.join(out, split))
         present = runtime.list_files(runtime.join(out, split))
         for name in present:  # stale temp files and shards of no task in this plan
@@ -502,7 +553,7 @@ def prepare_shards(
         )
 
     splits: dict[str, Any] = {}
-    for split in SPLITS:
+    for split in PREPARED_SPLITS:
         mine = [r for r in ordered if r.split == split]
         counts: Counter[str] = Counter()
         for r in mine:
@@ -513,6 +564,12 @@ def prepare_shards(
             "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
             "shards": [{"path": r.path, "rows": r.rows, "nbytes": r.nbytes, "sha256": r.sha256} for r in mine],
         }
+    # How minival was drawn, and a digest of exactly which keys (the shards hold the keys themselves): enough
+    # to check that two runs held out the same images without listing 10,000 keys here.
+    splits[MINIVAL].update({
+        "carved_from": "train", "per_class": minival_per_class, "seed": minival_seed,
+        "keys_sha256": hashlib.sha256("\n".join(sorted(minival)).encode()).hexdigest(),
+    })
     manifest: Manifest = {
         "version": MANIFEST_VERSION,
         "source": {"layout": listing.layout, "raw_dir": os.fspath(raw_dir), "fingerprint": source_fp},
@@ -536,7 +593,7 @@ def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = N
         d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
         max_per_class=d.max_per_class, max_side=d.max_side, jpeg_quality=d.jpeg_quality,
         rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected, replace=replace,
-        prepare_on=d.prepare_on,
+        prepare_on=d.prepare_on, minival_per_class=d.minival_per_class, minival_seed=d.minival_seed,
     )
     if record:
         from pipeline.data.shards import read_manifest_bytes

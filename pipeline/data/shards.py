@@ -13,6 +13,10 @@ Verification is split so that it scales with the files a run reads, not with the
   sha256 against the JPEG decoding that follows (a few per cent of it), which is why no faster checksum
   is recorded next to it;
 - `verify_shards` (`python -m stages.prepare --verify`): everything, every byte, on demand.
+
+Audit: with the environment variable PIPELINE_SHARD_READ_LOG set to a file path, every footer check and every
+verified read appends one line `footer|bytes<TAB>location` to that file, from whichever process (Ray task, Train
+worker, Tune trial) does it; tests/test_tuning.py uses it to show that tune never opens a val shard.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ def encode_shard(columns: dict[str, list[Any]]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+READ_LOG_ENV = "PIPELINE_SHARD_READ_LOG"
+
+
+def record_read(kind: str, loc: str) -> None:
+    """Append `kind<TAB>loc` to the file named by PIPELINE_SHARD_READ_LOG, if set (one short O_APPEND write per
+    shard: whole lines even from concurrent processes on a local disk)."""
+    log = os.environ.get(READ_LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"{kind}\t{loc}\n")
+
+
 class ManifestError(DataError):
     """The manifest is missing or malformed; the message names the path."""
 
@@ -99,7 +115,16 @@ class ShardEntry(TypedDict):
     sha256: str  # checked while the shard is read
 
 
-class SplitEntry(TypedDict):
+class _CarvedSplit(TypedDict, total=False):
+    """The minival split only: how it was carved out of train (see prepare.carve_minival)."""
+
+    carved_from: str
+    per_class: int
+    seed: int
+    keys_sha256: str  # sha256 of its sorted keys: two runs held out the same images
+
+
+class SplitEntry(_CarvedSplit):
     n_images: int
     n_reencoded: int  # images prepare re-encoded (too large, not RGB JPEG)
     class_counts: dict[str, int]  # wnid -> images
@@ -137,7 +162,7 @@ def _missing_keys(obj: Any, schema: Any) -> list[str]:
     if not isinstance(obj, dict):
         return ["(not an object)"]
     hints = get_type_hints(schema)
-    missing = [key for key in hints if key not in obj]
+    missing = [key for key in hints if key in schema.__required_keys__ and key not in obj]
     nested = {"source": SourceEntry}
     for key, sub in nested.items():
         if key in obj and key in hints:
@@ -256,7 +281,7 @@ def _check_sizes(root: str, entries: list[ShardEntry], where: str) -> None:
 def _footer_problem(loc: str, shard: ShardEntry) -> str | None:
     import pyarrow.parquet as pq
 
-
+    record_read("footer", loc)
     fs, path = runtime.resolve(loc)
     try:
         # A HEAD and one or two ranged GETs on an object store: kilobytes, whatever the shard's size.
@@ -286,7 +311,9 @@ def _check_footers(paths: list[str], entries: list[ShardEntry]) -> None:
 
 
 def check_shard_bytes(loc: str, data: bytes | memoryview, nbytes: int, sha256: str) -> None:
-    """Refuse a shard whose bytes are not the ones prepare recorded; the message names it."""
+    """Refuse a shard whose bytes are not the ones prepare recorded; the message names it. Every verified read
+    of shard bytes comes through here (read_shard, the Ray Data read task), hence the audit record."""
+    record_read("bytes", loc)
     if len(data) != nbytes:
         raise ShardChecksumError(
             f"shard {loc} has {len(data)} bytes, the manifest says {nbytes}: rerun the prepare stage"
@@ -356,10 +383,11 @@ def verify_shards(shards_dir: str | os.PathLike[str]) -> list[str]:
         problems.append("class indices are not 0..K-1 over sorted wnids")
     if manifest.get("num_classes") != len(wnids):
         problems.append(f"num_classes {manifest.get('num_classes')} != {len(wnids)} classes listed")
-    for split in SPLITS:
+    for split in (*SPLITS, "minival"):
         entry = manifest["splits"].get(split)
         if entry is None:
-            problems.append(f"manifest has no {split} split")
+            if split != "minival":  # manifests from before the minival split have none
+                problems.append(f"manifest has no {split} split")
             continue
         present = runtime.list_files(runtime.join(root, split))
         listed = set()

@@ -51,16 +51,19 @@ RECIPE = (
 TRAIN = (
     "seed", *MODEL_OPTIONS, *RECIPE,
     "train.epochs", f"train.epochs_by_arch.{ARCH}", "train.batch_size", "train.lr", "train.lr_warmup_epochs",
-    "train.use_tuned", "train.model_ema_decay", "train.sync_bn", "train.num_workers", "train.pretrained",
+    "train.use_tuned", "train.include_minival", "train.model_ema_decay", "train.sync_bn", "train.num_workers",
+    "train.pretrained",
 )
 
-# The lr/warmup search: trials train tune.arch with the recipe for tune.epochs at searched lr and warmup, so
-# train.epochs, lr, warmup, use_tuned and num_workers (tune.workers_per_trial instead) do not reach it.
-# Every tune.* setting changes which trials run or stop, hence best.json.
+# The lr/warmup search: trials train each of tune.archs with the recipe for tune.epochs at searched lr and
+# warmup, so train.epochs, lr, warmup and use_tuned do not reach it. train.batch_size / train.num_workers is
+# the final run's per-worker batch, which every trial trains with (pipeline.tuning.trial_batch). Every tune.*
+# setting changes which trials run or stop, hence best.json. Which train images are held out (minival) is data:
+# data/dataset.json.
 TUNE = (
     "seed", *MODEL_OPTIONS, *RECIPE,
-    "train.batch_size", "train.model_ema_decay", "train.sync_bn", "train.pretrained",
-    "tune.arch", "tune.num_samples", "tune.epochs", "tune.lr_low", "tune.lr_high", "tune.lr_warmup_epochs",
+    "train.batch_size", "train.num_workers", "train.model_ema_decay", "train.sync_bn", "train.pretrained",
+    "tune.archs", "tune.num_samples", "tune.epochs", "tune.lr_low", "tune.lr_high", "tune.lr_warmup_epochs",
     "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials", "tune.workers_per_trial",
     "tune.train_fraction", "tune.time_budget_s",
 )
@@ -69,6 +72,7 @@ TUNE = (
 # options (pipeline.analysis.degradation.recipe_params); degradation.threads is a thread count.
 DEGRADATION = (
     "seed", *RECIPE,
+    "train.include_minival",  # its runs read train + minival like train@ARCH (pipeline.training.trainer.make_job)
     "degradation.enabled", "degradation.archs", "degradation.epochs", "degradation.batch_size", "degradation.lr",
     "degradation.lr_warmup_epochs", "degradation.train_images", "degradation.shortcut",
     "degradation.zero_init_residual", "degradation.grad_batch",
@@ -146,10 +150,13 @@ def train_run_name(p: Params, arch: str, *, lr: float, lr_warmup_epochs: int, da
     return f"train-{arch}-{_key(ident)}"
 
 
-def tune_identity(p: Params, data_fingerprint: str) -> dict[str, Any]:
-    return {**{k: value(p, k) for k in stage_params("tune")}, "data_fingerprint": str(data_fingerprint)}
+def tune_identity(p: Params, arch: str, data_fingerprint: str) -> dict[str, Any]:
+    """The values that fix `arch`'s search: the TUNE params without the list of tuned archs (adding an arch to
+    tune.archs does not restart the others' searches), plus the arch and the shards' fingerprint."""
+    ident = {k: value(p, k) for k in stage_params("tune") if k != "tune.archs"}
+    return {**ident, "arch": arch, "data_fingerprint": str(data_fingerprint)}
 
 
-def tune_run_name(p: Params, data_fingerprint: str) -> str:
-    """Ray Tune's experiment name (an interrupted search with this name is restored, not restarted)."""
-    return f"tune-{p.tune.arch}-{_key(tune_identity(p, data_fingerprint))}"
+def tune_run_name(p: Params, arch: str, data_fingerprint: str) -> str:
+    """Ray Tune's experiment name of `arch`'s search (an interrupted search with this name is restored)."""
+    return f"tune-{arch}-{_key(tune_identity(p, arch, data_fingerprint))}"

@@ -144,20 +144,38 @@ def run(trainer: Any) -> Outcome:
     return Outcome(state=state, history=list(state["history"]), path=result.path)
 
 
+def train_split_names(p: Params, manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The splits a final training run (train@ARCH, degradation) reads: the full train set, i.e. train plus the
+    minival split that tune held out, unless train.include_minival is false. A manifest without a minival
+    split (nothing carved) is just its train split."""
+    with_minival = p.train.include_minival and int((manifest["splits"].get("minival") or {}).get("n_images", 0)) > 0
+    return ("train", "minival") if with_minival else ("train",)
+
+
 def make_job(
     p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None, train_fraction: float = 1.0,
+    *, train_splits: tuple[str, ...] | None = None, val_split: str = "val",
 ) -> Job:
     """Everything a run needs from the shards: file lists checked at start-up for what is cheap (sizes and
-    Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list."""
+    Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list.
+
+    `train_splits` (default `train_split_names`) are read for training, `train_fraction` of the first one's
+    shards; `val_split` is what the run validates on: "val" for final training, "minival" for tune trials,
+    which must never open a val shard (tests/test_tuning.py records every shard read)."""
     from pipeline import tracking
     from pipeline.data.shards import check_nodes_see
 
     manifest = read_manifest(p.data.shards_dir)
     check_nodes_see(p.data.shards_dir, str(manifest["fingerprint"]))  # multi-node: every node, the same data
-    rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
-    # A fraction of the shards is a random subset of images: prepare shuffles rows across shards.
-    keep = max(1, math.ceil(train_fraction * len(rows)))
-    train_files = shard_files(p.data.shards_dir, "train", verify=True, limit=keep)  # checks only what is read
+    splits = train_split_names(p, manifest) if train_splits is None else train_splits
+    train_files: list[str] = []
+    n_train = 0
+    for i, split in enumerate(splits):
+        rows = [int(s["rows"]) for s in manifest["splits"][split]["shards"]]
+        # A fraction of the shards is a random subset of images: prepare shuffles rows across shards.
+        keep = max(1, math.ceil(train_fraction * len(rows))) if i == 0 else len(rows)
+        train_files += shard_files(p.data.shards_dir, split, verify=True, limit=keep)  # checks only what is read
+        n_train += sum(rows[:keep])
     return Job(
         params=p.model_dump(mode="json"),
         arch=arch,
@@ -167,10 +185,10 @@ def make_job(
         num_classes=int(manifest["num_classes"]),
         classes=[c["wnid"] for c in manifest["classes"]],
         class_names={c["wnid"]: c["name"] for c in manifest["classes"]},
-        n_train=sum(rows[:keep]),
-        n_val=int(manifest["splits"]["val"]["n_images"]),
-        train_files=train_files[:keep],
-        val_files=shard_files(p.data.shards_dir, "val", verify=True),
+        n_train=n_train,
+        n_val=int(manifest["splits"][val_split]["n_images"]),
+        train_files=train_files,
+        val_files=shard_files(p.data.shards_dir, val_split, verify=True),
         data_fingerprint=str(manifest["fingerprint"]),
         git_commit=tracking.git_commit(),
         mlflow_run_id=mlflow_run_id,
@@ -189,19 +207,17 @@ def pretrained_weights(p: Params, arch: str) -> str | None:
     return str(require_weights(arch, where).resolve())
 
 
-def tuned_hparams(p: Params, best_path: str | Path | None) -> tuple[float, int, str]:
-    """(lr, lr_warmup_epochs, source). tune/best.json wins when train.use_tuned and the file exists; its
-    lr is rescaled to train.batch_size with the linear scaling rule."""
-    import json
-
-    from pipeline.training.schedule import scale_lr
-
+def tuned_hparams(p: Params, best_path: str | Path | None, arch: str) -> tuple[float, int, dict[str, Any]]:
+    """(lr, lr_warmup_epochs, where they came from). With train.use_tuned and tune/best.json present: the entry
+    of `arch` or of the tuned arch of its kind nearest in depth (pipeline.archs.lr_source_arch), its lr
+    rescaled from the trial batch to train.batch_size by the linear scaling rule; otherwise the params' own."""
     if p.train.use_tuned and best_path and Path(best_path).is_file():
-        best = json.loads(Path(best_path).read_text())
-        lr = scale_lr(float(best["lr"]), int(best["batch_size"]), p.train.batch_size)
-        warmup = min(int(best["lr_warmup_epochs"]), max(p.train.epochs - 1, 0))
-        return lr, warmup, str(best_path)
-    return p.train.lr, p.train.lr_warmup_epochs, "params"
+        from pipeline.training.tuned import tuned_lr_for
+
+        return tuned_lr_for(Path(best_path), arch, p.train.batch_size, p.train.epochs_for(arch))
+    why = "train.use_tuned is false" if not p.train.use_tuned else "no tune/best.json"
+    return p.train.lr, p.train.lr_warmup_epochs, {"from": "params", "why": why, "lr": p.train.lr,
+                                                  "batch_size": p.train.batch_size}
 
 
 def train_arch(
@@ -217,7 +233,7 @@ def train_arch(
 
     p = with_absolute_paths(p)
     pretrained_weights(p, arch)  # missing weights fail here, before an MLflow run or Ray starts
-    lr, warmup, hp_source = tuned_hparams(p, best_path)
+    lr, warmup, lr_source = tuned_hparams(p, best_path, arch)
     epochs = p.train.epochs_for(arch)
     warmup = min(warmup, max(epochs - 1, 0))
     manifest = read_manifest(p.data.shards_dir)
@@ -228,7 +244,7 @@ def train_arch(
     run_id = tracking.start_run(
         p.tracking.experiment, f"train-{arch}",
         {**tracking.base_tags(f"train@{arch}", p.digest(), fingerprint), "trajectory.key": name},
-        params={"arch": arch, "lr": lr, "lr_warmup_epochs": warmup, "hparams_from": hp_source,
+        params={"arch": arch, "lr": lr, "lr_warmup_epochs": warmup, "hparams_from": lr_source["from"],
                 **_flat("train", p.train.model_dump()), **_flat("model", p.model.model_dump())},
         resume_key=name,
     )
@@ -260,6 +276,10 @@ def train_arch(
         "val_top5_err": last["val_top5_err"], "images_per_s": last["images_per_s"],
         "train_time_s": sum(h["epoch_time_s"] for h in outcome.history), "wall_time_s": wall,
         "mlflow_run_id": run_id,
+        # Where this row's lr came from (training.tuned.tuned_lr_for) and what it trained on: the report shows both.
+        "lr_source": lr_source,
+        "train_splits": list(train_split_names(p, manifest)),
+        "n_train_images": job.n_train,
         "resumed_at_epochs": list(outcome.state.get("resumed_at", [])),
     }
     write_json(metrics_path, final)
