@@ -162,6 +162,22 @@ def ray_pass_fn(files: list[str], crop: int, min_scale: float) -> Callable[[], t
     return one_pass
 
 
+def worker_pass_fn(files: list[str], crop: int, min_scale: float) -> Callable[[], tuple[int, float, float]]:
+    """train.decode "worker" on a CPU: Ray Data ships JPEG bytes + drawn boxes, this process decodes them (the
+    training worker's role) in PROCS threads, each batch ahead of the consumer, as the training loop iterates."""
+    from pipeline.data import ingest
+    from pipeline.data.worker_decode import worker_batches
+
+    ds = ingest.train_dataset(files, crop=crop, min_scale=min_scale, seed=0, decode="worker")
+
+    def one_pass() -> tuple[int, float, float]:
+        batches = worker_batches(ds, batch_size=BATCH, device="cpu", crop=crop, threads=PROCS,
+                                 local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2, drop_last=False)
+        return _timed_pass(batches, crop)
+
+    return one_pass
+
+
 def _mean_jpeg_kb(files: list[str]) -> float:
     import pyarrow.parquet as pq
 
@@ -202,6 +218,7 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
     try:
         for key in shard_sets:
             passes[key] = ray_pass_fn(files[key], crop, min_scale)
+        passes["worker"] = worker_pass_fn(files["shards"], crop, min_scale)
         # After building the datasets (the library sets it too): bench output stays readable; the bars' cost
         # is negligible either way.
         DataContext.get_current().enable_progress_bars = False
@@ -225,6 +242,8 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
             ray.shutdown()
 
     base, base_spread = median_spread(rate["imagefolder"])
+    from pipeline.data import jpeg
+    jpeg_roi = jpeg.available()
     from pipeline.data.ingest import TASK_CPUS
     raw_kb = statistics.mean(p.stat().st_size for p in (raw / "train").rglob("*.JPEG")) / 1e3
     records = []
@@ -237,6 +256,8 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
             "output": f"uint8 ({BATCH}, 3, {crop}, {crop}): RandomResizedCrop({crop}, scale=({min_scale}, 1)) + hflip",
             "processes": f"DataLoader num_workers={PROCS}; ray.init(num_cpus={PROCS}), {TASK_CPUS:g} CPU per fused "
                          "read+decode task",
+            "train_decoder": ("ROI decode (pipeline.data.jpeg)" if jpeg_roi else
+                              "whole-image decode (ROI decoder not built)"),
             "value_spread": [round(v, 1) for v in value_spread],
             "baseline_spread": [round(v, 1) for v in base_spread],
             # Time to the first batch; ours includes filling the local shuffle buffer the loop asks for.
@@ -257,6 +278,22 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
                 [min(ratios), max(ratios)], load_before=load_before, **extra,
             )
         )
+    value, value_spread = median_spread(rate["worker"])
+    ratios = paired_ratios(rate["worker"], rate["imagefolder"])
+    records.append(record(
+        "ingest_worker_decode_cpu_vs_imagefolder", value, "img/s", "torchvision_imagefolder_dataloader", base,
+        n_runs, [min(ratios), max(ratios)], load_before=load_before,
+        max_side=cfg["max_side"], images_per_pass=n_images,
+        output=f"uint8 ({BATCH}, 3, {crop}, {crop}): RandomResizedCrop({crop}, scale=({min_scale}, 1)) + hflip",
+        processes=f"DataLoader num_workers={PROCS}; ray.init(num_cpus={PROCS}) read+draw tasks, decode in this "
+                  f"process in {PROCS} threads (train.decode: worker, on a CPU)",
+        train_decoder=("ROI decode (pipeline.data.jpeg)" if jpeg_roi else "whole-image decode (ROI decoder not built)"),
+        value_spread=[round(v, 1) for v in value_spread], baseline_spread=[round(v, 1) for v in base_spread],
+        first_batch_s={"ours": round(statistics.median(first["worker"]), 3),
+                       "baseline": round(statistics.median(first["imagefolder"]), 3)},
+        note="the same shards as ingest_vs_imagefolder; the decode-on-worker path's CPU fallback (a GPU worker "
+             "decodes with nvJPEG instead: make gpu-check)",
+    ))
     return records
 
 

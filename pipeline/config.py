@@ -116,6 +116,12 @@ class TrainParams(_Section):
     auto_augment: Literal["ta_wide", "ra"] | None = None
     train_crop_size: int = Field(224, ge=8, le=4096)
     train_crop_min_scale: float = Field(0.08, gt=0, le=1)
+    decode: Literal["tasks", "worker"] = Field(
+        "tasks", description="Where train JPEGs are decoded: 'tasks' = Ray Data CPU tasks (region-of-interest "
+        "decoding when built) ship uint8 crops; 'worker' = Ray Data ships the JPEG bytes and drawn crop boxes and "
+        "each training worker decodes its batches on its device (nvJPEG on a GPU, its own CPU threads otherwise), "
+        "overlapped with the previous step (docs/performance.md)."
+    )
     val_resize_size: int = Field(256, ge=8, le=4096)
     val_crop_size: int = Field(224, ge=8, le=4096)
     val_every_epochs: int = Field(

@@ -138,14 +138,23 @@ def _read(files: Sequence[str], **kw: Any) -> Any:
 
 
 def train_dataset(
-    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False
+    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False, decode: str = "tasks"
 ) -> Any:
-    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
+    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch).
+    decode "tasks" (train.decode): rows of decoded uint8 crops; "worker": rows of JPEG bytes + drawn crop
+    parameters that the training worker decodes (pipeline.data.worker_decode)."""
     from ray.data import FileShuffleConfig
 
     ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-    decode = TrainDecode(crop, min_scale, keep_keys=keep_keys)
-    ds = ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    if decode == "worker":
+        from pipeline.data.worker_decode import TrainDraw
+
+        decode_fn: Any = TrainDraw(min_scale)
+    elif decode == "tasks":
+        decode_fn = TrainDecode(crop, min_scale, keep_keys=keep_keys)
+    else:
+        raise ValueError(f"train.decode must be 'tasks' or 'worker', got {decode!r}")
+    ds = ds.map_batches(decode_fn, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
     # The whole CPU budget for this one fused operator from the start. Ray Data's per-operator reservation (on by
     # default) holds back half the budget for operators a multi-operator pipeline may need later; with one
     # operator on 2 CPUs it ran a single task for the first ~1 s of every execution (6 tasks of 0.5 s: 2.4-2.5 s
