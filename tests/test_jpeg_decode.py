@@ -89,9 +89,9 @@ def test_dct_denominator_keeps_the_box_at_least_the_crop() -> None:
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (160, 120)])
 def test_train_image_roi_equals_the_full_decode_path(size: tuple[int, int]) -> None:
-    """Same seed: the same draws (the generator ends in the same state) and the same output pixels as today's
-    full decode + torchvision resized_crop, at most 1 level of resize round-off (the ROI window is channels-last
-    memory, the full decode channels-first: torchvision's uint8 antialias kernels may round differently)."""
+    """Same seed: the same draws (the generator ends in the same state) and the same output pixels as the full
+    decode + torchvision resize, within 1 level of resize round-off (the ROI window is RGBX, the full decode RGB:
+    torch's uint8 antialias kernel gives both the same pixels here, 0 levels apart, but need not promise it)."""
     data = jpeg_bytes(size, seed=11)
     crop = 96 if size == (160, 120) else 224
     worst = 0

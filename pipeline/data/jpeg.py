@@ -81,7 +81,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.roi_header.argtypes = [u8p, ctypes.c_ulong, ip, cp, ctypes.c_int]
     lib.roi_header.restype = ctypes.c_int
     lib.roi_decode.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ip, cp, ctypes.c_int]
+                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ip, cp, ctypes.c_int]
     lib.roi_decode.restype = ctypes.c_int
     lib.roi_stage.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, cp,
                               ctypes.c_int]
@@ -131,24 +131,26 @@ def dct_denom(box_w: int, box_h: int, out: int) -> int:
 
 
 def decode_region(
-    data: bytes, x: int, y: int, w: int, h: int, denom: int = 1
+    data: bytes, x: int, y: int, w: int, h: int, denom: int = 1, channels: int = 3
 ) -> tuple[np.ndarray, int]:
     """Decode columns [x, x+w) and rows [y, y+h) of the image scaled by 1/denom (coordinates of the scaled image)
-    -> (uint8 (h, W, 3) RGB window, x0): the window starts at column x0 <= x (iMCU-aligned) and covers at least
-    the region, so the region is window[:, x - x0 : x - x0 + w]. Raises JpegError on corrupt data."""
+    -> (uint8 (h, W, channels) window, x0): RGB, or with channels=4 RGBX (a padding byte per pixel). The window
+    starts at column x0 <= x (iMCU-aligned) and covers at least the region, so the region is
+    window[:, x - x0 : x - x0 + w]. Raises JpegError on corrupt data."""
     lib = _load()
     if lib is None:
         raise RuntimeError("ROI JPEG decoder not loaded (pipeline.data.jpeg.available() is False)")
     data = _as_bytes(data)
     cap_w = w + _WIDEN
-    buf = np.empty(cap_w * h * 3, dtype=np.uint8)
+    buf = np.empty(cap_w * h * channels, dtype=np.uint8)
     win = (ctypes.c_int * 4)()
     err = ctypes.create_string_buffer(_ERR_LEN)
-    rc = lib.roi_decode(data, len(data), denom, x, y, w, h, buf.ctypes.data, buf.nbytes, win, err, _ERR_LEN)
+    rc = lib.roi_decode(data, len(data), denom, x, y, w, h, channels, buf.ctypes.data, buf.nbytes, win, err,
+                        _ERR_LEN)
     if rc != 0:
         raise JpegError(f"JPEG region ({x}, {y}, {w}, {h}) at 1/{denom}: {err.value.decode(errors='replace')}")
     x0, _, width, height = win[0], win[1], win[2], win[3]
-    return buf[: width * height * 3].reshape(height, width, 3), x0
+    return buf[: width * height * channels].reshape(height, width, channels), x0
 
 
 def region_for_box(

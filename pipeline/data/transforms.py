@@ -170,12 +170,23 @@ def crop_window_box(
 def resized_crop_window(
     window: torch.Tensor, inner: tuple[int, int, int, int], crop: int, flip: bool
 ) -> torch.Tensor:
-    """Exact crop `inner` = (top, left, h, w) of a decoded (3, H, W) uint8 window, antialiased bilinear resize
-    to (crop, crop) (torchvision's tensor RandomResizedCrop), then the flip. Works on any device."""
+    """Exact crop `inner` = (top, left, h, w) of a decoded (C, H, W) uint8 window (C = 3, or 4 for RGBX, whose
+    padding channel is dropped), antialiased bilinear resize to (crop, crop) (torchvision's tensor
+    RandomResizedCrop), then the flip -> (3, crop, crop). Works on any device."""
+    import torch
     from torchvision.transforms.v2 import functional as F  # noqa: N812 (torchvision's convention)
 
     top, left, h, w = inner
-    out = F.resized_crop(window, top, left, h, w, [crop, crop], antialias=True)
+    x = window[:, top : top + h, left : left + w]
+    if x.device.type == "cpu":
+        # torch's vectorised uint8 antialiased resize (AVX2) runs only on contiguous channels-last input, in
+        # 4-byte pixels: a strided or channels-first crop takes the generic kernel, ~1.5x slower here (same
+        # pixels: tests/test_jpeg_decode.py compares the paths).
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = F.resize(x, [crop, crop], antialias=True)[0]
+    else:
+        out = F.resize(x, [crop, crop], antialias=True)
+    out = out[:3]
     return out.flip(-1) if flip else out
 
 
@@ -195,9 +206,9 @@ def crop_jpeg_roi(
     import torch
 
     denom, (x, y, rw, rh), (top, left, h, w) = crop_window_box(width, height, box, crop)
-    window, x0 = jpeg.decode_region(data, x, y, rw, rh, denom)
-    # (H, W, 3) -> a (3, H, W) view: channels-last memory, which torchvision's uint8 antialiased resize wants.
-    pixels = torch.from_numpy(window).permute(2, 0, 1)
+    # RGBX: 4-byte pixels, the layout torch's vectorised uint8 resize works in (it would repack RGB into it).
+    window, x0 = jpeg.decode_region(data, x, y, rw, rh, denom, channels=4)
+    pixels = torch.from_numpy(window).permute(2, 0, 1)  # (4, H, W) view of channels-last memory
     return resized_crop_window(pixels, (top, left + x - x0, h, w), crop, flip)
 
 

@@ -72,10 +72,11 @@ int roi_header(const unsigned char *data, unsigned long size, int *info, char *e
 }
 
 /* Decodes columns [x, x + w) and rows [y, y + h) of the image scaled by 1/denom (coordinates in the scaled
- * image) as RGB into `out` (row-major, `cap` bytes). libjpeg widens the column range to iMCU boundaries, so the
+ * image) as RGB (channels 3) or RGBX (channels 4: the fourth byte is padding, the layout torch's vectorised
+ * uint8 resize works in, so it need not repack) into `out` (row-major, `cap` bytes). libjpeg widens the column range to iMCU boundaries, so the
  * window written is win[0..3] = (x0, y0, width, height) in scaled coordinates, x0 <= x, x0 + width >= x + w,
- * y0 == y, height == h; `out` holds height rows of width * 3 bytes. denom: 1, 2, 4 or 8. */
-int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h,
+ * y0 == y, height == h; `out` holds height rows of width * channels bytes. denom: 1, 2, 4 or 8. */
+int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h, int channels,
                unsigned char *out, unsigned long cap, int *win, char *err, int err_len) {
     struct jpeg_decompress_struct cinfo;
     struct roi_error jerr;
@@ -84,6 +85,10 @@ int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, 
     int row;
     if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
         set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+        return -1;
+    }
+    if (channels != 3 && channels != 4) {
+        set_error(err, err_len, "channels must be 3 (RGB) or 4 (RGBX)");
         return -1;
     }
     if (x < 0 || y < 0 || w <= 0 || h <= 0) {
@@ -102,7 +107,7 @@ int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, 
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, size);
     jpeg_read_header(&cinfo, TRUE);
-    cinfo.out_color_space = JCS_RGB;
+    cinfo.out_color_space = channels == 4 ? JCS_EXT_RGBX : JCS_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)denom;
     jpeg_start_decompress(&cinfo);
@@ -115,7 +120,7 @@ int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, 
     cw = (JDIMENSION)w;
     if (xoff > 0 || cw < cinfo.output_width)
         jpeg_crop_scanline(&cinfo, &xoff, &cw);
-    stride = (unsigned long)cw * 3UL;
+    stride = (unsigned long)cw * (unsigned long)channels;
     need = stride * (unsigned long)h;
     if (need > cap) {
         set_error(err, err_len, "output buffer too small for the decoded window");
