@@ -898,6 +898,12 @@ def _chunks_to_batches(loader: Any, batch: int, device: Any) -> Iterator[tuple[A
         t_wait = time.perf_counter()
 
 
+def _roi_built() -> bool:
+    from pipeline.data import jpeg
+
+    return jpeg.available()
+
+
 def section_decode(ctx: Ctx) -> None:
     s, data = ctx.sizes, ctx.data()
     workers = decode_workers()
@@ -950,7 +956,9 @@ def section_decode(ctx: Ctx) -> None:
     common = {"workers": workers, "chunk": chunk, "images_per_pass": ds.n_images, "passes_per_rep": s.decode_passes,
               "shm_free_mib": None if shm is None else round(shm / 2**20),
               "decode": f"pipeline.data.transforms.train_image (RandomResizedCrop({s.crop}, scale=({s.min_scale}, "
-                        "1)) + flip) in a DataLoader process pool (forkserver), pinned memory on a GPU"}
+                        "1)) + flip) in a DataLoader process pool (forkserver), pinned memory on a GPU",
+              "train_decoder": "ROI decode (pipeline.data.jpeg)" if _roi_built() else "whole-image decode (ROI "
+                               "decoder not built: bench/gpu_check.sh builds it where cc + libjpeg headers exist)"}
     base_name, base, found = ctx.baseline("synthetic_bf16", "the synthetic section")
     ctx.add("cpu_decode_pool_vs_synthetic", dec, "img/s", base_name, base, s.reps,
             [dec_spread[0] / base, dec_spread[1] / base], decode_img_s=_rounded(rates["decode"]),
