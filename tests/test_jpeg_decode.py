@@ -240,3 +240,46 @@ def test_worker_decode_dataset_on_ray(synthetic_shards: Path) -> None:
         assert "ReadParquet->MapBatches(TrainDraw)" in ds.stats()
     finally:
         ray.shutdown()
+
+
+def test_training_loop_with_worker_decode_runs_in_process(synthetic_shards: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.decode=worker through the real loop (pipeline.training.loop.run_loop), no Ray: the loop takes its
+    worker-decode branch, WorkerDecoder decodes every step's batch on this CPU, the epoch sees every image."""
+    from pipeline.config import load_params
+    from pipeline.data.shards import read_manifest
+    from pipeline.data.worker_decode import WorkerDecoder
+    from pipeline.training.local import InMemoryShard, InProcessSession
+    from pipeline.training.loop import run_loop
+    from pipeline.training.trainer import make_job
+
+    root = Path(__file__).resolve().parents[1]
+    p = load_params(root / "params.yaml", [
+        f"data.shards_dir={synthetic_shards}", "train.epochs=1", "train.batch_size=16", "train.use_tuned=false",
+        "train.lr=0.05", "train.lr_warmup_epochs=0", "train.num_workers=0", "train.decode=worker",
+    ])
+    job = make_job(p, "resnet18", 0.05, 0, 1, None)
+    job.checkpoint_dir = str(tmp_path / "ckpt")
+    Path(job.checkpoint_dir).mkdir()
+    shard = InMemoryShard(job.train_files, crop=32, min_scale=0.35)
+    batches = list(shard.iter_batches(batch_size=16, local_shuffle_seed=3))
+    assert set(batches[0]) == {"jpeg", "box", "size", "flip", "label"}  # what the worker branch must decode
+    steps: list[int] = []
+    real_decode = WorkerDecoder.decode
+
+    def counting_decode(self, batch, crop=None):
+        out = real_decode(self, batch, crop)
+        steps.append(int(out["image"].shape[0]))
+        return out
+
+    def no_decoded_rows(*_a, **_k):
+        raise AssertionError("train.decode=worker must not ask for decoded rows")
+
+    monkeypatch.setattr(WorkerDecoder, "decode", counting_decode)
+    monkeypatch.setattr(InMemoryShard, "iter_torch_batches", no_decoded_rows)
+    session = InProcessSession(shard)
+    run_loop(job, session)
+    n_train = read_manifest(synthetic_shards)["splits"]["train"]["n_images"]
+    assert sum(steps) == n_train - n_train % 16 and set(steps) == {16}
+    report = session.reports[-1]
+    assert report["epoch"] == 1 and np.isfinite(report["train_loss"])

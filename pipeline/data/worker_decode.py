@@ -141,9 +141,10 @@ class WorkerDecoder:
         import torch
 
         crop = self.crop if crop is None else crop
-        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)).to(self.device, non_blocking=True)
+        # Copies: Ray Data's numpy batches may be read-only views of the object store.
+        labels = torch.from_numpy(np.array(batch["label"], dtype=np.int64)).to(self.device, non_blocking=True)
         if "jpeg" not in batch:  # a dataset built with the default train.decode: already decoded pixels
-            images = torch.as_tensor(np.asarray(batch["image"])).to(self.device, non_blocking=True)
+            images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device, non_blocking=True)
             return {"image": images, "label": labels}
         datas, boxes, sizes, flips = batch["jpeg"], batch["box"], batch["size"], batch["flip"]
         n = len(datas)
