@@ -11,7 +11,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup repro test test-fast test-all bench ui lint clean
 
-setup: $(VENV)/.installed
+# The ROI JPEG decoder (pipeline/data/jpeg.py): a C file against the system's libjpeg(-turbo), loaded with ctypes.
+# Without gcc or the libjpeg headers it is skipped with a message, and training decodes whole images instead.
+ROIJPEG := pipeline/data/native/_roijpeg.so
+CC ?= cc
+setup: $(VENV)/.installed $(ROIJPEG)
+
+$(ROIJPEG): pipeline/data/native/roijpeg.c
+	@$(CC) -O2 -Wall -shared -fPIC -o $@ $< -ljpeg \
+	  || echo "roijpeg: not built (needs a C compiler and libjpeg-turbo headers, e.g. apt-get install gcc libjpeg-dev);" \
+	          "train decoding falls back to whole-image decodes"
 
 # Idempotent: rebuilds only when requirements.txt changed or the venv is missing.
 $(VENV)/.installed: requirements.txt

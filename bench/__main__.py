@@ -22,6 +22,7 @@ from bench.common import DEFAULT_REPORT, format_table, load1, machine, write_rep
 BENCHMARKS = {
     "prepare": "bench.bench_prepare",
     "ingest": "bench.bench_ingest",
+    "jpeg": "bench.bench_jpeg",
     "train": "bench.bench_train",
 }
 

@@ -895,6 +895,12 @@ def _chunks_to_batches(loader: Any, batch: int, device: Any) -> Iterator[tuple[A
         t_wait = time.perf_counter()
 
 
+def _roi_built() -> bool:
+    from pipeline.data import jpeg
+
+    return jpeg.available()
+
+
 def section_decode(ctx: Ctx) -> None:
     s, data = ctx.sizes, ctx.data()
     workers = decode_workers()
@@ -947,7 +953,9 @@ def section_decode(ctx: Ctx) -> None:
     common = {"workers": workers, "chunk": chunk, "images_per_pass": ds.n_images, "passes_per_rep": s.decode_passes,
               "shm_free_mib": None if shm is None else round(shm / 2**20),
               "decode": f"pipeline.data.transforms.train_image (RandomResizedCrop({s.crop}, scale=({s.min_scale}, "
-                        "1)) + flip) in a DataLoader process pool (forkserver), pinned memory on a GPU"}
+                        "1)) + flip) in a DataLoader process pool (forkserver), pinned memory on a GPU",
+              "train_decoder": "ROI decode (pipeline.data.jpeg)" if _roi_built() else "whole-image decode (ROI "
+                               "decoder not built: bench/gpu_check.sh builds it where cc + libjpeg headers exist)"}
     base_name, base, found = ctx.baseline("synthetic_bf16", "the synthetic section")
     ctx.add("cpu_decode_pool_vs_synthetic", dec, "img/s", base_name, base, s.reps,
             [dec_spread[0] / base, dec_spread[1] / base], decode_img_s=_rounded(rates["decode"]),
@@ -994,32 +1002,35 @@ def section_gpu_decode(ctx: Ctx) -> None:
     import pyarrow.parquet as pq
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F  # noqa: N812 (torchvision's convention)
 
-    from pipeline.data.transforms import random_resized_crop_box
+    from pipeline.data.worker_decode import TrainDraw, WorkerDecoder
 
     s, data = ctx.sizes, ctx.data()
-    jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8)
-             for f in data.train_files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
-    n_batches = len(jpegs) // s.batch
-    min_scale = s.min_scale
-    out = torch.empty((s.batch, 3, s.crop, s.crop), dtype=torch.uint8, device=ctx.device)
+    raw = [b for f in data.train_files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+    jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
+    n_batches = len(raw) // s.batch
+    # train.decode "worker" as training runs it: TrainDraw's rows (what Ray Data's tasks ship: bytes + the drawn
+    # boxes, the same draws as train_image's), decoded by WorkerDecoder on the GPU (batched nvJPEG, crop +
+    # resize + flip on the GPU), each batch on a side stream ahead of the consumer.
+    draw = TrainDraw(s.min_scale, seed=0)
+    rows: list[dict[str, Any]] = []
+    for b in range(n_batches):
+        part = {"image": np.array(raw[b * s.batch : (b + 1) * s.batch], dtype=object),
+                "label": np.zeros(s.batch, np.int64), "key": np.array([f"k{b}_{i}" for i in range(s.batch)])}
+        slices = list(draw(part))
+        rows.append({k: np.concatenate([x[k] for x in slices]) for k in slices[0]})
+    decoder = WorkerDecoder(ctx.device, s.crop)
 
     def decode_batch(b: int, rng: np.random.Generator) -> None:
-        imgs = decode_jpeg(jpegs[b * s.batch : (b + 1) * s.batch], device="cuda", mode=ImageReadMode.RGB)
-        for i, img in enumerate(imgs):  # (3, H, W) uint8 on the GPU; the same draws as train_image's
-            h, w = img.shape[-2:]
-            left, top, cw, ch = random_resized_crop_box(w, h, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
-            crop = F.resized_crop(img, top, left, ch, cw, [s.crop, s.crop], antialias=True)
-            out[i].copy_(crop.flip(-1) if rng.random() < 0.5 else crop)
+        del rng  # the draws were made by TrainDraw, as in training
+        decoder.decode(rows[b])
 
     def gpu_pass() -> float:
-        rng = np.random.default_rng(0)
         sync(ctx.device)
         t0 = time.perf_counter()
         for _ in range(s.decode_passes):
-            for b in range(n_batches):
-                decode_batch(b, rng)
+            for _batch in decoder.batches(iter(rows)):
+                pass
         sync(ctx.device)
         return n_batches * s.batch * s.decode_passes / (time.perf_counter() - t0)
 
@@ -1038,9 +1049,10 @@ def section_gpu_decode(ctx: Ctx) -> None:
     ctx.add("gpu_decode_vs_cpu_decode", value, "img/s", base_name, base, s.reps, [spread[0] / base, spread[1] / base],
             gpu_decode_img_s=_rounded(rates), mean_abs_diff_vs_cpu=round(diff, 3), cpu_workers=decode_workers(),
             baseline_found=found,
-            setup="torchvision.io.decode_jpeg(list of 256, device='cuda') (batched nvJPEG), then per image "
-                  "RandomResizedCrop (our random_resized_crop_box draws) + flip with torchvision's tensor ops on "
-                  "the GPU, into one uint8 batch; the baseline is the CPU decode pool (train_image) alone")
+            setup="train.decode 'worker': pipeline.data.worker_decode.WorkerDecoder.batches over TrainDraw's rows "
+                  "(JPEG bytes + drawn boxes): torchvision.io.decode_jpeg(list of a batch, device='cuda') (batched "
+                  "nvJPEG) on a side stream, then per image crop + antialiased resize + flip on the GPU, into one "
+                  "uint8 batch; the baseline is the CPU decode pool (train_image, ROI decoding) alone")
 
 
 def section_eval(ctx: Ctx) -> None:

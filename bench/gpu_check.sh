@@ -32,5 +32,12 @@ if ! missing=$("$GPU_PYTHON" -c "$NEEDED" 2>&1); then
        "registry and carry .whl/ along (docs/gpu-check.md)" >&2
   exit 2
 fi
+# The ROI JPEG decoder (pipeline/data/jpeg.py), where it is not built and this machine can build it: the CPU decode
+# it is compared with should be the one training uses. Without a compiler or libjpeg headers the CPU path decodes
+# whole images (the records say which: "train_decoder").
+so=pipeline/data/native/_roijpeg.so
+if [[ ! -e $so || $so -ot pipeline/data/native/roijpeg.c ]] && command -v cc >/dev/null && [[ -e /usr/include/jpeglib.h ]]; then
+  cc -O2 -shared -fPIC -o "$so" pipeline/data/native/roijpeg.c -ljpeg || echo "[gpu-check] roijpeg: not built" >&2
+fi
 export PYTHONUNBUFFERED=1
 exec "$GPU_PYTHON" -m bench.gpu_check "$@"

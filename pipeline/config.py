@@ -142,6 +142,12 @@ class TrainParams(_Section):
     train_crop_min_scale: float = Field(
         0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
     )
+    decode: Literal["tasks", "worker"] = Field(
+        "tasks", description="Where train JPEGs are decoded: 'tasks' = Ray Data CPU tasks (region-of-interest "
+        "decoding when built) ship uint8 crops; 'worker' = Ray Data ships the JPEG bytes and drawn crop boxes and "
+        "each training worker decodes its batches on its device (nvJPEG on a GPU, its own CPU threads otherwise), "
+        "overlapped with the previous step (docs/performance.md)."
+    )
     val_resize_size: int = Field(256, ge=8, le=4096, description="Evaluation: the shorter side is resized to this, px.")
     val_crop_size: int = Field(
         224, ge=8, le=4096, description="Evaluation: side of the center crop after the resize, px."

@@ -59,6 +59,10 @@ def _imports(path: Path) -> set[str]:
     return {n for n in names if n.split(".")[0] in (PACKAGE, "stages")}
 
 
+# Non-Python code a module loads at run time: a stage that imports the module runs it too.
+NATIVE_SOURCES = {"pipeline/data/jpeg.py": ("pipeline/data/native/roijpeg.c",)}
+
+
 def import_closure(entry: Path) -> set[str]:
     """Repository-relative paths of the `pipeline/` files that running `entry` may import."""
     seen: set[Path] = set()
@@ -75,10 +79,11 @@ def import_closure(entry: Path) -> set[str]:
                 found = _module_file(".".join(parts[:k]))
                 if found is not None and found not in seen:
                     todo.append(found)
-    return {
+    files = {
         str(p.relative_to(ROOT)) for p in seen
         if p.relative_to(ROOT).parts[0] == PACKAGE and not _is_trivial_package(p)
     }
+    return files | {src for module in files for src in NATIVE_SOURCES.get(module, ())}
 
 
 def _stages() -> dict[str, dict]:
@@ -92,6 +97,15 @@ def _entry(stage: dict) -> Path:
     return ROOT / (cmd[2].replace(".", "/") + ".py")
 
 
+def _code_files(directory: Path) -> set[str]:
+    """The code a directory dep covers: its non-trivial .py files and the native sources in it."""
+    native = {src for srcs in NATIVE_SOURCES.values() for src in srcs}
+    return {
+        str(p.relative_to(ROOT)) for p in directory.rglob("*")
+        if (p.suffix == ".py" and not _is_trivial_package(p)) or str(p.relative_to(ROOT)) in native
+    }
+
+
 def covered_by_deps(deps: list) -> tuple[set[str], list[str]]:
     """The `pipeline/` .py files that a stage's deps cover, and its directory deps."""
     files: set[str] = set()
@@ -103,7 +117,7 @@ def covered_by_deps(deps: list) -> tuple[set[str], list[str]]:
         path = ROOT / dep
         if path.is_dir():
             dirs.append(dep)
-            files |= {str(p.relative_to(ROOT)) for p in path.rglob("*.py") if not _is_trivial_package(p)}
+            files |= _code_files(path)
         else:
             files.add(dep)
     return files, dirs
@@ -191,7 +205,7 @@ def suggested_deps(name: str) -> list[str]:
     closure = import_closure(_entry(_stages()[name]))
     deps: list[str] = []
     for directory in sorted({str(Path(f).parent) for f in closure} - {PACKAGE}):
-        files = {str(p.relative_to(ROOT)) for p in (ROOT / directory).rglob("*.py") if not _is_trivial_package(p)}
+        files = _code_files(ROOT / directory)
         if files <= closure:
             deps.append(directory)
             closure -= files

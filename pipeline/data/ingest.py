@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.transforms import batch_seed, ten_crop_images, train_image, val_image
+from pipeline.data.transforms import DECODE_BATCH, batch_seed, batch_slices, ten_crop_images, train_image, val_image
 
 # One Ray Data operator per pass: read a shard file and decode it in the SAME task (Ray fuses ReadParquet and
 # MapBatches when the map takes whole blocks, batch_size=None, and asks for the same resources). Measured here
@@ -21,18 +21,8 @@ from pipeline.data.transforms import batch_seed, ten_crop_images, train_image, v
 # deadlock risk: a 1-CPU read task could hold the last free CPU while its decode task waited. One fused task
 # needs one CPU and holds nothing while queued. Fractional CPUs are slower: 0.5 runs 4 decode tasks on 2 cores
 # (~115 img/s, the same machine and run). The local Ray adds logical CPUs for data
-# (pipeline.training.trainer.init_ray), so ingest never starves next to the training workers.
+# (pipeline.runtime.init_ray), so ingest never starves next to the training workers.
 TASK_CPUS = 1.0
-# Rows decoded per output block: a whole 1,024-row ImageNet shard decodes to ~150 MB at 224 px, so the fused
-# task yields it in slices (peak memory of one slice, and the trainer gets its first rows sooner).
-DECODE_BATCH = 64
-
-
-def _slices(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    n = len(batch["key"])
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
 class TrainDecode:
     """map_batches function: JPEG bytes -> RandomResizedCrop + flip, uint8 (N, 3, crop, crop), yielded in
     slices of DECODE_BATCH rows."""
@@ -45,7 +35,7 @@ class TrainDecode:
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for part in _slices(batch, DECODE_BATCH):
+        for part in batch_slices(batch, DECODE_BATCH):
             keys = part["key"]
             # seed None: fresh OS entropy per slice, so every epoch augments differently (Ray Data gives the
             # function no epoch number); a seed makes a single pass reproducible (tests, benchmarks).
@@ -68,7 +58,7 @@ class ValDecode:
         self.keep_keys = keep_keys  # off for validation in training: torch batches cannot hold strings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for part in _slices(batch, DECODE_BATCH):
+        for part in batch_slices(batch, DECODE_BATCH):
             images = np.stack([self.transform(b, self.resize, self.crop) for b in part["image"]])
             out = {"image": images, "label": part["label"].astype(np.int64)}
             yield {**out, "key": part["key"]} if self.keep_keys else out
@@ -138,14 +128,23 @@ def _read(files: Sequence[str], **kw: Any) -> Any:
 
 
 def train_dataset(
-    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False
+    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False, decode: str = "tasks"
 ) -> Any:
-    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch)."""
+    """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch).
+    decode "tasks" (train.decode): rows of decoded uint8 crops; "worker": rows of JPEG bytes + drawn crop
+    parameters that the training worker decodes (pipeline.data.worker_decode)."""
     from ray.data import FileShuffleConfig
 
     ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-    decode = TrainDecode(crop, min_scale, keep_keys=keep_keys)
-    ds = ds.map_batches(decode, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    if decode == "worker":
+        from pipeline.data.worker_decode import TrainDraw
+
+        decode_fn: Any = TrainDraw(min_scale)
+    elif decode == "tasks":
+        decode_fn = TrainDecode(crop, min_scale, keep_keys=keep_keys)
+    else:
+        raise ValueError(f"train.decode must be 'tasks' or 'worker', got {decode!r}")
+    ds = ds.map_batches(decode_fn, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
     # The whole CPU budget for this one fused operator from the start. Ray Data's per-operator reservation (on by
     # default) holds back half the budget for operators a multi-operator pipeline may need later; with one
     # operator on 2 CPUs it ran a single task for the first ~1 s of every execution (6 tasks of 0.5 s: 2.4-2.5 s

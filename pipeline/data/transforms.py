@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from pipeline.data import jpeg
+
 if TYPE_CHECKING:
     import torch
 
@@ -110,12 +112,22 @@ def train_image(
 ) -> np.ndarray:
     """RandomResizedCrop(crop, scale=(min_scale, 1)) + horizontal flip -> uint8 (3, crop, crop).
 
-    Shards hold RGB JPEGs (prepare re-encodes everything else), decoded here by torchvision's libjpeg-turbo
-    binding and cropped + resized as uint8 tensors (torchvision's tensor RandomResizedCrop, antialiased):
-    1.6 ms vs 2.3 ms an image for PIL's decode + box resize at 500x375 -> 224 on one core of this machine.
-    Small images (under TENSOR_MIN_PIXELS) stay on PIL: there the gain is ~0.04 ms an image, and the first
-    tensor image costs a decode worker ~2 s of `import torch`. Images at least twice the crop on their shorter
-    side stay on PIL too, whose `draft` lets libjpeg decode them at 1/2..1/8 scale."""
+    Shards hold RGB JPEGs (prepare re-encodes everything else). With the ROI decoder (pipeline.data.jpeg, built by
+    `make setup`) the box is drawn from the header's size and only the rows and iMCU columns around it are
+    decoded (at 1/2..1/8 DCT scale when the box is at least twice the crop), then cropped exactly and resized
+    as a uint8 tensor (torchvision's antialiased resize): `_train_image_roi`. Without it, torchvision's
+    libjpeg-turbo binding decodes the whole image (`_train_image_tensor`): 1.6 ms vs 2.3 ms an image for PIL's
+    decode + box resize at 500x375 -> 224 on one core of this machine. Small images (under TENSOR_MIN_PIXELS)
+    stay on PIL either way: there the gain is ~0.04 ms an image, and the first tensor image costs a decode worker
+    ~2 s of `import torch`. Without the ROI decoder, images at least twice the crop on their shorter side stay on
+    PIL too, whose `draft` lets libjpeg decode them at 1/2..1/8 scale."""
+    if len(data) and jpeg.available():
+        try:
+            width, height, _, space = jpeg.header(data)
+        except jpeg.JpegError:
+            width = height = space = 0  # not a JPEG libjpeg reads: the PIL path below decides (and names the error)
+        if jpeg.decodable(space) and width * height >= TENSOR_MIN_PIXELS:
+            return _train_image_roi(data, width, height, crop, rng, min_scale, hflip)
     img = Image.open(io.BytesIO(data))  # reads the header only
     if (img.format == "JPEG" and img.mode == "RGB" and min(img.size) < 2 * crop
             and img.width * img.height >= TENSOR_MIN_PIXELS):
@@ -129,25 +141,98 @@ def train_image(
     return _to_chw(out)
 
 
+def draw_train_crop(
+    width: int, height: int, rng: np.random.Generator, min_scale: float, hflip: bool
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The train transform's random draws for one image, in the order every path makes them: the
+    RandomResizedCrop box (left, top, w, h) on the full-resolution size, then the flip."""
+    box = random_resized_crop_box(width, height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
+    return box, bool(hflip and rng.random() < 0.5)
+
+
+def crop_window_box(
+    width: int, height: int, box: tuple[int, int, int, int], crop: int
+) -> tuple[int, tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """For a full-resolution crop box (left, top, w, h): (DCT denominator, region (x, y, w, h) to decode at that
+    scale, the box as (top, left, h, w) relative to the region's top-left corner). The decoded window may start
+    left of the region (iMCU alignment): add `x - x0` to the left offset.
+
+    The box is mapped to the scaled image and rounded to whole pixels there: at 1/s an endpoint moves by at
+    most s/2 full-resolution pixels, below a pixel of the crop's output whenever s > 1 (the box is then at least
+    2s times the crop)."""
+    left, top, w, h = box
+    denom = jpeg.dct_denom(w, h, crop)
+    region, (fx0, fy0, fx1, fy1) = jpeg.region_for_box(width, height, left, top, w, h, denom)
+    cx0, cy0, cx1, cy1 = round(fx0), round(fy0), round(fx1), round(fy1)
+    return denom, region, (cy0, cx0, cy1 - cy0, cx1 - cx0)
+
+
+def resized_crop_window(
+    window: torch.Tensor, inner: tuple[int, int, int, int], crop: int, flip: bool
+) -> torch.Tensor:
+    """Exact crop `inner` = (top, left, h, w) of a decoded (C, H, W) uint8 window (C = 3, or 4 for RGBX, whose
+    padding channel is dropped), antialiased bilinear resize to (crop, crop) (torchvision's tensor
+    RandomResizedCrop), then the flip -> (3, crop, crop). Works on any device."""
+    import torch
+    from torchvision.transforms.v2 import functional as F  # noqa: N812 (torchvision's convention)
+
+    top, left, h, w = inner
+    x = window[:, top : top + h, left : left + w]
+    if x.device.type == "cpu":
+        # torch's vectorised uint8 antialiased resize (AVX2) runs only on contiguous channels-last input, in
+        # 4-byte pixels: a strided or channels-first crop takes the generic kernel, ~1.5x slower here (same
+        # pixels: tests/test_jpeg_decode.py compares the paths).
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out = F.resize(x, [crop, crop], antialias=True)[0]
+    else:
+        out = F.resize(x, [crop, crop], antialias=True)
+    out = out[:3]
+    return out.flip(-1) if flip else out
+
+
+def _train_image_roi(
+    data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool
+) -> np.ndarray:
+    """`train_image` decoding only the crop's region (pipeline.data.jpeg): the same draws in the same order."""
+    box, flip = draw_train_crop(width, height, rng, min_scale, hflip)
+    return crop_jpeg_roi(data, width, height, box, flip, crop).numpy()
+
+
+def crop_jpeg_roi(
+    data: bytes, width: int, height: int, box: tuple[int, int, int, int], flip: bool, crop: int
+) -> torch.Tensor:
+    """The train transform for drawn parameters: decode the region around `box` (full-resolution (left, top, w,
+    h) of a width x height JPEG), crop it exactly, resize to `crop`, flip -> uint8 (3, crop, crop) CPU tensor."""
+    import torch
+
+    denom, (x, y, rw, rh), (top, left, h, w) = crop_window_box(width, height, box, crop)
+    # RGBX: 4-byte pixels, the layout torch's vectorised uint8 resize works in (it would repack RGB into it).
+    window, x0 = jpeg.decode_region(data, x, y, rw, rh, denom, channels=4)
+    pixels = torch.from_numpy(window).permute(2, 0, 1)  # (4, H, W) view of channels-last memory
+    return resized_crop_window(pixels, (top, left + x - x0, h, w), crop, flip)
+
+
 def _train_image_tensor(
     data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool
 ) -> np.ndarray:
     """`train_image` for an RGB JPEG: the same random draws in the same order, on torchvision's tensor ops."""
     import torch  # imported on the first train image of a decode worker, not by the val-only path
     from torchvision.io import decode_jpeg
-    from torchvision.transforms.v2 import functional as F  # noqa: N812 (torchvision's convention)
 
     pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
-    left, top, w, h = random_resized_crop_box(width, height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
-    out = F.resized_crop(pixels, top, left, h, w, [crop, crop], antialias=True)
-    if hflip and rng.random() < 0.5:
-        out = out.flip(-1)
-    return out.numpy()
+    box, flip = draw_train_crop(width, height, rng, min_scale, hflip)
+    left, top, w, h = box
+    return resized_crop_window(pixels, (top, left, h, w), crop, flip).numpy()
 
 
 def val_image(data: bytes, resize: int, crop: int) -> np.ndarray:
-    """torchvision V1 eval protocol: resize shorter side to `resize`, center crop `crop` -> uint8 (3, c, c)."""
-    return _to_chw(center_crop(resize_shorter(decode_rgb(data), resize), crop))
+    """torchvision V1 eval protocol: resize shorter side to `resize`, center crop `crop` -> uint8 (3, c, c).
+
+    Images whose shorter side is at least twice `resize` decode at a DCT scale of 1/2..1/8 (still >= resize, PIL
+    `draft`): 2-4x cheaper decodes of large photos, pixels within a few levels of torchvision's full decode +
+    resize (tests/test_jpeg_decode.py bounds it). Smaller images (ImageNet's typical 500x375 at resize 256)
+    decode whole, so their tensors equal torchvision's preset exactly (tests/test_transforms.py)."""
+    return _to_chw(center_crop(resize_shorter(decode_rgb(data, min_side=resize), resize), crop))
 
 
 def ten_crop_images(data: bytes, resize: int, crop: int) -> np.ndarray:
@@ -160,6 +245,17 @@ def ten_crop_images(data: bytes, resize: int, crop: int) -> np.ndarray:
     crops.append(center_crop(img, crop))
     crops += [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for c in crops]
     return np.stack([_to_chw(c) for c in crops])
+
+
+# Rows decoded per output block: a whole 1,024-row ImageNet shard decodes to ~150 MB at 224 px, so the fused
+# task yields it in slices (peak memory of one slice, and the trainer gets its first rows sooner).
+DECODE_BATCH = 64
+
+
+def batch_slices(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """`batch` (columns of equal length) in consecutive slices of `size` rows: the unit each decode seeds."""
+    n = len(batch["key"])
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def batch_seed(seed: int, epoch: int, keys: Sequence[str]) -> int:

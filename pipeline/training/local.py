@@ -62,6 +62,33 @@ class InMemoryShard:
             }
 
 
+    def iter_batches(
+        self, *, batch_size: int, batch_format: str = "numpy", drop_last: bool = True,
+        local_shuffle_seed: int | None = None, **_ray_options: Any,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """train.decode "worker": rows as Ray Data's TrainDraw ships them (JPEG bytes, drawn box, size, flip,
+        label), for the loop's WorkerDecoder; the same shuffle and draw order as `iter_torch_batches`."""
+        from pipeline.data.transforms import draw_train_crop
+        from pipeline.data.worker_decode import image_size
+
+        if batch_format != "numpy":
+            raise ValueError(f"InMemoryShard.iter_batches: only batch_format='numpy', got {batch_format!r}")
+        rng = np.random.default_rng(local_shuffle_seed)
+        order = rng.permutation(len(self.images))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            sizes = [image_size(self.images[i]) for i in index]
+            draws = [draw_train_crop(w, h, rng, self.min_scale, True) for w, h in sizes]
+            yield {
+                "jpeg": np.array([self.images[i] for i in index], dtype=object),
+                "box": np.array([box for box, _ in draws], dtype=np.int32),
+                "size": np.array(sizes, dtype=np.int32),
+                "flip": np.array([flip for _, flip in draws], dtype=bool),
+                "label": self.labels[index],
+            }
+
+
 class InMemoryValShard:
     """Val shards for `run_loop`'s validation in a plain process: the same decode as the evaluate stage
     (`pipeline.data.ingest.ValDecode`, resize + center crop), batches {"image": uint8 (N, 3, crop, crop),

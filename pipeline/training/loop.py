@@ -441,11 +441,25 @@ def _set_rng_state(run: _Run, saved: Any) -> None:
 
 
 def _epoch_batches(run: _Run, train_shard: Any, epoch: int) -> NextEpoch:
+    if run.p.train.decode == "worker":
+        return _worker_decoded_batches(run, train_shard, epoch)
     return NextEpoch(lambda: train_shard.iter_torch_batches(
         batch_size=run.per_worker_batch, drop_last=True, dtypes={"image": torch.uint8, "label": torch.int64},
         local_shuffle_buffer_size=4 * run.per_worker_batch, local_shuffle_seed=run.p.seed + 1000 * epoch + run.rank,
         # Pinned host memory: the host-to-GPU copy is asynchronous and overlaps the previous step.
         device=run.device, pin_memory=run.device.type == "cuda", prefetch_batches=2,
+    ))
+
+
+def _worker_decoded_batches(run: _Run, train_shard: Any, epoch: int) -> NextEpoch:
+    """train.decode "worker": the shard holds JPEG bytes + drawn crops; this worker decodes them on its device
+    (pipeline.data.worker_decode), each batch while the previous step runs. Same batching and shuffle as above."""
+    from pipeline.data.worker_decode import worker_batches
+
+    return NextEpoch(lambda: worker_batches(
+        train_shard, batch_size=run.per_worker_batch, device=run.device, crop=run.p.train.train_crop_size,
+        threads=run.job.threads, local_shuffle_buffer_size=4 * run.per_worker_batch,
+        local_shuffle_seed=run.p.seed + 1000 * epoch + run.rank, prefetch_batches=2,
     ))
 
 
