@@ -84,7 +84,8 @@ def build_trainer(
             timeout_s=p.cluster.wait_for_resources_s,
         )
     check_data_cpus(num_workers, tp.cpus_per_worker)
-    ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed)
+    ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed,
+                       recipe=tp, epochs=job.epochs, n_rows=job.n_train)
     # Validation is decoded by Ray Data tasks too, not on the training thread; padded so every rank gets the
     # same number of rows (see val_dataset).
     val = val_dataset(job.val_files, resize=tp.val_resize_size, crop=tp.val_crop_size, n_images=job.n_val,
