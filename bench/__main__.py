@@ -23,6 +23,7 @@ BENCHMARKS = {
     "prepare": "bench.bench_prepare",
     "ingest": "bench.bench_ingest",
     "train": "bench.bench_train",
+    "deterministic": "bench.bench_determinism",
 }
 
 
