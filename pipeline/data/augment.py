@@ -15,6 +15,8 @@ normalisation maps to 0: the same images as torchvision's order.
 from __future__ import annotations
 
 import math
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,13 +70,34 @@ class Augment:
 
 
 _POLICY_CACHE: dict[tuple[str, int], Any] = {}
+_IMPORT_LOCK = threading.Lock()
+
+
+def _import_v2() -> Any:
+    """torchvision.transforms.v2, imported on the first augmented image of a decode worker (the val-only and
+    plain-crop paths never pay torch's import). Seen once in a Ray decode worker (tests/test_presets.py, torch 2.14):
+    the import failed with "partially initialized module 'torch._dynamo' has no attribute 'decorators'", an import
+    cycle torchvision -> torch.compiler.disable -> torch._dynamo racing another import in the process. So
+    torch._dynamo is imported first, on its own, and a failed attempt (Python drops a module whose import raised)
+    is retried after a pause, under one lock for this module's callers."""
+    with _IMPORT_LOCK:
+        for attempt in range(3):
+            try:
+                import torch._dynamo  # noqa: F401 (complete before torchvision's tv_tensors needs it)
+                from torchvision.transforms import v2
+
+                return v2
+            except (ImportError, AttributeError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _policy(name: str, magnitude: int) -> Any:
-    from torchvision.transforms import v2
-
     key = (name, magnitude)
     if key not in _POLICY_CACHE:
+        v2 = _import_v2()
         # torchvision's recipe: TrivialAugmentWide / RandAugment(magnitude) with bilinear interpolation.
         from torchvision.transforms import InterpolationMode
 

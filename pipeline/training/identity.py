@@ -46,10 +46,17 @@ RECIPE = (
     "train.val_crop_size",
 )
 
+# The augmentations after the crop and the seeding of a Ray Data run (pipeline.data.augment, ingest.TrainDecode):
+# train and tune decode with them; the degradation experiment's in-process shard (training.local) does not.
+AUGMENT = (
+    "train.ra_magnitude", "train.random_erase", "train.ra_sampler", "train.ra_reps", "train.prog_resize_min_size",
+    "train.prog_resize_ramp_start", "train.prog_resize_ramp_end", "train.prog_resize_step", "train.deterministic",
+)
+
 # train@ARCH. train.lr / train.lr_warmup_epochs / train.use_tuned are listed because with use_tuned off (or no
 # best.json) they are the run's hyperparameters; the run name uses the values actually trained with.
 TRAIN = (
-    "seed", *MODEL_OPTIONS, *RECIPE,
+    "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
     "train.epochs", f"train.epochs_by_arch.{ARCH}", "train.batch_size", "train.lr", "train.lr_warmup_epochs",
     "train.use_tuned", "train.model_ema_decay", "train.sync_bn", "train.num_workers", "train.pretrained",
 )
@@ -58,7 +65,7 @@ TRAIN = (
 # train.epochs, lr, warmup, use_tuned and num_workers (tune.workers_per_trial instead) do not reach it.
 # Every tune.* setting changes which trials run or stop, hence best.json.
 TUNE = (
-    "seed", *MODEL_OPTIONS, *RECIPE,
+    "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
     "train.batch_size", "train.model_ema_decay", "train.sync_bn", "train.pretrained",
     "tune.arch", "tune.num_samples", "tune.epochs", "tune.lr_low", "tune.lr_high", "tune.lr_warmup_epochs",
     "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials", "tune.workers_per_trial",

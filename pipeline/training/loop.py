@@ -323,6 +323,18 @@ class _Run:
 
 def run_loop(job: Job, session: Session) -> None:
     """The training loop proper; `session` is where data comes from and reports go."""
+    # train.deterministic switches process-wide torch flags: an in-process run (num_workers=0, tests, Tune trials)
+    # gives the caller its own back.
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    try:
+        _run_loop(job, session)
+    finally:
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[1], flags[2]
+
+
+def _run_loop(job: Job, session: Session) -> None:
     run = _setup(job, session)
     _restore(run)
     tp = run.p.train
@@ -499,10 +511,18 @@ def _train_epoch(run: _Run, epoch: int, batches: NextEpoch) -> tuple[dict[str, A
             group["lr"] = lr
         images = batch["image"]
         if run.crop_sizes is not None:  # the decode picked this epoch's size from Ray Data's pass count: check it
-            images = resize_batch(images, size_for_epoch(run.crop_sizes, epoch))
+            size = size_for_epoch(run.crop_sizes, epoch)
+            if step == 0 and images.shape[-1] != size and run.rank == 0:
+                print(f"[train {job.arch}] epoch {epoch}: batches decoded at {images.shape[-1]} px, resized to "
+                      f"{size} px on the device (Ray Data's pass count is not this epoch: a resumed run)", flush=True)
+            images = resize_batch(images, size)
         x = normalize(images, tp.channels_last)  # (N, 3, H, W) float32
         y = batch["label"]
         x, target = mix_batch(x, y, job.num_classes, tp.mixup_alpha, tp.cutmix_alpha, run.mix_rng)
+        if tp.deterministic and device.type == "cuda" and target.dtype == torch.int64:
+            # NLLLoss (cross-entropy on class indices) has no deterministic CUDA kernel and would raise under
+            # use_deterministic_algorithms; on one-hot probabilities it is the same loss (label smoothing too).
+            target = nn.functional.one_hot(target, job.num_classes).to(torch.float32)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.model(x)
             loss = run.criterion(logits.float(), target)
