@@ -104,8 +104,11 @@ def model_card(
         f"{tp.get('label_smoothing')}.",
         f"- schedule {schedule}, warmup {warmup} epochs; amp {tp.get('amp')}; "
         f"EMA decay {tp.get('model_ema_decay')}; mixup {tp.get('mixup_alpha')} / cutmix {tp.get('cutmix_alpha')}; "
-        f"auto augment {tp.get('auto_augment')}; train crop {tp.get('train_crop_size')} "
-        f"(min scale {tp.get('train_crop_min_scale')}).",
+        f"auto augment {tp.get('auto_augment')}; random erase {tp.get('random_erase', 0.0)}; repeated augmentation "
+        f"{tp.get('ra_reps') if tp.get('ra_sampler') else 'off'}; train crop {tp.get('train_crop_size')} "
+        f"(min scale {tp.get('train_crop_min_scale')}"
+        + (f", progressive from {tp['prog_resize_min_size']}" if tp.get("prog_resize_min_size") else "")
+        + f"); deterministic {tp.get('deterministic', False)}.",
         f"- model options: {meta.get('model_kwargs', {}) or 'defaults'}; seed {config.get('seed')}.",
         "", "## Input and output",
         f"- input: float32 RGB pixels 0-255, (N, 3, H, W) of any size the network accepts; evaluated at "
