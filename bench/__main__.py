@@ -24,6 +24,7 @@ BENCHMARKS = {
     "ingest": "bench.bench_ingest",
     "jpeg": "bench.bench_jpeg",
     "train": "bench.bench_train",
+    "deterministic": "bench.bench_determinism",
 }
 
 

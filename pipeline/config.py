@@ -137,8 +137,48 @@ class TrainParams(_Section):
     cutmix_alpha: float = Field(
         0.0, ge=0, description="CutMix Beta(alpha, alpha); 0 = off (with mixup, one of the two per batch)."
     )
-    auto_augment: Literal["ta_wide", "ra"] | None = None
-    train_crop_size: int = Field(224, ge=8, le=4096, description="Side of the RandomResizedCrop training crop, px.")
+    auto_augment: Literal["ta_wide", "ra"] | None = Field(
+        None, description="Automatic augmentation policy applied to each train crop (uint8, after the flip): "
+        "ta_wide = TrivialAugmentWide, ra = RandAugment with 2 ops at ra_magnitude; null = none."
+    )
+    ra_magnitude: int = Field(
+        9, ge=0, le=30, description="RandAugment's magnitude (of 31 bins) when auto_augment is ra (torchvision: 9)."
+    )
+    random_erase: float = Field(
+        0.0, ge=0, le=1, description="Probability of erasing one random rectangle (2-33% of the area) of a train "
+        "crop to the mean pixel (Zhong et al. 2017; torchvision's modern recipe: 0.1); 0 = off."
+    )
+    ra_sampler: bool = Field(
+        False, description="Repeated augmentation (Hoffer et al. 2020, DeiT's RASampler): every image is decoded "
+        "ra_reps times per epoch with different augmentations, and an epoch keeps its length (n images), so it "
+        "holds n / ra_reps distinct images."
+    )
+    ra_reps: int = Field(3, ge=2, le=16, description="Copies of each image per epoch when ra_sampler is on.")
+    prog_resize_min_size: int | None = Field(
+        None, ge=8, le=4096, description="Progressive resizing (FFCV): the train crop of the first epochs, ramped "
+        "up to train_crop_size between prog_resize_ramp_start and prog_resize_ramp_end; null = train_crop_size "
+        "every epoch."
+    )
+    prog_resize_ramp_start: float = Field(
+        0.0, ge=0, le=1, description="Where the progressive-resizing ramp starts, as a fraction of the epochs."
+    )
+    prog_resize_ramp_end: float = Field(
+        0.85, ge=0, le=1, description="Where the progressive-resizing ramp reaches train_crop_size, as a fraction "
+        "of the epochs (FFCV's ResNet-50 recipes: ~0.85)."
+    )
+    prog_resize_step: int = Field(
+        32, ge=1, le=512, description="Progressive sizes are rounded to a multiple of this (32: the network's "
+        "stride, so every stage's feature map stays whole)."
+    )
+    deterministic: bool = Field(
+        False, description="Bit-for-bit repeatable runs on the same hardware and worker count: augmentation "
+        "seeded per (seed, epoch, image) instead of OS entropy, Ray Data's row order preserved, torch's "
+        "deterministic algorithms (cudnn.benchmark off). Costs throughput (docs/recipes.md, reports/bench.json)."
+    )
+    train_crop_size: int = Field(
+        224, ge=8, le=4096, description="Side of the train crops (RandomResizedCrop); with progressive resizing, "
+        "the size the ramp ends at."
+    )
     train_crop_min_scale: float = Field(
         0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
     )
@@ -146,11 +186,15 @@ class TrainParams(_Section):
         "tasks", description="Where train JPEGs are decoded: 'tasks' = Ray Data CPU tasks (region-of-interest "
         "decoding when built) ship uint8 crops; 'worker' = Ray Data ships the JPEG bytes and drawn crop boxes and "
         "each training worker decodes its batches on its device (nvJPEG on a GPU, its own CPU threads otherwise), "
-        "overlapped with the previous step (docs/performance.md)."
+        "overlapped with the previous step (docs/performance.md). The worker path does not apply auto_augment, "
+        "random_erase, ra_sampler, progressive resizing or deterministic yet (refused with it)."
     )
-    val_resize_size: int = Field(256, ge=8, le=4096, description="Evaluation: the shorter side is resized to this, px.")
+    val_resize_size: int = Field(
+        256, ge=8, le=4096, description="Evaluation: the shorter side is resized to this before the center crop."
+    )
     val_crop_size: int = Field(
-        224, ge=8, le=4096, description="Evaluation: side of the center crop after the resize, px."
+        224, ge=8, le=4096, description="Evaluation's center crop: the test-time resolution (FixRes: above "
+        "train_crop_size, e.g. train 176 / eval 224; the registered model accepts any size)."
     )
     val_every_epochs: int = Field(
         1, ge=1, le=10_000, description="Validate every N epochs (and always after the last); epochs between "
@@ -199,10 +243,27 @@ class TrainParams(_Section):
     def _consistent(self) -> TrainParams:
         if any(e is not None and e < 1 for e in self.epochs_by_arch.values()):
             raise ValueError("epochs_by_arch values must be >= 1")
+        if self.prog_resize_min_size is not None and self.prog_resize_min_size > self.train_crop_size:
+            raise ValueError("prog_resize_min_size must be <= train_crop_size (the ramp ends there)")
+        if self.prog_resize_ramp_start > self.prog_resize_ramp_end:
+            raise ValueError("prog_resize_ramp_start must be <= prog_resize_ramp_end")
         if self.val_crop_size > self.val_resize_size:
             raise ValueError("val_crop_size must be <= val_resize_size")
         if self.lr_warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError("lr_warmup_epochs must be smaller than epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _worker_decode_applies_the_recipe(self) -> TrainParams:
+        # The decode-on-worker path has no post-crop augmentations yet: refuse them rather than drop them.
+        if self.decode == "worker":
+            on = [key for key, value in (("auto_augment", self.auto_augment), ("random_erase", self.random_erase),
+                                         ("ra_sampler", self.ra_sampler),
+                                         ("prog_resize_min_size", self.prog_resize_min_size),
+                                         ("deterministic", self.deterministic)) if value not in (None, False, 0, 0.0)]
+            if on:
+                raise ValueError(f"train.decode: worker does not apply {', '.join('train.' + k for k in on)} yet: "
+                                 "set train.decode: tasks, or turn them off")
         return self
 
 

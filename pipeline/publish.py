@@ -20,9 +20,11 @@ if TYPE_CHECKING:
 
 
 class InferenceModel(nn.Module):
-    """What the registry stores: float32 pixels in [0, 255], (N, 3, crop, crop) after the eval resize +
-    center crop -> class probabilities (N, num_classes). Normalisation lives inside the model so a
-    serving client only resizes and crops."""
+    """What the registry stores: float32 pixels in [0, 255], (N, 3, H, W) -> class probabilities
+    (N, num_classes). H and W are dynamic in the exported program: the eval resize + center crop of the model's
+    metadata (`eval_transform`) is the size it was evaluated at, and any other size the network accepts (a
+    FixRes-style higher test resolution, a client's own images) runs too. Normalisation lives inside the model
+    so a serving client only resizes and crops."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -49,8 +51,9 @@ def example_batch(shards_dir: str, resize: int, crop: int, n: int = 2) -> np.nda
 
 PAPER = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016 (arXiv:1512.03385)"
 # What a serving client sends and gets back (README "Serving"): documented once, shown in every model card.
-REQUEST_FORMAT = ('POST /invocations {"inputs": [[[[...]]]]}: float32 pixels 0-255, (N, 3, crop, crop), RGB, '
-                  'after the eval resize + center crop -> {"predictions": [[p_0, ..., p_C-1], ...]}')
+REQUEST_FORMAT = ('POST /invocations {"inputs": [[[[...]]]]}: float32 pixels 0-255, (N, 3, H, W), RGB, any H and '
+                  'W (the eval resize + center crop gives the evaluated size) -> '
+                  '{"predictions": [[p_0, ..., p_C-1], ...]}')
 
 
 def _pct(value: Any) -> str:
@@ -110,11 +113,15 @@ def model_card(
         f"{tp.get('label_smoothing')}.",
         f"- schedule {schedule}, warmup {warmup} epochs; amp {tp.get('amp')}; "
         f"EMA decay {tp.get('model_ema_decay')}; mixup {tp.get('mixup_alpha')} / cutmix {tp.get('cutmix_alpha')}; "
-        f"auto augment {tp.get('auto_augment')}; train crop {tp.get('train_crop_size')} "
-        f"(min scale {tp.get('train_crop_min_scale')}).",
+        f"auto augment {tp.get('auto_augment')}; random erase {tp.get('random_erase', 0.0)}; repeated augmentation "
+        f"{tp.get('ra_reps') if tp.get('ra_sampler') else 'off'}; train crop {tp.get('train_crop_size')} "
+        f"(min scale {tp.get('train_crop_min_scale')}"
+        + (f", progressive from {tp['prog_resize_min_size']}" if tp.get("prog_resize_min_size") else "")
+        + f"); deterministic {tp.get('deterministic', False)}.",
         f"- model options: {meta.get('model_kwargs', {}) or 'defaults'}; seed {config.get('seed')}.",
         "", "## Input and output",
-        f"- input: float32 RGB pixels 0-255, (N, 3, {crop}, {crop}), after resize {tf['resize']} "
+        f"- input: float32 RGB pixels 0-255, (N, 3, H, W) of any size the network accepts; evaluated at "
+        f"(N, 3, {crop}, {crop}), after resize {tf['resize']} "
         f"({tf.get('interpolation', 'bilinear')}, antialias {tf.get('antialias', True)}) + center crop {crop}; "
         "the model normalises them itself.",
         f"- output: class probabilities (N, {num_classes}), columns in the order of the model's metadata "

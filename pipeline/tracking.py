@@ -333,6 +333,7 @@ def log_and_register_model(
     version_tags: Mapping[str, str],
     metadata: Mapping[str, Any],
     registered_description: str | None = None,
+    dynamic_spatial: bool = True,
 ) -> str:
     """Log `model` as pt2 with a pyfunc signature into run `run_id` and register it from there (the version's
     source run); returns the new version number.
@@ -359,16 +360,20 @@ def log_and_register_model(
     client = _client()
     with torch.no_grad():
         out = model(torch.from_numpy(example)).numpy()
-    # -1 marks the batch dimension dynamic in the signature, which also makes the pt2 export dynamic.
-    # The specs are unnamed: a request is then a plain array, {"inputs": [[[[...]]]]}.
+    # -1 marks a dimension dynamic in the signature, which also makes the pt2 export dynamic (MLflow exports
+    # with Dim.AUTO there). Images (N, C, H, W): the batch and the spatial dimensions, so a FixRes-style test
+    # resolution or a client's own image size reaches the network (global average pooling takes any size);
+    # only the channel count is fixed. The specs are unnamed: a request is then a plain array,
+    # {"inputs": [[[[...]]]]}.
+    in_shape = (-1, example.shape[1], -1, -1) if dynamic_spatial and example.ndim == 4 else (-1, *example.shape[1:])
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(example.dtype), (-1, *example.shape[1:]))]),
+        inputs=Schema([TensorSpec(np.dtype(example.dtype), in_shape)]),
         outputs=Schema([TensorSpec(np.dtype(out.dtype), (-1, *out.shape[1:]))]),
     )
     # log_model logs into the fluent active run; leaving the `with` ends the run: give it back the status it
     # had (RUNNING: the caller still writes to it and ends it; FINISHED: a training run the model is added to).
     status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _size_oblivious_export():
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -388,6 +393,22 @@ def log_and_register_model(
                                      tags={k: str(v) for k, v in version_tags.items()}, model_id=info.model_id)
     _wait_ready(client, registered_name, mv.version)
     return str(mv.version)
+
+
+def _size_oblivious_export() -> Any:
+    """torch.export specialises any size that is 0 or 1 in the example: a ResNet's last stage is 1x1 at 32 px
+    (and 7x7 at 224 px), so a dynamic height exported from a 32-px example was guarded to <= 32 px, and one from a
+    64-px example refused every input under 33 px ("Guard failed: ... != 1", seen on torch 2.14). Size-oblivious
+    tracing does not specialise on 0/1, so the program accepts every size the network does (1x1 included)."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # another torch layout: export as MLflow does by default
+        return contextlib.nullcontext()
+    if not hasattr(fx_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60) -> None:

@@ -79,7 +79,8 @@ def _trial(config: dict[str, Any]) -> None:
     if p.tune.workers_per_trial == 0:
         job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")  # Tune copies it at each report
         ds = train_dataset(job.train_files, crop=p.train.train_crop_size, min_scale=p.train.train_crop_min_scale,
-                           seed=p.seed)
+                           seed=p.seed, decode=p.train.decode, recipe=p.train, epochs=job.epochs,
+                           n_rows=job.n_train)
         val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
                           keep_keys=False)
         run_loop(job, TuneTrialSession(ds, val))

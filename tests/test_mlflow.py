@@ -201,6 +201,12 @@ def local_probs(model_dir: Path, x: np.ndarray) -> np.ndarray:
         return InferenceModel(net).eval()(torch.from_numpy(x)).numpy()
 
 
+def resized(x: np.ndarray, side: int) -> np.ndarray:
+    """float32 (N, 3, H, W) pixels resized to (N, 3, side, side), as a client with its own image size sends them."""
+    t = torch.nn.functional.interpolate(torch.from_numpy(x), size=(side, side), mode="bilinear", antialias=True)
+    return t.numpy().astype(np.float32)
+
+
 @pytest.fixture(scope="module")
 def registered(server: dict[str, Any], synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> dict[str, Any]:
@@ -289,9 +295,18 @@ def test_models_serve_answers_json_with_probabilities(registered: dict[str, Any]
         status, body = post_json(url, {"inputs": x[2:3].round().astype(int).tolist()})
         assert status == 200, body
         assert np.asarray(body["predictions"]).shape == (1, 4)
-        # A wrong shape is refused with a message, not a crash.
-        status, body = post_json(url, {"inputs": x[:2, :, :16, :16].tolist()})
+        # Other image sizes (the exported program's H and W are dynamic): a smaller crop and a FixRes-style larger
+        # test resolution, each answered with the probabilities of the model itself at that size.
+        for side in (16, 48):
+            xs = resized(x[:2], side)
+            status, body = post_json(url, {"inputs": xs.tolist()})
+            assert status == 200, (side, body)
+            np.testing.assert_allclose(np.asarray(body["predictions"]), local_probs(registered["model_dir"], xs),
+                                       atol=1e-4)
+        # A wrong shape (2 channels) is refused with a message naming the expected shape, not a crash.
+        status, body = post_json(url, {"inputs": x[:2, :2].tolist()})
         assert status == 400, body
+        assert "(-1, 3, -1, -1)" in json.dumps(body), body
     meta = tracking.model_metadata(f"models:/{name}@champion")
     best = top_k(probs, meta["classes"], meta["class_names"], k=2)
     assert best[0][0]["class_id"] == int(expected[0].argmax()) and best[0][0]["name"].startswith("synthetic")
@@ -401,12 +416,17 @@ def test_registered_model_loads_without_pickle_or_code_execution(registered: dic
         "torch_module = mlflow.pytorch.load_model(sys.argv[1])\n"
         "with torch.no_grad():\n"
         "    t = torch_module(torch.from_numpy(x)).numpy()\n"
+        "big = np.load(sys.argv[3])\n"
         "print(json.dumps({'pyfunc': np.asarray(pyfunc.predict(x)).tolist(), 'torch': t.tolist(),\n"
-        "                  'one': np.asarray(pyfunc.predict(x[:1])).shape[0]}))\n"
+        "                  'one': np.asarray(pyfunc.predict(x[:1])).shape[0],\n"
+        "                  'big': np.asarray(pyfunc.predict(big)).tolist()}))\n"
     )
     env = {**client_env(server), "MLFLOW_ALLOW_MODEL_CODE_EXECUTION": "false",
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
-    out = subprocess.run([sys.executable, "-c", script, f"models:/{name}@champion", str(tmp_path / "x.npy")],
+    big = resized(x, 56)  # a second image size through pyfunc: 56 px, the model was evaluated at 32
+    np.save(tmp_path / "big.npy", big)
+    out = subprocess.run([sys.executable, "-c", script, f"models:/{name}@champion", str(tmp_path / "x.npy"),
+                          str(tmp_path / "big.npy")],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -414,6 +434,7 @@ def test_registered_model_loads_without_pickle_or_code_execution(registered: dic
     np.testing.assert_allclose(np.asarray(got["pyfunc"]), expected, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got["torch"]), expected, atol=1e-4)
     assert got["one"] == 1
+    np.testing.assert_allclose(np.asarray(got["big"]), local_probs(registered["model_dir"], big), atol=1e-4)
 
 
 # --- system metrics ------------------------------------------------------------------------------------------------

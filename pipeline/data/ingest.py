@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.augment import Augment, row_seed, size_for_epoch
 from pipeline.data.transforms import DECODE_BATCH, batch_seed, batch_slices, ten_crop_images, train_image, val_image
 
 # One Ray Data operator per pass: read a shard file and decode it in the SAME task (Ray fuses ReadParquet and
@@ -24,27 +25,64 @@ from pipeline.data.transforms import DECODE_BATCH, batch_seed, batch_slices, ten
 # (pipeline.runtime.init_ray), so ingest never starves next to the training workers.
 TASK_CPUS = 1.0
 class TrainDecode:
-    """map_batches function: JPEG bytes -> RandomResizedCrop + flip, uint8 (N, 3, crop, crop), yielded in
-    slices of DECODE_BATCH rows."""
+    """map_batches function: JPEG bytes -> RandomResizedCrop + flip (`train_image`), then the recipe's
+    post-crop augmentations (`pipeline.data.augment`: auto-augment policy, random erasing), uint8
+    (N, 3, crop, crop), yielded in slices of DECODE_BATCH rows.
 
-    def __init__(self, crop: int, min_scale: float, seed: int | None = None, keep_keys: bool = False) -> None:
+    The epoch reaches this function through Ray Data itself: every execution (epoch) of a Dataset runs with
+    the Dataset's DataContext, whose `_execution_idx` counts the passes already completed (Ray's own
+    FileShuffleConfig reseeds with it). It picks this pass's crop from `crop_sizes` (progressive resizing) and,
+    with `deterministic`, seeds each row from (seed, pass, key, copy). `ra_reps` > 1 (repeated augmentation)
+    yields each slice `ra_reps` times as separate blocks, each copy with its own draws."""
+
+    def __init__(self, crop: int, min_scale: float, seed: int | None = None, keep_keys: bool = False,
+                 augment: Augment | None = None, crop_sizes: Sequence[int] | None = None,
+                 deterministic: bool = False, ra_reps: int = 1, epoch: int | None = None) -> None:
         self.crop = crop
         self.min_scale = min_scale
         self.seed = seed
         self.keep_keys = keep_keys  # off for training: torch batches cannot hold strings
         self.calls = 0
+        self.augment = augment if augment is not None and augment.active else None
+        self.crop_sizes = list(crop_sizes) if crop_sizes else None
+        self.deterministic = deterministic
+        if deterministic and seed is None:
+            raise ValueError("TrainDecode(deterministic=True) needs a seed")
+        self.ra_reps = max(int(ra_reps), 1)
+        self.epoch = epoch  # None: Ray Data's pass index (tests pin it)
+
+    def _pass(self) -> int:
+        if self.epoch is not None:
+            return self.epoch
+        from ray.data import DataContext
+
+        return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        epoch = self._pass() if (self.crop_sizes or self.deterministic) else 0
+        crop = size_for_epoch(self.crop_sizes, epoch) if self.crop_sizes else self.crop
         for part in batch_slices(batch, DECODE_BATCH):
             keys = part["key"]
-            # seed None: fresh OS entropy per slice, so every epoch augments differently (Ray Data gives the
-            # function no epoch number); a seed makes a single pass reproducible (tests, benchmarks).
+            for copy in range(self.ra_reps):
+                images = self._decode(part["image"], keys, crop, epoch, copy)
+                out = {"image": images, "label": part["label"].astype(np.int64)}
+                yield {**out, "key": keys} if self.keep_keys else out
+
+    def _decode(self, blobs: np.ndarray, keys: np.ndarray, crop: int, epoch: int, copy: int) -> np.ndarray:
+        if self.deterministic:  # one Generator per row: its draws depend on the row alone, not on the scheduling
+            rngs = [np.random.default_rng(row_seed(self.seed or 0, epoch, k, copy)) for k in keys]
+        else:
+            # seed None: fresh OS entropy per slice, so every epoch augments differently; a seed makes a single
+            # pass reproducible (tests, benchmarks).
             seed = None if self.seed is None else batch_seed(self.seed, self.calls, list(keys))
             self.calls += 1
-            rng = np.random.default_rng(seed)
-            images = np.stack([train_image(b, self.crop, rng, self.min_scale) for b in part["image"]])
-            out = {"image": images, "label": part["label"].astype(np.int64)}
-            yield {**out, "key": keys} if self.keep_keys else out
+            rngs = [np.random.default_rng(seed)] * len(keys)
+        images = [train_image(b, crop, rng, self.min_scale) for b, rng in zip(blobs, rngs, strict=True)]
+        if self.augment is not None:
+            import torch
+
+            images = [self.augment(torch.from_numpy(im), rng).numpy() for im, rng in zip(images, rngs, strict=True)]
+        return np.stack(images)
 
 
 class ValDecode:
@@ -128,23 +166,41 @@ def _read(files: Sequence[str], **kw: Any) -> Any:
 
 
 def train_dataset(
-    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False, decode: str = "tasks"
+    files: Sequence[str], *, crop: int, min_scale: float, seed: int, keep_keys: bool = False, decode: str = "tasks",
+    recipe: Any = None, epochs: int = 1, n_rows: int | None = None,
 ) -> Any:
     """A lazy Ray Dataset over the train shards: the file order is reshuffled at every execution (epoch).
+
     decode "tasks" (train.decode): rows of decoded uint8 crops; "worker": rows of JPEG bytes + drawn crop
-    parameters that the training worker decodes (pipeline.data.worker_decode)."""
+    parameters that the training worker decodes (pipeline.data.worker_decode). `recipe` (params' train section,
+    pipeline.config.TrainParams) switches on its augmentations: auto_augment, random_erase, progressive resizing
+    over `epochs`, repeated augmentation (ra_sampler: each image ra_reps times, the pass cut at `n_rows` so an
+    epoch keeps its length) and deterministic decoding (seeded rows, Ray Data's row order preserved)."""
     from ray.data import FileShuffleConfig
 
     ds = _read(files, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    options = _recipe_options(recipe, crop, seed, epochs)
     if decode == "worker":
         from pipeline.data.worker_decode import TrainDraw
 
-        decode_fn: Any = TrainDraw(min_scale)
+        decode_fn: Any = TrainDraw(min_scale)  # the recipe's post-crop keys are refused with it (TrainParams)
+        reps = 1
     elif decode == "tasks":
-        decode_fn = TrainDecode(crop, min_scale, keep_keys=keep_keys)
+        decode_fn = TrainDecode(crop, min_scale, keep_keys=keep_keys, **options)
+        reps = decode_fn.ra_reps
     else:
         raise ValueError(f"train.decode must be 'tasks' or 'worker', got {decode!r}")
     ds = ds.map_batches(decode_fn, batch_format="numpy", batch_size=None, num_cpus=TASK_CPUS)
+    if reps > 1:
+        if n_rows is None:
+            raise ValueError("train.ra_sampler needs the epoch's row count (n_rows) to keep the epoch's length")
+        # DeiT's RASampler keeps the epoch at n samples: n / reps distinct images, each reps times. The file
+        # order is reshuffled every pass, so every epoch takes another subset (prepare mixes classes in shards).
+        ds = ds.limit(n_rows)
+    if recipe is not None and recipe.deterministic:
+        # Blocks in the order of the (seeded) file shuffle, not in the order decode tasks finish: the local
+        # shuffle buffer then sees the same rows in the same order in every run.
+        ds.context.execution_options.preserve_order = True
     # The whole CPU budget for this one fused operator from the start. Ray Data's per-operator reservation (on by
     # default) holds back half the budget for operators a multi-operator pipeline may need later; with one
     # operator on 2 CPUs it ran a single task for the first ~1 s of every execution (6 tasks of 0.5 s: 2.4-2.5 s
@@ -152,6 +208,20 @@ def train_dataset(
     # receive with it; other datasets (evaluation's read -> predictor-actor pipeline) keep Ray's default.
     ds.context.op_resource_reservation_enabled = False
     return ds
+
+
+def _recipe_options(recipe: Any, crop: int, seed: int, epochs: int) -> dict[str, Any]:
+    """TrainDecode's recipe arguments from params' train section (none without one)."""
+    if recipe is None:
+        return {}
+    from pipeline.data.augment import progressive_sizes
+
+    sizes = None
+    if recipe.prog_resize_min_size is not None:
+        sizes = progressive_sizes(epochs, crop, recipe.prog_resize_min_size, recipe.prog_resize_ramp_start,
+                                  recipe.prog_resize_ramp_end, recipe.prog_resize_step)
+    return {"augment": Augment.from_train(recipe), "crop_sizes": sizes, "deterministic": recipe.deterministic,
+            "seed": seed if recipe.deterministic else None, "ra_reps": recipe.ra_reps if recipe.ra_sampler else 1}
 
 
 def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False, n_images: int = 0,

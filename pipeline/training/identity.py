@@ -46,10 +46,17 @@ RECIPE = (
     "train.val_crop_size",
 )
 
+# The augmentations after the crop and the seeding of a Ray Data run (pipeline.data.augment, ingest.TrainDecode):
+# train and tune decode with them; the degradation experiment's in-process shard (training.local) does not.
+AUGMENT = (
+    "train.ra_magnitude", "train.random_erase", "train.ra_sampler", "train.ra_reps", "train.prog_resize_min_size",
+    "train.prog_resize_ramp_start", "train.prog_resize_ramp_end", "train.prog_resize_step", "train.deterministic",
+)
+
 # train@ARCH. train.lr / train.lr_warmup_epochs / train.use_tuned are listed because with use_tuned off (or no
 # best.json) they are the run's hyperparameters; the run name uses the values actually trained with.
 TRAIN = (
-    "seed", *MODEL_OPTIONS, *RECIPE,
+    "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
     "train.epochs", f"train.epochs_by_arch.{ARCH}", "train.batch_size", "train.lr", "train.lr_warmup_epochs",
     "train.use_tuned", "train.include_minival", "train.model_ema_decay", "train.sync_bn", "train.num_workers",
     "train.pretrained",
@@ -61,7 +68,7 @@ TRAIN = (
 # setting changes which trials run or stop, hence best.json. Which train images are held out (minival) is data:
 # data/dataset.json.
 TUNE = (
-    "seed", *MODEL_OPTIONS, *RECIPE,
+    "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
     "train.batch_size", "train.num_workers", "train.model_ema_decay", "train.sync_bn", "train.pretrained",
     "tune.archs", "tune.num_samples", "tune.epochs", "tune.lr_low", "tune.lr_high", "tune.lr_warmup_epochs",
     "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials", "tune.workers_per_trial",
@@ -92,6 +99,7 @@ RUNTIME = (
     "train.channels_last", "train.compile",  # memory layout and kernels: same math up to rounding
     "train.cpus_per_worker",  # the workers' torch threads
     "train.use_gpu",  # the device
+    "train.decode",  # where the JPEGs decode: the same draws and crops either way (tests/test_jpeg_decode.py)
     "train.max_failures", "train.storage_path",  # fault tolerance and where checkpoints live
     "train.log_grad_stats", "train.grad_stats_every_epochs",  # measured with buffers restored
     "train.val_every_epochs",  # how often validation is recorded (the last epoch always is): not the weights

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.data.augment import progressive_sizes, resize_batch, size_for_epoch
 from pipeline.data.transforms import normalize
 from pipeline.evaluation import amp_dtype_of, eval_logits, topk_counts
 from pipeline.training import dist, probe
@@ -314,6 +315,7 @@ class _Run:
     watch: DivergenceWatch
     per_worker_batch: int
     steps_per_epoch: int
+    crop_sizes: list[int] | None = None  # progressive resizing: the train crop of each epoch
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: list[int] = field(default_factory=list)
@@ -321,6 +323,18 @@ class _Run:
 
 def run_loop(job: Job, session: Session) -> None:
     """The training loop proper; `session` is where data comes from and reports go."""
+    # train.deterministic switches process-wide torch flags: an in-process run (num_workers=0, tests, Tune trials)
+    # gives the caller its own back.
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    try:
+        _run_loop(job, session)
+    finally:
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[1], flags[2]
+
+
+def _run_loop(job: Job, session: Session) -> None:
     run = _setup(job, session)
     _restore(run)
     tp = run.p.train
@@ -363,7 +377,9 @@ def _setup(job: Job, session: Session) -> _Run:
     rank, world_size = dist.world()
     torch.manual_seed(p.seed + rank)
     device = session.device
-    if device.type == "cuda":
+    if tp.deterministic:
+        set_deterministic(device)
+    elif device.type == "cuda":
         # Fixed input sizes: let cuDNN pick the fastest convolution algorithms once (torchvision's recipe does).
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if tp.channels_last else torch.contiguous_format
@@ -391,7 +407,22 @@ def _setup(job: Job, session: Session) -> _Run:
         per_worker_batch=per_worker_batch,
         # streaming_split(equal=True) gives every rank floor(n / world) rows; drop_last keeps steps equal.
         steps_per_epoch=max(job.n_train // max(world_size, 1) // per_worker_batch, 1),
+        crop_sizes=None if tp.prog_resize_min_size is None else progressive_sizes(
+            job.epochs, tp.train_crop_size, tp.prog_resize_min_size, tp.prog_resize_ramp_start,
+            tp.prog_resize_ramp_end, tp.prog_resize_step),
     )
+
+
+def set_deterministic(device: torch.device) -> None:
+    """train.deterministic: torch's deterministic kernels (an op without one raises, naming itself, rather than
+    silently varying), cuDNN's autotuner off (it may pick another algorithm per run) and cuBLAS's fixed-size
+    workspace (its default one makes GEMM reductions order-dependent; the variable must be set before the first
+    cuBLAS call, i.e. here, before the model is built on the device)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _restore(run: _Run) -> None:
@@ -492,9 +523,20 @@ def _train_epoch(run: _Run, epoch: int, batches: NextEpoch) -> tuple[dict[str, A
         )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        x = normalize(batch["image"], tp.channels_last)  # (N, 3, H, W) float32
+        images = batch["image"]
+        if run.crop_sizes is not None:  # the decode picked this epoch's size from Ray Data's pass count: check it
+            size = size_for_epoch(run.crop_sizes, epoch)
+            if step == 0 and images.shape[-1] != size and run.rank == 0:
+                print(f"[train {job.arch}] epoch {epoch}: batches decoded at {images.shape[-1]} px, resized to "
+                      f"{size} px on the device (Ray Data's pass count is not this epoch: a resumed run)", flush=True)
+            images = resize_batch(images, size)
+        x = normalize(images, tp.channels_last)  # (N, 3, H, W) float32
         y = batch["label"]
         x, target = mix_batch(x, y, job.num_classes, tp.mixup_alpha, tp.cutmix_alpha, run.mix_rng)
+        if tp.deterministic and device.type == "cuda" and target.dtype == torch.int64:
+            # NLLLoss (cross-entropy on class indices) has no deterministic CUDA kernel and would raise under
+            # use_deterministic_algorithms; on one-hot probabilities it is the same loss (label smoothing too).
+            target = nn.functional.one_hot(target, job.num_classes).to(torch.float32)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.model(x)
             loss = run.criterion(logits.float(), target)

@@ -61,7 +61,7 @@ def build_trainer(
         )
     check_data_cpus(num_workers, tp.cpus_per_worker)
     ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed,
-                       decode=tp.decode)
+                       decode=tp.decode, recipe=tp, epochs=job.epochs, n_rows=job.n_train)
     # Validation is decoded by Ray Data tasks too, not on the training thread; padded so every rank gets the
     # same number of rows (see val_dataset).
     val = val_dataset(job.val_files, resize=tp.val_resize_size, crop=tp.val_crop_size, n_images=job.n_val,
@@ -92,8 +92,23 @@ def build_trainer(
         # One worker: no split. A split dataset streams through a SplitCoordinator actor, whose scheduling loop
         # ran at ~12% of a core here (top, 2-core machine) to hand blocks to its single consumer; unsplit, the
         # worker runs Ray Data's executor itself and every epoch still re-executes (and reshuffles) the dataset.
-        dataset_config=DataConfig(datasets_to_split="all" if num_workers > 1 else []),
+        dataset_config=DataConfig(datasets_to_split="all" if num_workers > 1 else [],
+                                  execution_options=_ingest_options(tp)),
     )
+
+
+def _ingest_options(tp: Any) -> dict[str, Any] | None:
+    """Train replaces each dataset's execution options with its defaults (DataConfig.default_ingest_options),
+    which dropped train_dataset's `preserve_order` for train.deterministic: two deterministic fits with a Ray Train
+    worker then ended 15.2 apart in max abs weight (bench/bench_determinism.py, before this). Deterministic runs
+    hand Train the defaults with the order preserved for the train dataset."""
+    if not tp.deterministic:
+        return None
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return {"train": opts}
 
 
 def check_data_cpus(num_workers: int, cpus_per_worker: float) -> None:
