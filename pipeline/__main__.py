@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             except ParamsError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 raise SystemExit(2) from None
+            # No minival split: nothing is tuned on another dataset (tune/best.json is not applied to it).
             overrides += [f"data.raw_dir={args.data}", "data.source=auto",
-                          f"data.shards_dir={dataset_shards_dir(base, args.data)}"]
+                          f"data.shards_dir={dataset_shards_dir(base, args.data)}", "data.minival_per_class=0"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
         if args.batch_size:

@@ -31,6 +31,13 @@ from PIL import Image
 
 import pipeline.data.sources as sources
 
+# One auth mode for every Ray this test process starts or joins. Ray 2.60 turns token auth on for a new local
+# `ray.init()` cluster when RAY_AUTH_MODE is unset, and a driver keeps the mode it first saw: a later test that
+# sets RAY_AUTH_MODE=disabled (to join the no-auth 2-node clusters) then starts GCS processes that want a token
+# its driver never sends ("Failed to start GCS ... InvalidAuthToken"). Token auth itself is tested against a real
+# head in tests/test_cluster.py, in its subprocesses' own environments.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 # The first five ImageNet-1k synsets, deliberately out of order here: labels must follow SORTED wnids.
 TINY_CLASSES: dict[str, str] = {
     "n01491361": "tiger shark, Galeocerdo cuvieri",
