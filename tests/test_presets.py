@@ -50,6 +50,7 @@ def test_recipes_carry_their_papers_keys() -> None:
     assert fast.val_crop_size > fast.train_crop_size  # test-time resolution increase
 
 
+@pytest.mark.subprocess
 def test_paper_preset_is_one_dag_over_five_depths(tmp_path: Path) -> None:
     """dvc.yaml's foreach over model.archs gives the paper's preset a train and an evaluate stage per depth."""
     from tests.conftest import copy_repo
