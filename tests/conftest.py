@@ -437,8 +437,8 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
 # Ray, a server or a CLI cannot slip into the fast tier unmarked, every new process started through `subprocess`
 # (Ray's raylet and GCS, `mlflow server`, moto, dvc, our CLIs) fails the test there, naming the marker to add.
 FAST_TIER_EXCLUDES = ("slow", "ray", "e2e", "server", "subprocess", "heavy")
-# Short-lived queries the library itself makes (`git rev-parse HEAD` for lineage, `uname -p` in platform info).
-ALLOWED_IN_FAST_TIER = ("git", "uname")
+# Short-lived queries the library itself makes (`git rev-parse HEAD` for lineage, `uname -p` in platform info)
+ALLOWED_IN_FAST_TIER = ("git", "uname", "cc", "gcc")  # and the C compiler building the ROI decoder
 # Fixtures that start a server: a test using one is marked `server` without saying so itself.
 SERVER_FIXTURES = ("server", "registered", "s3_endpoint")
 
