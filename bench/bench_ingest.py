@@ -145,14 +145,17 @@ def imagefolder_loader(train_dir: Path, crop: int, min_scale: float) -> Any:
 
 def ray_pass_fn(files: list[str], crop: int, min_scale: float) -> Callable[[], tuple[int, float, float]]:
     """A full pass of `train_dataset` as the library builds it and the training loop iterates it."""
-    import torch
-
     from pipeline.data import ingest
 
-    ds = ingest.train_dataset(files, crop=crop, min_scale=min_scale, seed=0)
+    return _loop_pass(ingest.train_dataset(files, crop=crop, min_scale=min_scale, seed=0), crop)
+
+
+def _loop_pass(ds: Any, crop: int) -> Callable[[], tuple[int, float, float]]:
+    """One timed pass over `ds`, iterated with the training loop's arguments (pipeline/training/loop.py), minus
+    device=: CPU here."""
+    import torch
 
     def one_pass() -> tuple[int, float, float]:
-        # The training loop's arguments (pipeline/training/loop.py), minus device=: CPU here.
         batches = ds.iter_torch_batches(
             batch_size=BATCH, dtypes={"image": torch.uint8, "label": torch.int64},
             local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2,
@@ -209,7 +212,6 @@ def imagefolder_plumbing_loader(train_dir: Path, crop: int) -> Any:
 def ray_plumbing_pass_fn(files: list[str], crop: int) -> Callable[[], tuple[int, float, float]]:
     """Our ingest with decoding taken out: the same shards read and hashed, the same fused operator yielding
     zero crops in DECODE_BATCH slices, iterated as the loop iterates."""
-    import torch
     from ray.data import FileShuffleConfig
 
     from pipeline.data import ingest, transforms
@@ -222,15 +224,7 @@ def ray_plumbing_pass_fn(files: list[str], crop: int) -> Callable[[], tuple[int,
     ds = ingest._read(files, shuffle=FileShuffleConfig(seed=0, reseed_after_execution=True))
     ds = ds.map_batches(zero_decode, batch_format="numpy", batch_size=None, num_cpus=ingest.TASK_CPUS)
     ds.context.op_resource_reservation_enabled = False
-
-    def one_pass() -> tuple[int, float, float]:
-        batches = ds.iter_torch_batches(
-            batch_size=BATCH, dtypes={"image": torch.uint8, "label": torch.int64},
-            local_shuffle_buffer_size=4 * BATCH, prefetch_batches=2,
-        )
-        return _timed_pass(batches, crop)
-
-    return one_pass
+    return _loop_pass(ds, crop)
 
 
 def _mean_jpeg_kb(files: list[str]) -> float:
