@@ -156,7 +156,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["selection_top1_err"])]
         if not ok:
             raise RuntimeError(f"no tune trial of {arch} reported a result; see {path}")
-        best = min(ok, key=lambda r: r["selection_top1_err"])
+        best = min(ok, key=lambda r: (r["selection_top1_err"], r["selection_score"]))
         entries[arch] = {
             "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
             "selection_top1_err": best["selection_top1_err"], "kind": "/".join(network_kind(arch)),
@@ -215,7 +215,9 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
         "storage_path": storage,
     }
     tune_config = tune.TuneConfig(
-        metric="val_top1_err",  # the loop's name for its validation split's error: here minival's
+        # The loop's minival top-1 error, ties broken by training loss (loop.rank_score): ASHA stops none of a
+        # rung's tied trials, and a small minival ties many.
+        metric="val_score",
         mode="min",
         num_samples=t.num_samples,
         # ASHA (Li et al. 2020): stop the worse half of trials at each rung (grace_period, x reduction_factor).
@@ -254,6 +256,8 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
             "epochs_run": len(hist),
             "selected_on": SELECT_SPLIT,
             "selection_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
+            # What ASHA ranked by; its minimum is at an epoch of least error (the tie-break never reorders errors).
+            "selection_score": min((h.get("val_score", h["val_top1_err"]) for h in hist), default=math.nan),
             "final_selection_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
             "stopped_early": 0 < len(hist) < t.epochs,  # by ASHA (not started = cut by the time budget)
             "error": "" if res.error is None else type(res.error).__name__,

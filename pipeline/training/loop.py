@@ -629,6 +629,7 @@ def _epoch_metrics(run: _Run, epoch: int, sums: dict[str, Any], val_counts: torc
         "val_top1_err": val_top1,
         "val_top5_err": val_top5,
         "val_images": val_images,
+        "val_score": rank_score(val_top1, loss_sum / max(seen, 1), val_images),
         "lr": sums["lr"] if seen else job.lr,
         "images_per_s": seen / mean_train,
         "epoch_time_s": time.perf_counter() - t0,
@@ -639,6 +640,16 @@ def _epoch_metrics(run: _Run, epoch: int, sums: dict[str, Any], val_counts: torc
     if not math.isfinite(metrics["train_loss"]):
         raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
     return metrics
+
+
+def rank_score(top1_err: float, train_loss: float, n_images: int) -> float:
+    """The one number a tune search ranks trials by (ASHA takes a single metric): the validation top-1 error in
+    percent, ties broken by the epoch's mean training loss. The tie-break adds less than half of one image's
+    share of the error (100 / n_images %), so it never reorders two different errors. Why: on a small minival
+    many trials tie after one epoch (at chance, say), and ASHA stops a trial only when it is strictly worse than
+    its rung's cutoff, so on error alone it would stop none of them."""
+    step = 100.0 / max(n_images, 1)
+    return top1_err + 0.5 * step * (1.0 - math.exp(-max(train_loss, 0.0)))
 
 
 def gradient_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
