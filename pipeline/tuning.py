@@ -15,6 +15,7 @@ What a search may look at (docs/tuning.md):
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,18 @@ def _trial(config: dict[str, Any]) -> None:
                    train_fraction=p.tune.train_fraction, train_splits=("train",), val_split=SELECT_SPLIT)
     job.threads = int(config["threads"])
     if p.tune.workers_per_trial == 0:
-        job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")  # Tune copies it at each report
-        ds = train_dataset(job.train_files, crop=p.train.train_crop_size, min_scale=p.train.train_crop_min_scale,
-                           seed=p.seed, decode=p.train.decode, recipe=p.train, epochs=job.epochs,
-                           n_rows=job.n_train)
-        val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
-                          keep_keys=False)
-        run_loop(job, TuneTrialSession(ds, val))
+        # Scratch: tune.report copies the directory into the trial's storage before it returns, so it is removed
+        # when the trial ends, stopped by ASHA included (Tune stops a trial by raising SystemExit in its report).
+        job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")
+        try:
+            ds = train_dataset(job.train_files, crop=p.train.train_crop_size,
+                               min_scale=p.train.train_crop_min_scale, seed=p.seed, decode=p.train.decode,
+                               recipe=p.train, epochs=job.epochs, n_rows=job.n_train)
+            val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
+                              keep_keys=False)
+            run_loop(job, TuneTrialSession(ds, val))
+        finally:
+            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,6 +286,9 @@ def train_arch(
     for epoch in outcome.state.get("resumed_at", []):
         print(f"train {arch}: resumed from checkpoint at epoch {epoch} (not started over)", flush=True)
     export_model_dir(out_dir, outcome.state)
+    if p.train.num_workers == 0 and job.checkpoint_dir:
+        # The in-process run's scratch checkpoint (build_trainer): models/ARCH/ now holds what it had.
+        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     last = outcome.history[-1]
     final = {
         "arch": arch, "epochs": last["epoch"], "lr": lr, "lr_warmup_epochs": warmup,
