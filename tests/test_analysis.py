@@ -346,3 +346,18 @@ def test_plot_degradation(tmp_path: Path) -> None:
     assert_png(plot_degradation({"resnet20": history(55)}, tmp_path / "one.png"))  # one family, one panel
     with pytest.raises(ValueError, match="val_top1_err"):
         plot_degradation({"resnet20": [{"epoch": 0, "train_top1_err": 1.0}]}, tmp_path / "bad.png")
+
+
+@pytest.mark.subprocess
+def test_training_workers_do_not_import_matplotlib() -> None:
+    """The loop's gradient statistics import pipeline.analysis.measure (and so the package); the figures
+    (matplotlib) load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.training.loop, pipeline.analysis.measure; "
+            "assert 'matplotlib' not in sys.modules, 'the measurements imported matplotlib'; "
+            "from pipeline.analysis import ResNetVisualizer; assert 'matplotlib' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr

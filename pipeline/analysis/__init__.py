@@ -23,7 +23,18 @@ from pipeline.analysis.measure import (
     residual_blocks,
     skip_contribution,
 )
-from pipeline.analysis.plots import ResNetVisualizer, compare_gradient_flow, plot_degradation
+
+# The figures load matplotlib (~0.3 s and ~40 MB): they are imported on first use, since every training worker
+# imports `measure` (the loop's gradient statistics) through this package and draws nothing.
+_PLOTS = ("ResNetVisualizer", "compare_gradient_flow", "plot_degradation")
+
+
+def __getattr__(name: str):  # PEP 562: `from pipeline.analysis import ResNetVisualizer` still works
+    if name in _PLOTS:
+        from pipeline.analysis import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'pipeline.analysis' has no attribute {name!r}")
 
 __all__ = [
     "ResNetVisualizer",
