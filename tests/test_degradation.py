@@ -168,6 +168,19 @@ def test_recipe_is_the_same_for_every_model_and_from_scratch() -> None:
     assert "shortcut" not in model_kwargs(run_p, "plain56")  # plain nets have no shortcut to choose
 
 
+def test_recipe_turns_off_the_per_image_policies_its_shard_cannot_apply() -> None:
+    """The in-process shard crops and flips: a train recipe's decode-task policies are off, not recorded as
+    applied, while the loop's mixup stays."""
+    from pipeline.analysis.degradation import recipe_params
+
+    p = load_params(ROOT / "params.yaml", ["train.auto_augment=ta_wide", "train.random_erase=0.1",
+                                           "train.ra_sampler=true", "train.prog_resize_min_size=16",
+                                           "train.mixup_alpha=0.2"])
+    tp = recipe_params(p).train
+    assert (tp.auto_augment, tp.random_erase, tp.ra_sampler, tp.prog_resize_min_size) == (None, 0.0, False, None)
+    assert tp.mixup_alpha == 0.2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Gradient statistics in the training loop
 # ---------------------------------------------------------------------------------------------------------

@@ -56,12 +56,16 @@ def is_plain(arch: str) -> bool:
 def recipe_params(p: Params) -> Params:
     """`p` with `train`/`model` replaced by the degradation recipe: the `degradation` section's epochs, batch, lr,
     warmup, threads, shortcut and init; everything else (optimiser, momentum, weight decay, schedule, crops,
-    augmentation, clipping, precision) from `train`, identical for every model. In-process (num_workers 0)."""
+    mixup/cutmix, clipping, precision) from `train`, identical for every model. In-process (num_workers 0), on
+    crops and flips only (auto_augment, random_erase, ra_sampler and progressive resizing are off)."""
     deg = p.degradation
     update: dict[str, Any] = {
         "epochs": deg.epochs, "epochs_by_arch": {}, "batch_size": deg.batch_size, "lr": deg.lr,
         "lr_warmup_epochs": deg.lr_warmup_epochs, "use_tuned": False, "num_workers": 0,
         "cpus_per_worker": float(deg.threads), "use_gpu": False, "model_ema_decay": 0.0,
+        # The in-process shard (training.local.InMemoryShard) crops and flips only: the per-image policies of the
+        # decode tasks are off here rather than recorded as if applied (mixup/cutmix, in the loop, do apply).
+        "auto_augment": None, "random_erase": 0.0, "ra_sampler": False, "prog_resize_min_size": None,
     }
     if "pretrained" in type(p.train).model_fields:
         update["pretrained"] = None  # the experiment trains every net from scratch, as the paper does
@@ -312,7 +316,7 @@ def _recipe(run_p: Params) -> dict[str, Any]:
     keys = ("epochs", "batch_size", "opt", "lr", "momentum", "weight_decay", "norm_weight_decay", "lr_scheduler",
             "lr_warmup_epochs", "label_smoothing", "clip_grad_norm", "amp", "train_crop_size",
             "train_crop_min_scale", "val_resize_size", "val_crop_size", "mixup_alpha", "cutmix_alpha",
-            "auto_augment", "log_grad_stats")
+            "log_grad_stats")
     recipe = {k: getattr(tp, k) for k in keys}
     recipe.update({"shortcut": mp.shortcut, "zero_init_residual": mp.zero_init_residual, "seed": run_p.seed,
                    "train_images": run_p.degradation.train_images, "threads": run_p.degradation.threads})
