@@ -163,8 +163,11 @@ def test_ray_passes_ramp_resolution_and_repeat_images(ray_2cpus, synthetic_shard
         counts.append(Counter(k for b in batches for k in b["key"].tolist()))
     # Ray Data's pass index is the epoch: 16 -> 24 -> 32 px, each pass at one size.
     assert sizes == [{16}, {24}, {32}]
+    # 4 shards of 16 rows: a decode task yields its shard's 4 copies as 4 blocks, and the pass is cut after n = 64
+    # rows. On 2 CPUs two tasks run at once and their blocks interleave (timing decides), so the cut holds the
+    # copies of at most two shards (a third task starts only after the first has yielded all 4 of its blocks):
+    # 16 images 4 times each when one task's blocks came first, up to 32 images when both interleaved.
     for c in counts:
         assert sum(c.values()) == n  # the epoch keeps its length ...
-        assert len(c) <= n // 4 + 1 and max(c.values()) == 4  # ... with ~n / 4 distinct images, 4 copies each
-        assert sum(v == 4 for v in c.values()) >= n // 4 - 1
+        assert max(c.values()) <= 4 and len(c) <= n // 2  # ... with repeated images, never more than 4 copies
     assert len(set().union(*counts) - set(counts[0])) > 0  # another subset of images in another epoch

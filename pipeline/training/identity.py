@@ -37,20 +37,20 @@ ARCH = "{arch}"  # stands for the stage's arch; dvc.yaml writes it as ${item}
 MODEL_OPTIONS = ("model.shortcut", "model.zero_init_residual", "model.dropout")
 
 # The per-step math every training-like stage takes from `train` (optimiser, schedule shape, regularisation,
-# precision, augmentation, crops). The validation crops also fix the exported model's eval transform.
+# precision, mixup/cutmix, crops). The validation crops also fix the exported model's eval transform.
 RECIPE = (
     "train.opt", "train.momentum", "train.nesterov", "train.weight_decay", "train.norm_weight_decay",
     "train.label_smoothing", "train.lr_scheduler", "train.lr_step_size", "train.lr_gamma", "train.lr_warmup_decay",
     "train.lr_min", "train.clip_grad_norm", "train.amp", "train.mixup_alpha", "train.cutmix_alpha",
-    "train.auto_augment", "train.train_crop_size", "train.train_crop_min_scale", "train.val_resize_size",
-    "train.val_crop_size",
+    "train.train_crop_size", "train.train_crop_min_scale", "train.val_resize_size", "train.val_crop_size",
 )
 
 # The augmentations after the crop and the seeding of a Ray Data run (pipeline.data.augment, ingest.TrainDecode):
 # train and tune decode with them; the degradation experiment's in-process shard (training.local) does not.
 AUGMENT = (
-    "train.ra_magnitude", "train.random_erase", "train.ra_sampler", "train.ra_reps", "train.prog_resize_min_size",
-    "train.prog_resize_ramp_start", "train.prog_resize_ramp_end", "train.prog_resize_step", "train.deterministic",
+    "train.auto_augment", "train.ra_magnitude", "train.random_erase", "train.ra_sampler", "train.ra_reps",
+    "train.prog_resize_min_size", "train.prog_resize_ramp_start", "train.prog_resize_ramp_end",
+    "train.prog_resize_step", "train.deterministic",
 )
 
 # train@ARCH. train.lr / train.lr_warmup_epochs / train.use_tuned are listed because with use_tuned off (or no
