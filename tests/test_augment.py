@@ -170,4 +170,6 @@ def test_ray_passes_ramp_resolution_and_repeat_images(ray_2cpus, synthetic_shard
     for c in counts:
         assert sum(c.values()) == n  # the epoch keeps its length ...
         assert max(c.values()) <= 4 and len(c) <= n // 2  # ... with repeated images, never more than 4 copies
-    assert len(set().union(*counts) - set(counts[0])) > 0  # another subset of images in another epoch
+    # Which shards make the cut is whichever decode tasks Ray runs first: the file order is reshuffled every pass
+    # (tests/test_ingest.py checks that), but the scheduler, not the order, picks the first 2 of 4 queued tasks,
+    # so "another subset each epoch" is not asserted (3 equal subsets in a row happened in CI).
