@@ -162,7 +162,7 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["selection_top1_err"])]
         if not ok:
             raise RuntimeError(f"no tune trial of {arch} reported a result; see {path}")
-        best = min(ok, key=lambda r: (r["selection_top1_err"], r["selection_score"]))
+        best = min(ok, key=lambda r: r["selection_score"])  # least error first: the tie-break never reorders
         entries[arch] = {
             "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
             "selection_top1_err": best["selection_top1_err"], "kind": "/".join(network_kind(arch)),
@@ -263,7 +263,7 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
             "selected_on": SELECT_SPLIT,
             "selection_top1_err": min((h["val_top1_err"] for h in hist), default=math.nan),
             # What ASHA ranked by; its minimum is at an epoch of least error (the tie-break never reorders errors).
-            "selection_score": min((h.get("val_score", h["val_top1_err"]) for h in hist), default=math.nan),
+            "selection_score": min((h["val_score"] for h in hist), default=math.nan),
             "final_selection_top1_err": hist[-1]["val_top1_err"] if hist else math.nan,
             "stopped_early": 0 < len(hist) < t.epochs,  # by ASHA (not started = cut by the time budget)
             "error": "" if res.error is None else type(res.error).__name__,
