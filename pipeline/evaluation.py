@@ -47,6 +47,10 @@ def amp_dtype_of(amp: str | None) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
 
 
+# The evaluate stage's precision, ours and the reference rows alike (None = fp32).
+EVAL_AMP_DTYPE: torch.dtype | None = None
+
+
 def error_pct(correct: int, total: int) -> float:
     """Error in percent, as the paper's tables report it."""
     if total <= 0:
@@ -61,7 +65,7 @@ class _Predictor:
     """Ray Data actor: loads the model once (models/ARCH, or a weights blob sent through Ray's object store)
     onto its device, returns the top-5 class ids per image. The device is the GPU Ray gave this actor
     (`num_gpus` > 0 sets CUDA_VISIBLE_DEVICES to it), else the CPU. The forward pass is `eval_logits`, with the
-    run's own autocast dtype and memory format (meta config), as validation during training uses."""
+    run's memory format (meta config) and the evaluation precision EVAL_AMP_DTYPE (fp32) for every row."""
 
     def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None) -> None:
         from pipeline.training.checkpoint import load_model_dir, model_from_blob
@@ -69,7 +73,10 @@ class _Predictor:
         torch.set_num_threads(threads)
         model, meta = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
         train = (meta.get("config") or {}).get("train") or {}
-        self.amp_dtype = amp_dtype_of(train.get("amp"))
+        # One precision for every row of the table: fp32 (EVAL_AMP_DTYPE), whatever train.amp the run trained
+        # with, so our rows and the torchvision reference row (no train config) are computed alike; bf16 logits
+        # flip ~1% of top-1 predictions against fp32.
+        self.amp_dtype = EVAL_AMP_DTYPE
         self.channels_last = bool(train.get("channels_last", False))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
@@ -126,12 +133,15 @@ def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
 def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batch_size: int,
                        ten_crop: bool = False, weights: str | None = None, ray_min_images: int = 0,
                        layout: dict | None = None) -> dict | None:
-    """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with exactly the
-    code and transform our own models get: the report's reference row. None when the weights are not on this
+    """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with the code and
+    precision our own models get and with that weight's own published transform (pipeline.references; V1:
+    resize 256, V2: resize 232, crop 224; `eval_transform` only where the file is not a known torchvision
+    one): the report's reference row. None when the weights are not on this
     machine; {"skipped": why} when the dataset is not 1000-class ImageNet (the weights' classes are
     ImageNet-1k's sorted wnids, our labels are the dataset's sorted wnids: they agree only on ImageNet-1k)."""
     from pipeline.data.shards import read_manifest
     from pipeline.models.pretrained import IMAGENET_CLASSES, find_weights, load_state_dict
+    from pipeline.references import weights_transform
 
     path = find_weights(arch, weights)
     if path is None:
@@ -140,7 +150,10 @@ def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batc
     if int(manifest["num_classes"]) != IMAGENET_CLASSES:
         return {"weights": path.name, "skipped": f"the dataset has {manifest['num_classes']} classes, "
                 f"torchvision's weights predict the {IMAGENET_CLASSES} ImageNet-1k classes"}
-    meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {}, "eval_transform": eval_transform}
+    # Each weight's own published transform (V2: resize 232), not the trained model's.
+    own = weights_transform(arch, path.name) or eval_transform
+    meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {},
+            "eval_transform": {**eval_transform, **{k: own[k] for k in ("resize", "crop")}}}
     blob = {"state_dict": load_state_dict(path), **meta}
     res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop,
                     ray_min_images=ray_min_images, layout=layout)
@@ -261,47 +274,58 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Man
 
 # --- the error table ---------------------------------------------------------------------------------------
 
-# ImageNet-1k val error (%), from the sources named per column. "cheatsheet": single 224 center crop after resize
-# 256 (= torchvision V1 weights); "paper": He et al. 2015, Table 3, 10-crop (ResNet-18: Table 2 gives
-# only top-1 27.88).
-REFERENCE = {
-    "resnet18": {"layers": 18, "params_m": 11.7, "cheat_top1": 30.24, "cheat_top5": 10.92,
-                 "paper_top1": 27.88, "paper_top5": None},
-    "resnet34": {"layers": 34, "params_m": 21.8, "cheat_top1": 26.70, "cheat_top5": 8.58,
-                 "paper_top1": 24.52, "paper_top5": 7.46},
-    "resnet50": {"layers": 50, "params_m": 25.6, "cheat_top1": 24.01, "cheat_top5": 7.02,
-                 "paper_top1": 22.85, "paper_top5": 6.71},
-    "resnet101": {"layers": 101, "params_m": 44.5, "cheat_top1": 22.44, "cheat_top5": 6.21,
-                  "paper_top1": 21.75, "paper_top5": 6.05},
-    "resnet152": {"layers": 152, "params_m": 60.2, "cheat_top1": 21.69, "cheat_top5": 5.94,
-                  "paper_top1": 21.43, "paper_top5": 5.71},
-}
+
+def _legacy_reference() -> dict[str, dict]:
+    """Per arch: layers, params and the 1-crop (torchvision V1) and 10-crop (paper) errors, for callers that
+    print one reference of each protocol (publish's model card)."""
+    from pipeline.references import LAYERS, PARAMS_M, matched_reference
+
+    out = {}
+    for arch, layers in LAYERS.items():
+        one, ten = matched_reference(arch, "1-crop"), matched_reference(arch, "10-crop")
+        out[arch] = {"layers": layers, "params_m": PARAMS_M[arch],
+                     "cheat_top1": one["top1_err"], "cheat_top5": one["top5_err"], "cheat_source": one["source"],
+                     "paper_top1": ten["top1_err"], "paper_top5": ten["top5_err"]}
+    return out
+
+
+REFERENCE = _legacy_reference()
 
 
 def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[str, int]) -> list[dict]:
-    """One row per evaluated arch, ordered by depth: ours beside the references and the difference."""
+    """One row per evaluated arch, ordered by depth: ours beside the reference of the same protocol (1-crop:
+    torchvision V1; 10-crop: the paper's Table 2/3) and Δ = ours − that reference; other protocols' numbers are
+    shown labelled, never subtracted."""
+    from pipeline.references import LAYERS, delta, matched_reference, references_for
+
     rows = []
     for ev in evals:
         arch = ev["arch"]
-        ref = REFERENCE.get(arch, {})
         tr = trains.get(arch, {})
         tv = ev.get("torchvision_reference") or {}
+        ref = matched_reference(arch, ev["protocol"])
         chance = 100.0 * (1 - 1 / ev["num_classes"])
+        by_source = {f"{r['source']} ({r['kind']})": (r["top1_err"], r["top5_err"]) for r in references_for(arch)}
         rows.append({
             "arch": arch,
-            "layers": ref.get("layers", ""),
+            "layers": LAYERS.get(arch, ""),
             "params_m": round(params_count.get(arch, 0) / 1e6, 2),
             "top1_err": round(ev["top1_err"], 2),
             "top5_err": round(ev["top5_err"], 2),
             "chance_top1_err": round(chance, 2),
-            "cheatsheet_top1_err": ref.get("cheat_top1"),
-            "cheatsheet_top5_err": ref.get("cheat_top5"),
-            "paper_top1_err": ref.get("paper_top1"),
-            "paper_top5_err": ref.get("paper_top5"),
-            "diff_top1_vs_cheatsheet": round(ev["top1_err"] - ref["cheat_top1"], 2) if ref else None,
-            # torchvision's weights re-evaluated by our code on this val set (None: not found or not ImageNet-1k).
+            # The reference of our protocol, with its source and protocol, and Δ against it only.
+            "ref_source": f"{ref['source']} ({ref['kind']}, {ref['origin']})" if ref else None,
+            "ref_key": f"{ref['source']} ({ref['kind']})" if ref else None,
+            "ref_top1_err": ref["top1_err"] if ref else None,
+            "ref_top5_err": ref["top5_err"] if ref else None,
+            "diff_top1_vs_ref": delta(ev["top1_err"], ev["protocol"], ref),
+            "diff_top5_vs_ref": delta(ev["top5_err"], ev["protocol"], ref, "top5_err"),
+            "references": by_source,
+            # torchvision's weights re-evaluated by our code on this val set (None: not found or not ImageNet-1k),
+            # with that weight's own transform and our protocol (crops) and precision.
             "torchvision_top1_err": _round_or_none(tv.get("top1_err")),
             "torchvision_top5_err": _round_or_none(tv.get("top5_err")),
+            "torchvision_protocol": tv.get("protocol"),
             "n_val_images": ev["n_images"],
             "num_classes": ev["num_classes"],
             "protocol": ev["protocol"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.evaluation import REFERENCE, error_pct, table_rows, topk_correct
+from pipeline.evaluation import error_pct, table_rows, topk_correct
 from pipeline.publish import decide_champion
+from pipeline.references import REFERENCES, delta
 
 
 def test_topk_correct_counts_exactly() -> None:
@@ -42,15 +43,54 @@ def test_champion_rule() -> None:
     assert decide_champion(13.0, "other", same)[0]  # other data: not comparable
 
 
+def _ev(arch: str, top1: float, protocol: str) -> dict:
+    return {"arch": arch, "top1_err": top1, "top5_err": top1 / 4, "n_images": 200, "num_classes": 1000,
+            "protocol": protocol}
+
+
 def test_table_rows_order_and_reference() -> None:
-    evals = [
-        {"arch": "resnet50", "top1_err": 10.0, "top5_err": 1.0, "n_images": 200, "num_classes": 10, "protocol": "p"},
-        {"arch": "resnet18", "top1_err": 20.0, "top5_err": 2.0, "n_images": 200, "num_classes": 10, "protocol": "p"},
-    ]
+    evals = [_ev("resnet50", 10.0, "1-crop resize 256 crop 224"), _ev("resnet18", 20.0, "1-crop resize 256 crop 224")]
     rows = table_rows(evals, {"resnet18": {"epochs": 3, "train_time_s": 5.0, "images_per_s": 100.0}},
                       {"resnet18": 11_181_642, "resnet50": 23_528_522})
     assert [r["arch"] for r in rows] == ["resnet18", "resnet50"]
-    assert rows[0]["chance_top1_err"] == pytest.approx(90.0)
-    assert rows[0]["cheatsheet_top1_err"] == REFERENCE["resnet18"]["cheat_top1"]
-    assert rows[0]["diff_top1_vs_cheatsheet"] == pytest.approx(20.0 - 30.24)
+    assert rows[0]["chance_top1_err"] == pytest.approx(99.9)
+    # 1-crop: against torchvision V1 (its own published acc@1 69.758 -> 30.242), labelled with its source.
+    assert rows[0]["ref_top1_err"] == pytest.approx(30.242)
+    assert rows[0]["diff_top1_vs_ref"] == pytest.approx(20.0 - 30.24)
+    assert rows[0]["ref_source"].startswith("torchvision V1 (1-crop")
+    # ResNet-50's V1 number is torchvision's 23.87, not fb.resnet.torch's 24.01 (which is labelled as such).
+    assert rows[1]["ref_top1_err"] == pytest.approx(23.87)
+    assert rows[1]["references"]["fb.resnet.torch (1-crop)"] == (24.01, 7.02)
+    assert rows[1]["references"]["torchvision V2 (1-crop)"][0] == pytest.approx(19.142)
     assert rows[1]["epochs"] is None
+
+
+def test_delta_never_across_protocols() -> None:
+    """A 10-crop row is compared with the paper's 10-crop Table 3 only, a 1-crop row with a 1-crop reference."""
+    ten = table_rows([_ev("resnet50", 25.0, "10-crop resize 256 crop 224")], {}, {})[0]
+    one = table_rows([_ev("resnet50", 25.0, "1-crop resize 256 crop 224")], {}, {})[0]
+    assert ten["ref_key"] == "paper (10-crop)" and ten["diff_top1_vs_ref"] == pytest.approx(25.0 - 22.85)
+    assert ten["diff_top5_vs_ref"] == pytest.approx(6.25 - 6.71)
+    assert one["ref_key"] == "torchvision V1 (1-crop)" and one["diff_top1_vs_ref"] == pytest.approx(25.0 - 23.87)
+    for row in (ten, one):
+        kind = row["protocol"].split()[0]
+        ref = next(r for r in REFERENCES if f"{r['source']} ({r['kind']})" == row["ref_key"] and r["arch"] == "resnet50")
+        assert ref["kind"] == kind
+    # The primitive itself refuses a cross-protocol difference.
+    paper10 = next(r for r in REFERENCES if r["arch"] == "resnet50" and r["kind"] == "10-crop")
+    assert delta(25.0, "1-crop resize 256 crop 224", paper10) is None
+    with pytest.raises(ValueError, match="unknown evaluation protocol"):
+        delta(25.0, "p", paper10)
+
+
+def test_report_shows_delta_only_for_matched_protocol() -> None:
+    from pipeline.report import render_markdown
+
+    rows = table_rows([_ev("resnet50", 25.0, "10-crop resize 256 crop 224")], {}, {"resnet50": 25_557_032})
+    md = render_markdown(rows, {"layout": "imagenet"}, [], {})
+    line = next(x for x in md.splitlines() if x.startswith("| resnet50"))
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[7].startswith("22.85 / 6.71 (paper (10-crop, He et al. 2015, Table 3))")
+    assert cells[8] == "2.15 / -0.46"
+    assert "23.87" in cells[9] and "(torchvision V1 (1-crop))" in cells[9]  # shown, labelled, not subtracted
+    assert "-1.13" not in line and "0.99" not in line  # 25 - 23.87, 25 - 24.01: never computed
