@@ -32,7 +32,9 @@ def _torchvision_predictions(model: torch.nn.Module, files: list[Path]) -> list[
     """Top-1 classes of torchvision's own eval pipeline (PIL decode + the ImageClassification preset)."""
     from torchvision.transforms._presets import ImageClassification
 
-    tf = ImageClassification(crop_size=CROP, resize_size=RESIZE)
+    # resnet18's V1 weights' own transform (resize 256, crop 224), which the reference row must use whatever
+    # the trained model's eval transform is.
+    tf = ImageClassification(crop_size=224, resize_size=256)
     x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
         return model(x).argmax(dim=1).tolist()
@@ -100,7 +102,8 @@ def test_reference_is_absent_or_skipped_and_the_report_says_so(torch_home: Path,
     assert skipped == {"weights": "resnet34-b627a593.pth", "skipped": skipped["skipped"]}
     assert "4 classes" in skipped["skipped"]
 
-    evals = [{"arch": a, "top1_err": 10.0, "top5_err": 1.0, "n_images": 16, "num_classes": 4, "protocol": "p"}
+    evals = [{"arch": a, "top1_err": 10.0, "top5_err": 1.0, "n_images": 16, "num_classes": 4,
+              "protocol": "1-crop resize 36 crop 32"}
              for a in ("resnet18", "resnet50")]
     evals[1]["torchvision_reference"] = {"weights": "resnet50-0676ba61.pth", "top1_err": 24.0, "top5_err": 7.0,
                                          "n_images": 16, "protocol": "p"}
@@ -108,7 +111,8 @@ def test_reference_is_absent_or_skipped_and_the_report_says_so(torch_home: Path,
     assert rows[1]["torchvision_top1_err"] == 24.0 and rows[0]["torchvision_top1_err"] is None
     md = render_markdown(rows, {"layout": "folders"}, [], {"resnet50": evals[1]["torchvision_reference"]})
     assert "| 24.00 / 7.00 |" in md
-    assert "evaluated here with our evaluation code and transform: resnet50 (resnet50-0676ba61.pth)" in md
+    assert ("evaluated here with our evaluation code and precision and each weight's own transform: resnet50 "
+            "(resnet50-0676ba61.pth)") in md
     assert "Not present locally for resnet18" in md and str(torch_home) in md
 
 
@@ -191,3 +195,76 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(torch_home: Path, synth
     assert trained["fc.weight"].shape == (4, 512)
     for key in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.conv2.weight"):
         assert torch.allclose(trained[key], state[key], atol=1e-4), key
+
+
+# --- the published numbers as data (pipeline.references) --------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_torchvision_references_match_installed_torchvision(arch: str) -> None:
+    """Our table's torchvision rows equal the installed torchvision's static metadata (no download): acc@1/acc@5
+    and each weight's own eval transform (resize, crop, interpolation)."""
+    from torchvision.transforms import InterpolationMode
+
+    from pipeline.references import TORCHVISION, V2_FILES, references_for, weights_transform
+
+    enum = torchvision.models.get_model_weights(arch)
+    ours = {r["weights"]: r for r in references_for(arch) if r["source"].startswith("torchvision")}
+    assert set(ours) == {w.name for w in enum}, f"{arch}: torchvision has {[w.name for w in enum]}"
+    for w in enum:
+        m = w.meta["_metrics"]["ImageNet-1K"]
+        a1, a5, resize = TORCHVISION[(arch, w.name)]
+        assert (a1, a5) == (m["acc@1"], m["acc@5"])
+        assert ours[w.name]["top1_err"] == pytest.approx(100 - m["acc@1"])
+        tf = w.transforms()
+        assert tf.resize_size == [resize] and tf.crop_size == [224] == [ours[w.name]["crop"]]
+        assert tf.interpolation == InterpolationMode.BILINEAR and ours[w.name]["interpolation"] == "bilinear"
+        file = w.url.rsplit("/", 1)[-1]
+        assert weights_transform(arch, file)["resize"] == resize
+        assert (file in V2_FILES.values()) == (w.name == "IMAGENET1K_V2")
+
+
+def test_paper_and_fb_references_match_the_docs_transcription() -> None:
+    """docs/evaluation.md transcribes the paper's Tables 2-4 and fb.resnet.torch's table with their origins;
+    the package's numbers must be the same."""
+    from pipeline.references import REFERENCES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    table = doc.split("<!-- references:begin -->")[1].split("<!-- references:end -->")[0]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    transcribed = {}
+    for arch, source, kind, top1, top5, _origin in cells:
+        transcribed[(arch, source, kind)] = (float(top1), None if top5 == "—" else float(top5))
+    ours = {(r["arch"], r["source"], r["kind"]): (r["top1_err"], r["top5_err"])
+            for r in REFERENCES if not r["source"].startswith("torchvision")}
+    assert ours == transcribed
+
+
+# --- one precision for every row --------------------------------------------------------------------------
+
+
+def test_trained_model_and_reference_paths_predict_identically(tmp_path: Path) -> None:
+    """The same weights through the trained-model path (models/ARCH, trained with train.amp bf16) and through
+    the reference path (a weights blob without a train config) give the same top-5 on the same images: both
+    run at the evaluation precision (fp32), not each at its own."""
+    from pipeline.evaluation import _Predictor
+    from pipeline.training.checkpoint import export_model_dir
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=1000).eval()
+    for m in model.modules():  # image-dependent, near-tied logits: where bf16 and fp32 disagree
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    state = {"model": model.state_dict(), "arch": "resnet18", "model_kwargs": {}, "num_classes": 1000,
+             "eval_transform": {"resize": 36, "crop": 32}, "epoch": 1,
+             "config": {"train": {"amp": "bf16", "channels_last": False}}}
+    export_model_dir(tmp_path / "resnet18", state)
+    blob = {"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 1000, "model_kwargs": {},
+            "eval_transform": {"resize": 36, "crop": 32}}
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
+             "key": np.arange(64), "label": np.zeros(64, dtype=np.int64)}
+    trained = _Predictor(threads=1, model_dir=str(tmp_path / "resnet18"))(batch)["top5"]
+    reference = _Predictor(threads=1, blob=blob)(batch)["top5"]
+    np.testing.assert_array_equal(trained, reference)
