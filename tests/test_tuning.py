@@ -70,8 +70,9 @@ def test_each_trial_is_the_final_schedule_compressed_without_ema(preset: Path) -
         assert lrs[0] < lrs[10 * warmup] == pytest.approx(1.0)
     if p.train.lr_scheduler == "step":  # the paper's x0.1 at 1/3 and 2/3 of the run: at 1/3, 2/3 of the trial
         drops = [i // 10 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * 0.5]
-        assert drops == [recipe["lr_step_size"], 2 * recipe["lr_step_size"], 3 * recipe["lr_step_size"]][
-            :len(drops)] and len(drops) >= 2, drops
+        step = recipe["lr_step_size"]
+        assert drops == [step * (i + 1) for i in range(len(drops))], drops
+        assert len(drops) == (final - 1) // p.train.lr_step_size == 2, drops  # as many drops as the run has
 
 
 def test_presets_search_lr_per_256_around_the_published_recipes() -> None:
