@@ -25,6 +25,7 @@ BENCHMARKS = {
     "jpeg": "bench.bench_jpeg",
     "train": "bench.bench_train",
     "deterministic": "bench.bench_determinism",
+    "rank_agreement": "bench.rank_agreement",
 }
 
 

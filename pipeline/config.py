@@ -295,12 +295,20 @@ class TuneParams(_Section):
         "its own entry or of the listed arch of its kind (family and block: basic vs bottleneck) nearest in depth.",
     )
     num_samples: int = Field(8, ge=1, le=10_000, description="Trials per tuned arch (random search under ASHA).")
-    epochs: int = Field(3, ge=1, le=1000, description="Max epochs per trial (ASHA's max_t).")
-    lr_low: float = Field(0.01, gt=0, description="Lower end of the log-uniform lr range searched.")
-    lr_high: float = Field(1.0, gt=0, description="Upper end of the log-uniform lr range searched.")
-    lr_warmup_epochs: list[int] = Field(
-        default_factory=lambda: [0, 1], min_length=1,
-        description="Warmup epochs a trial draws from (each < tune.epochs).",
+    epochs: int = Field(
+        3, ge=1, le=1000, description="Epochs of one trial (ASHA's max_t): a complete shortened schedule, the "
+        "final run's warmup and decay compressed onto these epochs (docs/tuning.md).",
+    )
+    lr_per_256_low: float = Field(
+        0.025, gt=0, description="Lower end of the log-uniform search, in lr per 256 images: a trial's "
+        "rate is this x its global batch / 256 (the published ResNet recipes sit near 0.1).",
+    )
+    lr_per_256_high: float = Field(0.4, gt=0, description="Upper end of the search, in lr per 256 images.")
+    lr_warmup_epochs: list[int] | None = Field(
+        default_factory=lambda: [0, 1],
+        description="Warmup choices in trial epochs (each < tune.epochs); the final run takes the same share of "
+        "its own epochs. null = not searched: trials warm up for the final run's warmup compressed onto "
+        "tune.epochs, and the final run keeps train.lr_warmup_epochs.",
     )
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA: 1/this of the trials continue at each rung.")
@@ -326,10 +334,11 @@ class TuneParams(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> TuneParams:
-        if self.lr_low >= self.lr_high:
-            raise ValueError("lr_low must be < lr_high")
-        if any(w < 0 or w >= self.epochs for w in self.lr_warmup_epochs):
-            raise ValueError("every lr_warmup_epochs choice must be in [0, epochs)")
+        if self.lr_per_256_low >= self.lr_per_256_high:
+            raise ValueError("tune.lr_per_256_low must be < tune.lr_per_256_high")
+        if self.lr_warmup_epochs is not None and (
+                not self.lr_warmup_epochs or any(w < 0 or w >= self.epochs for w in self.lr_warmup_epochs)):
+            raise ValueError("tune.lr_warmup_epochs: null or a non-empty list of choices in [0, tune.epochs)")
         return self
 
 

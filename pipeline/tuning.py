@@ -9,7 +9,14 @@ What a search may look at (docs/tuning.md):
   tuned arch of its kind (family and block: basic vs bottleneck) nearest in depth (`lr_source_arch`);
 - a trial trains with the final run's per-worker batch (train.batch_size / train.num_workers) on
   max(tune.workers_per_trial, 1) workers, so batch norm sees the batch it will see in the real run; its
-  global batch is recorded and training rescales the lr from it by the linear scaling rule.
+  global batch is recorded;
+- the lr is searched per 256 images (tune.lr_per_256_low/high): a trial trains at value x its global batch / 256,
+  training at value x train.batch_size / 256 (the linear scaling rule), so one range means one thing whatever
+  the batch;
+- each trial is a complete shortened schedule, the final run's compressed onto tune.epochs: its own warmup (the
+  searched choice, or the recipe's scaled), cosine to the trial's end or the step schedule's drops at the same
+  shares of it; no EMA (the score is the raw weights'), validated every epoch (ASHA's rungs);
+- no train stage takes tuned params (train.use_tuned false): the stage writes a stub best.json and costs nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.archs import network_kind
-from pipeline.config import Params, with_absolute_paths
-from pipeline.training.tuned import BEST_VERSION
+from pipeline.config import Params, TrainParams, with_absolute_paths
+from pipeline.training.tuned import BEST_VERSION, lr_for_batch, share_of_epochs
 
 # A trial's driver function only waits on its TorchTrainer: it needs no real CPU, and asking Tune's default
 # 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (seen).
@@ -43,6 +50,32 @@ def trial_batch(p: Params) -> tuple[int, int]:
     and gradient noise per worker are the real run's."""
     per_worker = max(p.train.batch_size // max(p.train.num_workers, 1), 1)
     return per_worker * max(p.tune.workers_per_trial, 1), per_worker
+
+
+def trial_recipe(train: TrainParams, arch: str, tune_epochs: int) -> tuple[dict[str, Any], int]:
+    """(train.* overrides of a trial of `arch`, its warmup when warmup is not searched): the final run's schedule
+    compressed from train.epochs_for(arch) onto `tune_epochs`. Cosine already decays over the trial's epochs; the
+    step schedule's lr_step_size and the warmup keep their share of the run (the step at least 1 epoch). EMA off,
+    so a trial is scored on its own weights; validation every epoch, so every ASHA rung has a score."""
+    final = train.epochs_for(arch)
+    step = train.lr_step_size
+    # Only the step schedule's drops are in epochs (cosine needs nothing, so train.epochs leaves its trials alone):
+    # the same share of the run, widened until the trial has no more drops than the run (90 epochs, x0.1 every
+    # 30: two drops; onto 16 epochs: every 6, not every 5, which would add a third at epoch 15).
+    if train.lr_scheduler == "step":
+        drops = (final - 1) // step
+        step = max(1, math.floor(step * tune_epochs / final + 0.5))
+        while (tune_epochs - 1) // step > drops:
+            step += 1
+    warmup = share_of_epochs(train.lr_warmup_epochs, final, tune_epochs)
+    return {"lr_step_size": step, "model_ema_decay": 0.0, "val_every_epochs": 1}, warmup
+
+
+def stub_best(p: Params) -> dict[str, Any]:
+    """best.json when no train stage takes tuned params: no search runs; training refuses the file if
+    train.use_tuned is switched on without rerunning tune (pipeline.training.tuned)."""
+    return {"version": BEST_VERSION, "used": False, "archs": {},
+            "why": "train.use_tuned is false: no train stage takes tuned params, so no search ran"}
 
 
 def trial_resources(
@@ -74,7 +107,9 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.training.trainer import build_trainer, make_job
 
     p = Params.model_validate(config["params"])
-    job = make_job(p, config["arch"], float(config["lr"]), int(config["lr_warmup_epochs"]), p.tune.epochs, None,
+    # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
+    lr = lr_for_batch(float(config["lr_per_256"]), p.train.batch_size)
+    job = make_job(p, config["arch"], lr, int(config["lr_warmup_epochs"]), p.tune.epochs, None,
                    train_fraction=p.tune.train_fraction, train_splits=("train",), val_split=SELECT_SPLIT)
     job.threads = int(config["threads"])
     if p.tune.workers_per_trial == 0:
@@ -118,16 +153,26 @@ def selection_split(manifest: dict[str, Any], where: str) -> dict[str, Any]:
 
 def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = None) -> dict[str, Any]:
     """The tune stage: one ASHA search per arch of tune.archs; writes tune/best.json (one entry per arch, the
-    split that selected it) and tune/trials.csv, logs a parent run per arch with child trials."""
+    split that selected it) and tune/trials.csv, logs a parent run per arch with child trials. With
+    train.use_tuned false it only writes the stub (stub_best), an empty trials.csv and a placeholder figure."""
+    from pipeline.runtime import write_csv, write_json
+
+    out_dir = Path(out_dir)
+    if not p.train.use_tuned:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result = stub_best(p)
+        write_json(out_dir / "best.json", result)
+        (out_dir / "trials.csv").write_text("arch,trial_id,lr_per_256,lr,lr_warmup_epochs\n")
+        _plot_trials([], out_dir / "lr_vs_error.png")
+        return result
     import ray
 
     from pipeline.cluster import cluster_can_grow, release_request, wait_for_resources
     from pipeline.data.shards import manifest_location, read_manifest
-    from pipeline.runtime import init_ray, write_csv, write_json
+    from pipeline.runtime import init_ray
 
     p = with_absolute_paths(p)
     t = p.tune
-    out_dir = Path(out_dir)
     manifest = read_manifest(p.data.shards_dir)
     minival = selection_split(manifest, manifest_location(p.data.shards_dir))
     resources = init_ray()
@@ -149,22 +194,30 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
             resources.get("CPU", 1.0), p.train.cpus_per_worker, t.workers_per_trial, t.max_concurrent_trials
         )
     batch, per_worker_batch = trial_batch(p)
-    # The worker CPU share is decided here and the trial's global batch is the final run's per-worker batch
-    # times its workers: the trials' params carry both.
-    trial_params = p.model_copy(update={"train": p.train.model_copy(
-        update={"cpus_per_worker": per_worker, "batch_size": batch})})
     all_rows: list[dict[str, Any]] = []
     entries: dict[str, dict[str, Any]] = {}
     names: dict[str, str] = {}
     for arch in t.archs:
+        # The worker CPU share is decided here, the trial's global batch is the final run's per-worker batch
+        # times its workers, and the schedule is this arch's final one compressed: the trials' params carry all.
+        recipe, recipe_warmup = trial_recipe(p.train, arch, t.epochs)
+        trial_params = p.model_copy(update={"train": p.train.model_copy(
+            update={"cpus_per_worker": per_worker, "batch_size": batch, **recipe})})
         name = f"{experiment_name}-{arch}" if experiment_name else None
-        rows, path, names[arch] = _search(p, trial_params, arch, manifest, name, concurrent, trial_request, gpu)
+        rows, path, names[arch] = _search(p, trial_params, arch, manifest, name, concurrent, trial_request, gpu,
+                                          recipe_warmup)
         ok = [r for r in rows if r["epochs_run"] > 0 and math.isfinite(r["selection_top1_err"])]
         if not ok:
             raise RuntimeError(f"no tune trial of {arch} reported a result; see {path}")
         best = min(ok, key=lambda r: r["selection_score"])  # least error first: the tie-break never reorders
         entries[arch] = {
-            "lr": best["lr"], "lr_warmup_epochs": int(best["lr_warmup_epochs"]),
+            # The searched value and the rates it means: at the trial's batch and at the batch training uses.
+            "lr_per_256": best["lr_per_256"], "lr": best["lr"],
+            "lr_at_train_batch": lr_for_batch(best["lr_per_256"], p.train.batch_size),
+            "train_batch_size": p.train.batch_size,
+            "lr_warmup_epochs": int(best["lr_warmup_epochs"]), "lr_warmup_searched": t.lr_warmup_epochs is not None,
+            "trial_epochs": t.epochs, "train_epochs": p.train.epochs_for(arch),
+            "trial_lr_step_size": recipe["lr_step_size"], "trial_ema": False,
             "selection_top1_err": best["selection_top1_err"], "kind": "/".join(network_kind(arch)),
             "batch_size": batch, "per_worker_batch": per_worker_batch, "workers_per_trial": t.workers_per_trial,
             "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
@@ -181,7 +234,9 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
         "train_images": int(manifest["splits"]["train"]["n_images"]),
         "data_fingerprint": str(manifest["fingerprint"]),
         "transfer_rule": TRANSFER_RULE,
-        "search": {"lr_low": t.lr_low, "lr_high": t.lr_high, "lr_warmup_epochs": t.lr_warmup_epochs,
+        "used": True,
+        "search": {"lr_per_256_low": t.lr_per_256_low, "lr_per_256_high": t.lr_per_256_high,
+                   "lr_warmup_epochs": t.lr_warmup_epochs, "train_fraction": t.train_fraction,
                    "num_samples": t.num_samples, "epochs": t.epochs, "scheduler": "ASHA",
                    "grace_period": t.grace_period, "reduction_factor": t.reduction_factor},
         "archs": entries,
@@ -197,9 +252,11 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
 
 
 def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any], name: str | None,
-            concurrent: int, trial_request: float, gpu: dict[str, float]) -> tuple[list[dict[str, Any]], str, str]:
-    """One ASHA search over lr and warmup for `arch` (its own rungs: trials of different archs are never
-    compared). Returns (rows, Ray path, Ray name); an interrupted search of the same identity resumes."""
+            concurrent: int, trial_request: float, gpu: dict[str, float],
+            recipe_warmup: int) -> tuple[list[dict[str, Any]], str, str]:
+    """One ASHA search over lr per 256 images (and warmup, when tune.lr_warmup_epochs lists choices) for `arch`
+    (its own rungs: trials of different archs are never compared). Returns (rows, Ray path, Ray name); an
+    interrupted search of the same identity resumes."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -213,8 +270,8 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
     storage = absolute_storage(p.train.storage_path)
     param_space = {
         "arch": arch,
-        "lr": tune.loguniform(t.lr_low, t.lr_high),
-        "lr_warmup_epochs": tune.choice(t.lr_warmup_epochs),
+        "lr_per_256": tune.loguniform(t.lr_per_256_low, t.lr_per_256_high),
+        "lr_warmup_epochs": recipe_warmup if t.lr_warmup_epochs is None else tune.choice(t.lr_warmup_epochs),
         "params": trial_params.model_dump(mode="json"),
         "threads": worker_threads(trial_params.train.cpus_per_worker),
         "run_name": name,
@@ -249,6 +306,7 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     grid = tuner.fit()
 
+    batch = trial_params.train.batch_size
     rows = []
     for res in grid:
         cfg = res.config or {}
@@ -257,7 +315,9 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
         rows.append({
             "arch": arch,
             "trial_id": (res.metrics or {}).get("trial_id", ""),
-            "lr": cfg.get("lr"), "lr_warmup_epochs": cfg.get("lr_warmup_epochs"),
+            "lr_per_256": cfg.get("lr_per_256"),
+            "lr": None if cfg.get("lr_per_256") is None else lr_for_batch(cfg["lr_per_256"], batch),
+            "lr_warmup_epochs": cfg.get("lr_warmup_epochs"),
             "batch_size": trial_params.train.batch_size,
             "epochs_run": len(hist),
             "selected_on": SELECT_SPLIT,
@@ -284,7 +344,8 @@ def _log_tune(p: Params, manifest: dict[str, Any], arch: str, rows: list[dict[st
     tracking.log_shards_input(parent, manifest, p.data.shards_dir, "tune")
     for r in rows:
         child = tracking.start_run(p.tracking.experiment, f"trial-{r['trial_id']}", tags,
-                                   params={"lr": r["lr"], "lr_warmup_epochs": r["lr_warmup_epochs"]},
+                                   params={"lr_per_256": r["lr_per_256"], "lr": r["lr"],
+                                           "lr_warmup_epochs": r["lr_warmup_epochs"]},
                                    parent_run_id=parent)
         for h in r["history"]:
             metrics = {f"{SELECT_SPLIT}_{k[4:]}" if k.startswith("val_") else k: h[k]
@@ -293,6 +354,7 @@ def _log_tune(p: Params, manifest: dict[str, Any], arch: str, rows: list[dict[st
         tracking.set_tags(child, {"stopped_early": str(r["stopped_early"])})
         tracking.end_run(child, "FAILED" if r["error"] else "FINISHED")
     tracking.log_metrics(parent, {f"best_{SELECT_SPLIT}_top1_err": best["selection_top1_err"], "best_lr": best["lr"],
+                                  "best_lr_per_256": best["lr_per_256"],
                                   "best_lr_warmup_epochs": best["lr_warmup_epochs"]})
     tracking.set_tags(parent, {"ray.tune_name": name})
     tracking.log_config(parent, p.model_dump(mode="json"))
@@ -308,15 +370,22 @@ def _plot_trials(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     archs = sorted({r["arch"] for r in rows})
+    if not archs:  # the stub: the output DVC expects, saying why it is empty
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no search: train.use_tuned is false", ha="center", va="center")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 3.5), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         mine = [r for r in rows if r["arch"] == arch]
         for w in sorted({r["lr_warmup_epochs"] for r in mine}):
-            pts = [(r["lr"], r["selection_top1_err"]) for r in mine if r["lr_warmup_epochs"] == w]
+            pts = [(r["lr_per_256"], r["selection_top1_err"]) for r in mine if r["lr_warmup_epochs"] == w]
             ax.scatter([a for a, _ in pts], [b for _, b in pts], label=f"warmup {w} ep")
         ax.set_xscale("log")
         ax.set_title(arch, fontsize=9)
-        ax.set_xlabel("learning rate")
+        ax.set_xlabel("learning rate per 256 images")
         ax.set_ylabel(f"best {SELECT_SPLIT} top-1 error (%)")
         ax.legend()
     fig.tight_layout()

@@ -70,8 +70,8 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_cross_field_rules() -> None:
     with pytest.raises(ParamsError, match="val_crop_size"):
         load_params(ROOT / "params.yaml", ["train.val_crop_size=64", "train.val_resize_size=32"])
-    with pytest.raises(ParamsError, match="lr_low"):
-        load_params(ROOT / "params.yaml", ["tune.lr_low=1", "tune.lr_high=0.1"])
+    with pytest.raises(ParamsError, match="lr_per_256_low must be < tune.lr_per_256_high"):
+        load_params(ROOT / "params.yaml", ["tune.lr_per_256_low=1", "tune.lr_per_256_high=0.1"])
 
 
 def test_absolute_paths_leave_uris_alone(tmp_path: Path) -> None:

@@ -127,8 +127,10 @@ def test_trials_use_the_final_runs_per_worker_batch(overrides: list[str], expect
 
 def _best(tmp_path: Path, **extra: object) -> Path:
     best = {"version": BEST_VERSION, "selected_on": "minival", "selection_images": 16,
-            "archs": {"resnet18": {"lr": 0.05, "lr_warmup_epochs": 1, "batch_size": 32, "selection_top1_err": 40.0},
-                      "resnet50": {"lr": 0.2, "lr_warmup_epochs": 0, "batch_size": 32, "selection_top1_err": 50.0}},
+            "archs": {"resnet18": {"lr_per_256": 0.4, "lr": 0.05, "lr_warmup_epochs": 1, "trial_epochs": 2,
+                                   "batch_size": 32, "selection_top1_err": 40.0},
+                      "resnet50": {"lr_per_256": 1.6, "lr": 0.2, "lr_warmup_epochs": 0, "trial_epochs": 2,
+                                   "batch_size": 32, "selection_top1_err": 50.0}},
             **extra}
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best))
@@ -140,7 +142,8 @@ def test_best_json_feeds_training_by_kind_with_the_linear_rule(tmp_path: Path) -
 
     best = _best(tmp_path)
     lr, warmup, src = tuned_lr_for(best, "resnet34", 256, 90)
-    assert lr == pytest.approx(0.05 * 256 / 32) and warmup == 1
+    # 0.4 per 256 images at batch 256; warmup 1 of 2 trial epochs is the same share of 90 epochs.
+    assert lr == pytest.approx(0.05 * 256 / 32) and warmup == 45 and src["tuned_lr_per_256"] == 0.4
     assert src["tuned_arch"] == "resnet18" and src["selected_on"] == "minival" and "transferred" in src["rule"]
     assert src["scaled"] == "linear rule x 256/32"
     lr, warmup, src = tuned_lr_for(best, "resnet50", 32, 1)

@@ -63,17 +63,23 @@ TRAIN = (
 )
 
 # The lr/warmup search: trials train each of tune.archs with the recipe for tune.epochs at searched lr and
-# warmup, so train.epochs, lr, warmup and use_tuned do not reach it. train.batch_size / train.num_workers is
+# warmup, so train.lr does not reach it. train.batch_size / train.num_workers is
 # the final run's per-worker batch, which every trial trains with (pipeline.tuning.trial_batch). Every tune.*
 # setting changes which trials run or stop, hence best.json. Which train images are held out (minival) is data:
 # data/dataset.json.
 TUNE = (
     "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
-    "train.batch_size", "train.num_workers", "train.model_ema_decay", "train.sync_bn", "train.pretrained",
-    "tune.archs", "tune.num_samples", "tune.epochs", "tune.lr_low", "tune.lr_high", "tune.lr_warmup_epochs",
-    "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials", "tune.workers_per_trial",
-    "tune.train_fraction", "tune.time_budget_s",
+    # (train.model_ema_decay is not here: trials are scored without EMA.)
+    "train.batch_size", "train.num_workers", "train.sync_bn", "train.pretrained",
+    "tune.archs", "tune.num_samples", "tune.epochs", "tune.lr_per_256_low", "tune.lr_per_256_high",
+    "tune.lr_warmup_epochs", "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials",
+    "tune.workers_per_trial", "tune.train_fraction", "tune.time_budget_s",
+    # A trial is the final schedule compressed (pipeline.tuning.trial_recipe): the step schedule's drops and, when
+    # warmup is not searched, the recipe's warmup come from the final run's epochs; use_tuned false = a stub.
+    "train.epochs", "train.lr_warmup_epochs", "train.use_tuned",
 )
+# TUNE keys that reach a search only through its resolved trial schedule (tune_identity).
+_TUNE_RESOLVED = ("train.epochs", "train.lr_warmup_epochs", "train.use_tuned")
 
 # The in-process plain-vs-residual experiment: its own section replaces epochs, batch, lr, warmup and the model
 # options (pipeline.analysis.degradation.recipe_params); degradation.threads is a thread count.
@@ -161,8 +167,13 @@ def train_run_name(p: Params, arch: str, *, lr: float, lr_warmup_epochs: int, da
 def tune_identity(p: Params, arch: str, data_fingerprint: str) -> dict[str, Any]:
     """The values that fix `arch`'s search: the TUNE params without the list of tuned archs (adding an arch to
     tune.archs does not restart the others' searches), plus the arch and the shards' fingerprint."""
-    ident = {k: value(p, k) for k in stage_params("tune") if k != "tune.archs"}
-    return {**ident, "arch": arch, "data_fingerprint": str(data_fingerprint)}
+    from pipeline.tuning import trial_recipe
+
+    ident = {k: value(p, k) for k in stage_params("tune") if k != "tune.archs" and k not in _TUNE_RESOLVED}
+    # The final run's epochs and warmup as the trials see them: an edit that leaves the trials alone keeps the name.
+    recipe, warmup = trial_recipe(p.train, arch, p.tune.epochs)
+    return {**ident, "trial_recipe": recipe, "trial_warmup": warmup if p.tune.lr_warmup_epochs is None else None,
+            "arch": arch, "data_fingerprint": str(data_fingerprint)}
 
 
 def tune_run_name(p: Params, arch: str, data_fingerprint: str) -> str:

@@ -231,7 +231,8 @@ def tuned_hparams(p: Params, best_path: str | Path | None, arch: str) -> tuple[f
     if p.train.use_tuned and best_path and Path(best_path).is_file():
         from pipeline.training.tuned import tuned_lr_for
 
-        return tuned_lr_for(Path(best_path), arch, p.train.batch_size, p.train.epochs_for(arch))
+        return tuned_lr_for(Path(best_path), arch, p.train.batch_size, p.train.epochs_for(arch),
+                            recipe_warmup=p.train.lr_warmup_epochs)
     why = "train.use_tuned is false" if not p.train.use_tuned else "no tune/best.json"
     return p.train.lr, p.train.lr_warmup_epochs, {"from": "params", "why": why, "lr": p.train.lr,
                                                   "batch_size": p.train.batch_size}

@@ -1,45 +1,76 @@
-"""tune/best.json, read by training: which tuned lr an arch takes, rescaled to its batch (the transfer rule of
-pipeline.archs, the linear scaling rule of pipeline.training.schedule). The tune stage writes the file
-(pipeline.tuning); keeping the reader here lets training depend on the format without importing Ray Tune's driver.
+"""tune/best.json, read by training: which tuned lr an arch takes and at what rate for its batch (the transfer rule
+of pipeline.archs; the search is in lr per 256 images, so the rate is that value x batch / 256, the linear scaling
+rule). The tune stage writes the file (pipeline.tuning); keeping the reader here lets training depend on the
+format without importing Ray Tune's driver.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.archs import lr_source_arch, network_kind
-from pipeline.training.schedule import scale_lr
 
-BEST_VERSION = 2  # 2: one entry per tuned arch under "archs", the split that selected them
+# 3: lr searched per 256 images (`lr_per_256`), trials a compressed schedule (`trial_epochs`, whether warmup was
+# searched); a stub with `"used": false` when no train stage takes tuned params.
+BEST_VERSION = 3
 
 
-def tuned_lr_for(best_path: Path, arch: str, batch_size: int, epochs: int) -> tuple[float, int, dict[str, Any]]:
-    """(lr, warmup, provenance) for `arch` from tune/best.json: the transfer rule's source entry, its lr rescaled
-    from the trial's global batch to `batch_size` (linear rule), the warmup capped below `epochs`. Raises
-    ValueError naming the file for an old-format file or a kind nobody tuned."""
+def lr_for_batch(lr_per_256: float, batch_size: int) -> float:
+    """The rate for a global batch from an lr per 256 images (linear scaling rule, Goyal et al. 2017)."""
+    return lr_per_256 * batch_size / 256
+
+
+def share_of_epochs(epochs: int, of_epochs: int, to_epochs: int) -> int:
+    """`epochs` of a schedule `of_epochs` long as the same share of one `to_epochs` long, rounded half up and
+    capped below `to_epochs` (a warmup must leave at least one epoch of decay)."""
+    if epochs <= 0:
+        return 0
+    return min(math.floor(epochs * to_epochs / of_epochs + 0.5), max(to_epochs - 1, 0))
+
+
+def tuned_lr_for(best_path: Path, arch: str, batch_size: int, epochs: int,
+                 recipe_warmup: int | None = None) -> tuple[float, int, dict[str, Any]]:
+    """(lr, warmup, provenance) for `arch` from tune/best.json: the transfer rule's source entry, its lr per 256
+    images at `batch_size`; the warmup is the searched one as the same share of `epochs` as of the trial's, or
+    `recipe_warmup` (train.lr_warmup_epochs) when the search left warmup alone. Raises ValueError naming the file
+    for an old-format file, a stub (no train stage used tuning when it was written) or a kind nobody tuned."""
     best = json.loads(Path(best_path).read_text())
     if best.get("version") != BEST_VERSION or "archs" not in best:
-        raise ValueError(f"{best_path} was written by an older tune stage (no per-arch entries): rerun the tune "
-                         "stage (`dvc repro tune`)")
+        raise ValueError(f"{best_path} was written by an older tune stage (no per-arch lr per 256 images): rerun "
+                         "the tune stage (`dvc repro tune`)")
+    if best.get("used") is False:
+        raise ValueError(f"{best_path} is the tune stage's stub (written while train.use_tuned was false, so no "
+                         "search ran): rerun the tune stage with train.use_tuned: true (`dvc repro tune`)")
     source = lr_source_arch(arch, list(best["archs"]))
     if source is None:
         raise ValueError(f"{best_path} tunes {sorted(best['archs'])}, none of the kind of {arch} "
                          f"({'/'.join(network_kind(arch))}): add such an arch to tune.archs and rerun the tune stage, "
                          "or set train.use_tuned: false")
     entry = best["archs"][source]
-    lr = scale_lr(float(entry["lr"]), int(entry["batch_size"]), batch_size)
-    warmup = min(int(entry["lr_warmup_epochs"]), max(epochs - 1, 0))
+    trial_batch = int(entry["batch_size"])
+    lr = lr_for_batch(float(entry["lr_per_256"]), batch_size)
+    trial_warmup, trial_epochs = int(entry["lr_warmup_epochs"]), int(entry["trial_epochs"])
+    if entry.get("lr_warmup_searched", True):
+        warmup = share_of_epochs(trial_warmup, trial_epochs, epochs)
+        warmup_rule = f"searched: {trial_warmup} of {trial_epochs} trial epochs -> {warmup} of {epochs}"
+    else:
+        if recipe_warmup is None:
+            raise ValueError(f"{best_path}: the search of {source} did not tune warmup; pass the recipe's "
+                             "train.lr_warmup_epochs")
+        warmup = min(int(recipe_warmup), max(epochs - 1, 0))
+        warmup_rule = "train.lr_warmup_epochs (not searched)"
     provenance = {
         "from": str(best_path), "tuned_arch": source,
         "rule": "own search" if source == arch else f"transferred: same kind {'/'.join(network_kind(arch))}, "
                                                     "nearest tuned depth",
         "selected_on": best.get("selected_on"), "selection_images": best.get("selection_images"),
-        "tuned_lr": float(entry["lr"]), "tuned_batch_size": int(entry["batch_size"]),
-        "tuned_lr_warmup_epochs": int(entry["lr_warmup_epochs"]),
+        "tuned_lr_per_256": float(entry["lr_per_256"]),
+        "tuned_lr": float(entry["lr"]), "tuned_batch_size": trial_batch,
+        "tuned_lr_warmup_epochs": trial_warmup, "tuned_trial_epochs": trial_epochs, "warmup_rule": warmup_rule,
         "selection_top1_err": entry.get("selection_top1_err"), "batch_size": batch_size, "lr": lr,
-        "scaled": "no" if int(entry["batch_size"]) == batch_size else
-                  f"linear rule x {batch_size}/{int(entry['batch_size'])}",
+        "scaled": "no" if trial_batch == batch_size else f"linear rule x {batch_size}/{trial_batch}",
     }
     return lr, warmup, provenance
