@@ -3,7 +3,7 @@ the minival split held out of train (never on val) -> tune/best.json, tune/trial
 
 from __future__ import annotations
 
-from pipeline.cli import stage_args
+from pipeline.cli import run_main, stage_args
 
 
 def main() -> None:
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
