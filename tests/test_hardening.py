@@ -4,11 +4,12 @@ one line with a non-zero exit code."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401 - imported here: its first import runs ldconfig, which the fast tier refuses inside a test
+import torch
 
 from pipeline import cli
 
@@ -103,3 +104,73 @@ def test_user_errors_one_line_and_debug_keeps_traceback(monkeypatch: pytest.Monk
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(ManifestError), cli.user_errors():
         raise ManifestError("shown with its traceback under --debug")
+
+
+# --- no code from the registry --------------------------------------------------------------------------------------
+
+
+class _Payload(torch.nn.Module):
+    """Unpickling it touches `marker`: what a hostile pickle-format model in a shared registry would do."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 2)
+        return torch.softmax(self.fc(x.mean(dim=(2, 3))), dim=1)
+
+
+@pytest.fixture
+def sqlite_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    monkeypatch.setenv("PIPELINE_RUN_GROUP", "test-hardening")
+    return tmp_path
+
+
+@pytest.mark.server
+def test_pickle_model_from_registry_is_refused_and_its_payload_never_runs(sqlite_registry: Path) -> None:
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+
+    from pipeline import tracking
+
+    marker = sqlite_registry / "payload-ran"
+    run_id = tracking.start_run("test-hardening", "evil", {})
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(_Payload(marker), name="model", serialization_format="pickle",
+                                        pip_requirements=["torch"])
+    client = tracking._client()
+    client.create_registered_model("evil")
+    mv = client.create_model_version("evil", info.model_uri, run_id=run_id, model_id=info.model_id)
+    client.set_registered_model_alias("evil", "champion", mv.version)
+    assert not marker.exists()
+    with pytest.raises(tracking.ModelRefused, match=r"models:/evil@champion: stored as a pickle"):
+        tracking.load_registered_model("models:/evil@champion")
+    assert not marker.exists()
+    # The opt-in really unpickles (the payload is live, so the refusal above is what kept it from running).
+    with pytest.raises(AttributeError):  # Path.touch returned None, which MLflow then calls .eval() on
+        tracking.load_registered_model("models:/evil@champion", allow_pickle=True)
+    assert marker.exists()
+
+    # The project's own format, a pt2 program without bundled code, loads with pickle refused.
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    version = tracking.log_and_register_model(run_id, _Tiny().eval(), x, "good", "d", {}, {"classes": ["a", "b"]})
+    module = tracking.load_registered_model(f"models:/good/{version}")
+    assert tuple(module(torch.from_numpy(x)).shape) == (2, 2)
