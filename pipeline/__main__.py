@@ -1,17 +1,23 @@
-"""`python -m pipeline {predict,train,evaluate,verify}`: the seed-style command line.
+"""`python -m pipeline {predict,train,evaluate,analyze}`: the seed-style command line.
 
     python -m pipeline predict --model models/resnet50 --image cat.jpg --topk 5
     python -m pipeline predict --model models:/resnet18-synthetic@champion --image data/synthetic/val
     python -m pipeline train --arch resnet50 --data /datasets/flowers --epochs 10   # -> runs/resnet50-flowers/
     python -m pipeline evaluate --model models/resnet50
+
+Expected failures (a bad parameter, a missing model or image, a refused registry model) print one `error:` line
+and exit non-zero; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from pipeline.cli import DEBUG_ENV, add_debug, arch_name, positive_int, user_errors
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -27,17 +33,15 @@ def _images(path: Path) -> list[Path]:
     return [path]
 
 
-def _load_predictor(model: str) -> tuple[Any, dict[str, Any]]:
+def _load_predictor(model: str, *, allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """A callable (float32 0-255 pixels (N, 3, c, c) -> probabilities) and its description."""
     import torch
 
     if model.startswith("models:/") or model.startswith("runs:/"):
-        import mlflow.models
-
         from pipeline import tracking
 
-        module = tracking.load_registered_model(model)
-        meta = mlflow.models.get_model_info(model).metadata or {}
+        module = tracking.load_registered_model(model, allow_pickle=allow_pickle)
+        meta = tracking.model_metadata(model)
 
         def run_registered(x: torch.Tensor) -> torch.Tensor:
             return module(x)
@@ -56,13 +60,15 @@ def _load_predictor(model: str) -> tuple[Any, dict[str, Any]]:
     return run_local, meta
 
 
-def predict(model: str, image: str, topk: int = 5) -> list[dict[str, Any]]:
+def predict(model: str, image: str, topk: int = 5, *, allow_pickle: bool = False) -> list[dict[str, Any]]:
+    """One record per image: {"image", "top": [...]} or, for a file that cannot be read, {"image", "error"}, so
+    one bad file in a folder does not hide the answers for the others."""
     import numpy as np
     import torch
 
     from pipeline.data.transforms import val_image
 
-    run_model, meta = _load_predictor(model)
+    run_model, meta = _load_predictor(model, allow_pickle=allow_pickle)
     tf = meta["eval_transform"]
     classes: list[str] = list(meta["classes"])
     names = _class_names(meta, classes)
@@ -71,7 +77,8 @@ def predict(model: str, image: str, topk: int = 5) -> list[dict[str, Any]]:
         try:
             pixels = val_image(path.read_bytes(), int(tf["resize"]), int(tf["crop"]))
         except Exception as exc:  # noqa: BLE001 - any decoder error is the user's file, say which
-            raise SystemExit(f"error: cannot read image {path}: {exc}") from None
+            out.append({"image": str(path), "error": f"cannot read image {path}: {exc}"})
+            continue
         # A batch of 2 (the image twice): the registered pt2 program was exported with a dynamic batch >= 2.
         x = torch.from_numpy(np.stack([pixels, pixels]).astype(np.float32))
         probs = run_model(x)[0]
@@ -119,13 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     pr = sub.add_parser("predict", help="top-k classes for an image or a folder of images")
     pr.add_argument("--model", required=True, help="models/ARCH or models:/NAME@ALIAS")
     pr.add_argument("--image", required=True, help="an image file or a folder")
-    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--topk", type=positive_int, default=5, help="classes listed per image (default 5)")
+    pr.add_argument("--allow-pickle", action="store_true",
+                    help="load a registry model that needs pickle or bundled code (runs code from the registry: "
+                         "only for registries you trust)")
     tr = sub.add_parser("train", help="prepare (if needed) and train one arch outside DVC")
-    tr.add_argument("--arch", required=True)
+    tr.add_argument("--arch", required=True, type=arch_name, help="a network of the model registry")
     tr.add_argument("--data", help="raw dataset folder (any supported layout)")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float)
+    tr.add_argument("--epochs", type=int, help="train.epochs (default: params)")
+    tr.add_argument("--batch-size", type=int, help="train.batch_size, the global batch (default: params)")
+    tr.add_argument("--lr", type=float, help="train.lr; also turns train.use_tuned off (default: params)")
     tr.add_argument("--pretrained", nargs="?", const="torchvision", metavar="WEIGHTS",
                     help="fine-tune from torchvision's ImageNet weights found in torch.hub's cache (never "
                          "downloaded), or from the .pth file given")
@@ -136,22 +146,37 @@ def main(argv: list[str] | None = None) -> None:
                     help="allow --out (or the shards) inside an output of dvc.yaml (models/ARCH, data/shards, ...): "
                          "replaces what `dvc repro` produced")
     ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on the val shards")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--params", default="params.yaml")
-    ev.add_argument("--ten-crop", action="store_true")
+    ev.add_argument("--model", required=True, help="a trained model directory, e.g. models/resnet18")
+    ev.add_argument("--params", default="params.yaml", help="parameter file (default params.yaml)")
+    ev.add_argument("--ten-crop", action="store_true", help="average the ten-crop predictions")
     an = sub.add_parser("analyze", help="residual/gradient flow, feature maps, skip contribution and summary "
                                         "of a trained model for one image (PNG, JSON, text)")
     an.add_argument("--model", required=True, help="a trained model directory, e.g. models/resnet18")
     an.add_argument("--image", required=True, help="one image file")
     an.add_argument("--out", default="reports/analysis", help="output folder (default reports/analysis)")
     an.add_argument("--layer", help="residual block of the residual-flow figure (default layer2.0 or the first)")
+    for sp in (pr, tr, ev, an):
+        add_debug(sp)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    with user_errors():
+        _run(args)
 
+
+def _run(args: argparse.Namespace) -> None:
     if args.cmd == "predict":
-        for rec in predict(args.model, args.image, args.topk):
+        failed = 0
+        for rec in predict(args.model, args.image, args.topk, allow_pickle=args.allow_pickle):
+            if "error" in rec:
+                failed += 1
+                print(f"error: {rec['error']}", file=sys.stderr, flush=True)
+                continue
             print(rec["image"])
             for p in rec["top"]:
                 print(f"  {p['class_id']:>5}  {p['wnid']:<12} {p['prob']:.4f}  {p['name']}")
+        if failed:
+            raise SystemExit(1)
         return
     if args.cmd == "analyze":
         from pipeline.analysis.model_report import AnalysisInputError, analyze_model_dir
@@ -182,11 +207,12 @@ def main(argv: list[str] | None = None) -> None:
             # No minival split: nothing is tuned on another dataset (tune/best.json is not applied to it).
             overrides += [f"data.raw_dir={args.data}", "data.source=auto",
                           f"data.shards_dir={dataset_shards_dir(base, args.data)}", "data.minival_per_class=0"]
-        if args.epochs:
+        # `is not None`: an explicit 0 must reach the schema and be refused there, not be dropped as falsy.
+        if args.epochs is not None:
             overrides.append(f"train.epochs={args.epochs}")
-        if args.batch_size:
+        if args.batch_size is not None:
             overrides.append(f"train.batch_size={args.batch_size}")
-        if args.lr:
+        if args.lr is not None:
             overrides += [f"train.lr={args.lr}", "train.use_tuned=false"]
         if args.pretrained:
             overrides.append(f"train.pretrained={args.pretrained}")

@@ -454,7 +454,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ParamsError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=0.05")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:  # e.g. train.lr=[0.1: one line naming the key, not PyYAML's traceback
+        why = getattr(exc, "problem", None) or type(exc).__name__
+        raise ParamsError(f"--set {key.strip()}: value {raw!r} is not valid YAML ({why}); quote it or fix "
+                          "the brackets") from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] | Sequence[str] = ()) -> Params:

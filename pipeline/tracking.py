@@ -459,12 +459,57 @@ def get_model_version(name: str, version: str) -> Any:
     return _client().get_model_version(name, version)
 
 
-def load_registered_model(uri: str) -> Any:
-    """Load a `models:/...` URI as a torch module (pt2 programs come back as a callable module)."""
+class ModelRefused(ValueError):
+    """A registry model that would run code on load (pickle, bundled code) and was not allowed to."""
+
+
+# MLflow reads this at load time; its default (true) unpickles whatever a registry holds.
+_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+
+def load_registered_model(uri: str, *, allow_pickle: bool = False) -> Any:
+    """Load a `models:/...` (or `runs:/...`) URI as a torch module (pt2 programs come back as a callable module).
+
+    A shared registry is input we did not write: unpickling one of its models runs any `__reduce__` payload it
+    holds, and bundled code (`code_paths`) is put on sys.path. So by default only a pickle-free model loads: the
+    `pytorch` flavour stored as a pt2 program (what `log_and_register_model` writes), with no bundled code, and
+    MLflow's own check that the pt2 archive holds no pickle record runs with pickle refused. Anything else raises
+    ModelRefused naming the URI. `allow_pickle=True` (`--allow-pickle`) loads it anyway: for trusted registries.
+    """
+    import mlflow.artifacts
     import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     _client()
-    return mlflow.pytorch.load_model(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    if not allow_pickle:
+        flavors = Model.load(str(local / "MLmodel")).flavors
+        conf = flavors.get("pytorch")
+        hint = "pass --allow-pickle (allow_pickle=True) only if you trust this registry"
+        if conf is None:
+            raise ModelRefused(f"{uri}: not a PyTorch model (flavours {sorted(flavors)}); {hint}")
+        if conf.get("code"):
+            raise ModelRefused(f"{uri}: bundles code ({conf['code']}) that loading would import; {hint}")
+        data = local / str(conf.get("model_data", "data"))
+        if not (data / "model.pt2").is_file() or (data / "model.pth").exists():
+            raise ModelRefused(f"{uri}: stored as a pickle (no pt2 program in {data.name}/), which runs code on "
+                               f"load; re-log it with serialization_format='pt2', or {hint}")
+    saved = os.environ.get(_PICKLE_ENV)
+    if not allow_pickle:
+        os.environ[_PICKLE_ENV] = "false"
+    try:
+        return mlflow.pytorch.load_model(str(local))
+    except MlflowException as exc:
+        if allow_pickle or "pickle" not in str(exc).lower():
+            raise
+        raise ModelRefused(f"{uri}: {str(exc).splitlines()[0]}") from None
+    finally:
+        if not allow_pickle:
+            if saved is None:
+                os.environ.pop(_PICKLE_ENV, None)
+            else:
+                os.environ[_PICKLE_ENV] = saved
 
 
 def experiment_runs(experiment: str, filter_string: str = "", *, groups: bool = False) -> list[Any]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.cli import stage_args
+from pipeline.cli import arch_name, run_main, stage_args
 
 
 def main() -> None:
     def add(ap):  # noqa: ANN001
-        ap.add_argument("--arch", required=True)
+        ap.add_argument("--arch", required=True, type=arch_name, help="a network of the model registry")
         ap.add_argument("--model", help="model directory (default models/ARCH)")
         ap.add_argument("--out", help="metrics JSON (default metrics/eval/ARCH.json)")
 
@@ -62,4 +62,4 @@ def _log_run(p, arch: str, result: dict, out: str) -> None:  # noqa: ANN001
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import fail, stage_args
+from pipeline.cli import fail, run_main, stage_args
 
 
 def _arguments(ap: argparse.ArgumentParser) -> None:
@@ -43,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

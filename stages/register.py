@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import stage_args
+from pipeline.cli import run_main, stage_args
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.cli import stage_args
+from pipeline.cli import run_main, stage_args
 
 
 def main() -> None:
@@ -18,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.cli import stage_args
+from pipeline.cli import arch_name, run_main, stage_args
 
 
 def main() -> None:
     def add(ap):  # noqa: ANN001
-        ap.add_argument("--arch", required=True)
+        ap.add_argument("--arch", required=True, type=arch_name, help="a network of the model registry")
         ap.add_argument("--out", help="model directory (default models/ARCH)")
         ap.add_argument("--metrics", help="final metrics JSON (default metrics/train/ARCH.json)")
         ap.add_argument("--curve", help="per-epoch CSV (default plots/train/ARCH.csv)")
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

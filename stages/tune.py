@@ -5,7 +5,7 @@ stub best.json (`"used": false`) and costs nothing."""
 
 from __future__ import annotations
 
-from pipeline.cli import stage_args
+from pipeline.cli import run_main, stage_args
 
 
 def main() -> None:
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
