@@ -111,8 +111,9 @@ class TrainParams(_Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (torchvision's modern recipe: 0.1)."
     )
-    lr_scheduler: Literal["cosine", "step"] = Field(
-        "step", description="After warmup: step decay (the paper: /10 every 30 epochs) or cosine down to lr_min."
+    lr_scheduler: Literal["cosine", "linear", "step"] = Field(
+        "step", description="After warmup: step decay (the paper: /10 every 30 epochs), cosine down to lr_min, or "
+        "linear down to lr_min at the last step (FFCV's ImageNet schedule, with lr_warmup_decay 1e-4)."
     )
     lr_step_size: int = Field(30, ge=1, description="Epochs between step decays (lr_scheduler: step).")
     lr_gamma: float = Field(0.1, gt=0, le=1, description="Factor of each step decay (lr_scheduler: step).")
