@@ -111,8 +111,9 @@ class TrainParams(_Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy (torchvision's modern recipe: 0.1)."
     )
-    lr_scheduler: Literal["cosine", "step"] = Field(
-        "step", description="After warmup: step decay (the paper: /10 every 30 epochs) or cosine down to lr_min."
+    lr_scheduler: Literal["cosine", "linear", "step"] = Field(
+        "step", description="After warmup: step decay (the paper: /10 every 30 epochs), cosine down to lr_min, or "
+        "linear down to lr_min at the last step (FFCV's ImageNet schedule, with lr_warmup_decay 1e-4)."
     )
     lr_step_size: int = Field(30, ge=1, description="Epochs between step decays (lr_scheduler: step).")
     lr_gamma: float = Field(0.1, gt=0, le=1, description="Factor of each step decay (lr_scheduler: step).")
@@ -147,6 +148,11 @@ class TrainParams(_Section):
     random_erase: float = Field(
         0.0, ge=0, le=1, description="Probability of erasing one random rectangle (2-33% of the area) of a train "
         "crop to the mean pixel (Zhong et al. 2017; torchvision's modern recipe: 0.1); 0 = off."
+    )
+    pca_lighting: float = Field(
+        0.0, ge=0, le=1, description="Std of AlexNet's PCA colour augmentation (Krizhevsky et al. 2012; the paper's "
+        "sec. 3.4 uses it: 0.1): each train crop shifted along ImageNet's RGB principal components, after the "
+        "auto_augment policy; 0 = off."
     )
     ra_sampler: bool = Field(
         False, description="Repeated augmentation (Hoffer et al. 2020, DeiT's RASampler): every image is decoded "
@@ -258,6 +264,7 @@ class TrainParams(_Section):
         # The decode-on-worker path has no post-crop augmentations yet: refuse them rather than drop them.
         if self.decode == "worker":
             on = [key for key, value in (("auto_augment", self.auto_augment), ("random_erase", self.random_erase),
+                                         ("pca_lighting", self.pca_lighting),
                                          ("ra_sampler", self.ra_sampler),
                                          ("prog_resize_min_size", self.prog_resize_min_size),
                                          ("deterministic", self.deterministic)) if value not in (None, False, 0, 0.0)]

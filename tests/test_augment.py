@@ -173,3 +173,28 @@ def test_ray_passes_ramp_resolution_and_repeat_images(ray_2cpus, synthetic_shard
     # Which shards make the cut is whichever decode tasks Ray runs first: the file order is reshuffled every pass
     # (tests/test_ingest.py checks that), but the scheduler, not the order, picks the first 2 of 4 queued tasks,
     # so "another subset each epoch" is not asserted (3 equal subsets in a row happened in CI).
+
+
+def test_pca_lighting_shifts_each_image_along_imagenets_colour_components(rows) -> None:
+    plain = decode(rows).astype(int)
+    lit = decode(rows, pca_lighting=0.1).astype(int)
+    assert np.array_equal(decode(rows, pca_lighting=0.1), lit)  # seeded per (seed, epoch, key)
+    shifted = 0
+    for a, b in zip(plain, lit, strict=True):
+        inside = ((a > 8) & (a < 247)).all(axis=0)  # pixels no channel of which can clip
+        diff = (b - a)[:, inside]  # (3, pixels)
+        # One RGB offset for the whole image (AlexNet adds the same vector to every pixel), up to rounding.
+        assert (diff.max(axis=1) - diff.min(axis=1) <= 1).all(), diff
+        shifted += bool(np.abs(diff).max() >= 1)
+    assert shifted >= 12  # std 0.1 moves most images by >= 1 level (the first component: ~0.1 x 0.22 x 0.58 x 255)
+
+
+def test_lighting_shift_is_the_eigenvector_sum() -> None:
+    from pipeline.data.augment import PCA_EIGVAL, PCA_EIGVEC, lighting_shift
+
+    alpha = np.random.default_rng(3).normal(0.0, 0.1, size=3)
+    expected = [255 * sum(PCA_EIGVEC[c][i] * alpha[i] * PCA_EIGVAL[i] for i in range(3)) for c in range(3)]
+    assert lighting_shift(np.random.default_rng(3), 0.1) == pytest.approx(expected)
+    # The components are orthonormal: the PCA of a colour covariance, as AlexNet computes it.
+    vec = np.asarray(PCA_EIGVEC)
+    assert vec.T @ vec == pytest.approx(np.eye(3), abs=2e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from pipeline.training.schedule import lr_at, scale_lr
@@ -38,3 +39,22 @@ def test_cosine_min_lr_and_bad_input() -> None:
 def test_linear_scaling_rule() -> None:
     assert scale_lr(0.1, 256, 1024) == pytest.approx(0.4)
     assert scale_lr(0.1, 256, 64) == pytest.approx(0.025)
+
+
+def _ffcv_cyclic_lr(epoch: float, lr: float, epochs: int, lr_peak_epoch: int) -> float:
+    """FFCV's rn50 schedule as its train_imagenet.py states it: get_cyclic_lr(epoch) = np.interp(epoch,
+    [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0]), and within an epoch np.interp(step, [0, iters],
+    [get_lr(epoch), get_lr(epoch + 1)]), i.e. the same interpolation at the fractional epoch."""
+    return float(np.interp([epoch], [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0])[0])
+
+
+def test_linear_is_ffcvs_cyclic_schedule_at_every_step() -> None:
+    # rn50_configs/rn50_16_epochs.yaml: lr 1.7, 16 epochs, lr_peak_epoch 2 (train_imagenet.py's default).
+    spe, epochs = 7, 16
+    kw = dict(base_lr=1.7, steps_per_epoch=spe, epochs=epochs, warmup_epochs=2, warmup_decay=1e-4,
+              scheduler="linear", min_lr=0.0)
+    for step in range(epochs * spe):
+        assert lr_at(step, **kw) == pytest.approx(_ffcv_cyclic_lr(step / spe, 1.7, epochs, 2), abs=1e-12), step
+    assert lr_at(2 * spe, **kw) == pytest.approx(1.7)  # the peak at epoch 2
+    assert lr_at(epochs * spe, **kw) == pytest.approx(0.0, abs=1e-12)  # 0 at the end, and after it
+    assert lr_at(10 * epochs * spe, **kw) == pytest.approx(0.0, abs=1e-12)

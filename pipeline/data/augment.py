@@ -1,5 +1,5 @@
-"""The recipe's augmentations after the crop: automatic augmentation policies, random erasing, repeated
-augmentation's copy seeds and progressive resizing's per-epoch crop sizes.
+"""The recipe's augmentations after the crop: automatic augmentation policies, PCA colour noise, random erasing,
+repeated augmentation's copy seeds and progressive resizing's per-epoch crop sizes.
 
 Every image function takes and returns a uint8 torch tensor (C, H, W) on any device (the decode tasks call them on
 CPU, a GPU-side pipeline could call them on the GPU) and draws its randomness from the numpy Generator it is
@@ -35,6 +35,13 @@ ERASE_SCALE = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)
 # The fill: ImageNet's mean pixel, 0 after normalisation (torchvision erases normalised tensors with value 0).
 ERASE_FILL = tuple(int(round(m * 255)) for m in MEAN)
+# The principal components of ImageNet's RGB pixels (on a 0-1 scale) that AlexNet's colour augmentation uses
+# (Krizhevsky et al. 2012, sec. 4.1; the paper's sec. 3.4 "standard color augmentation in [21]"): the values
+# fb.resnet.torch's `Lighting` transform ships (datasets/imagenet.lua). Columns of PCA_EIGVEC are the components.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
 
 
 @dataclass(frozen=True)
@@ -44,26 +51,32 @@ class Augment:
     policy: str | None = None  # None | "ta_wide" | "ra"
     ra_magnitude: int = 9
     random_erase: float = 0.0
+    pca_lighting: float = 0.0  # std of AlexNet's PCA colour noise; 0 = off
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in POLICIES:
             raise ValueError(f"train.auto_augment: unknown policy {self.policy!r}; choose from {list(POLICIES)}")
         if not 0.0 <= self.random_erase <= 1.0:
             raise ValueError(f"train.random_erase must be in [0, 1], got {self.random_erase}")
+        if self.pca_lighting < 0:
+            raise ValueError(f"train.pca_lighting must be >= 0, got {self.pca_lighting}")
 
     @property
     def active(self) -> bool:
-        return self.policy is not None or self.random_erase > 0
+        return self.policy is not None or self.random_erase > 0 or self.pca_lighting > 0
 
     @classmethod
     def from_train(cls, tp: Any) -> Augment:
         """From the train section of params (pipeline.config.TrainParams)."""
-        return cls(policy=tp.auto_augment, ra_magnitude=tp.ra_magnitude, random_erase=tp.random_erase)
+        return cls(policy=tp.auto_augment, ra_magnitude=tp.ra_magnitude, random_erase=tp.random_erase,
+                   pca_lighting=tp.pca_lighting)
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """uint8 (C, H, W) -> uint8 (C, H, W): the policy, then erasing."""
+        """uint8 (C, H, W) -> uint8 (C, H, W): the policy, the PCA colour noise, then erasing."""
         if self.policy is not None:
             image = auto_augment(image, self.policy, rng, self.ra_magnitude)
+        if self.pca_lighting > 0:
+            image = pca_lighting(image, rng, self.pca_lighting)
         if self.random_erase > 0:
             image = random_erase(image, rng, self.random_erase)
         return image
@@ -158,6 +171,24 @@ def random_erase(image: torch.Tensor, rng: np.random.Generator, p: float) -> tor
     fill = torch.tensor(ERASE_FILL[: image.shape[0]], dtype=image.dtype, device=image.device).view(-1, 1, 1)
     out[:, top : top + h, left : left + w] = fill
     return out
+
+
+def lighting_shift(rng: np.random.Generator, std: float) -> np.ndarray:
+    """AlexNet's colour augmentation for one image: the RGB offset (0-255 scale) added to every pixel,
+    sum_i PCA_EIGVEC[:, i] * alpha_i * PCA_EIGVAL[i] with alpha_i ~ N(0, std) (AlexNet: std 0.1)."""
+    alpha = rng.normal(0.0, std, size=3)
+    return np.asarray(PCA_EIGVEC) @ (alpha * np.asarray(PCA_EIGVAL)) * 255.0
+
+
+def pca_lighting(image: torch.Tensor, rng: np.random.Generator, std: float) -> torch.Tensor:
+    """One uint8 RGB (3, H, W) image shifted along ImageNet's colour principal components (a new tensor), rounded
+    and clipped to [0, 255]. Added before normalisation, as fb.resnet.torch adds it to 0-1 pixels."""
+    import torch
+
+    if std <= 0:
+        return image
+    shift = torch.tensor(lighting_shift(rng, std), dtype=torch.float32, device=image.device).view(3, 1, 1)
+    return (image.to(torch.float32) + shift).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def row_seed(seed: int, epoch: int, key: str, copy: int = 0) -> list[int]:

@@ -23,7 +23,10 @@ def lr_at(
     1. Linear warmup from base_lr * warmup_decay to base_lr over `warmup_epochs` epochs (Goyal et al. 2017,
        torchvision's `lr_warmup_method=linear`), stepped per iteration rather than per epoch.
     2. Then `step`: base_lr * gamma ** (epoch // step_size) -- the paper's x0.1 at epochs 30 and 60;
-       or `cosine`: from base_lr down to min_lr over the remaining steps (Loshchilov & Hutter 2017).
+       or `cosine`: from base_lr down to min_lr over the remaining steps (Loshchilov & Hutter 2017);
+       or `linear`: straight down from base_lr to min_lr at the last step. With warmup_decay 1e-4 and
+       min_lr 0 this is FFCV's "cyclic" ImageNet schedule (`get_cyclic_lr`: np.interp of the fractional epoch
+       over [0, lr_peak_epoch, epochs] -> [1e-4 * lr, lr, 0], interpolated per iteration).
     """
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError("steps_per_epoch and epochs must be >= 1")
@@ -38,7 +41,11 @@ def lr_at(
         total = epochs * steps_per_epoch - warmup_steps
         t = min(step - warmup_steps, total) / max(total, 1)
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"unknown lr scheduler {scheduler!r}; use 'cosine' or 'step'")
+    if scheduler == "linear":
+        total = epochs * steps_per_epoch - warmup_steps
+        t = min(step - warmup_steps, total) / max(total, 1)
+        return base_lr + (min_lr - base_lr) * t
+    raise ValueError(f"unknown lr scheduler {scheduler!r}; use 'cosine', 'linear' or 'step'")
 
 
 def scale_lr(lr: float, from_batch: int, to_batch: int) -> float:
