@@ -1336,6 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ctx.finished = True
             timer.cancel()
+            ctx.write()  # also when a section ends with a BaseException (KeyboardInterrupt, SystemExit)
         ctx.current = "end"
         leaked = forbidden_loaded()
         if leaked:
