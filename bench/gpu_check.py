@@ -277,10 +277,16 @@ class Ctx:
 
     def write(self) -> None:
         """Rewrite the report with this run's records only (an acceptance run must not inherit old ones)."""
-        with self.lock:
-            from pipeline.runtime import write_json
+        # Plain stdlib, not `pipeline.runtime.write_json` (pyarrow's filesystem layer): the report must be
+        # written even when a missing or broken pyarrow is the failure it records.
+        import json
 
-            write_json(self.args.out, self.records)
+        with self.lock:
+            out = Path(self.args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(self.records, indent=2, default=str) + "\n")
+            os.replace(tmp, out)
 
     @contextlib.contextmanager
     def item(self, name: str) -> Iterator[None]:
@@ -1330,6 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ctx.finished = True
             timer.cancel()
+            ctx.write()  # also when a section ends with a BaseException (KeyboardInterrupt, SystemExit)
         ctx.current = "end"
         leaked = forbidden_loaded()
         if leaked:

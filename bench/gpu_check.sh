@@ -8,9 +8,9 @@ if [[ -z "${GPU_PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then GPU_PYTHON=.venv/bin/python; else GPU_PYTHON=python3; fi
 fi
 GPU_SITE=${GPU_SITE:-/tmp/resnet-gpu-site}
-# What bench.gpu_check imports beyond torch/torchvision/numpy/Pillow/pyarrow/PyYAML (pipeline.config: pydantic;
+# What bench.gpu_check imports beyond torch/torchvision/numpy/Pillow (pyarrow: shards; pipeline.config: pydantic;
 # pipeline.data.prepare: tqdm).
-NEEDED="import pydantic, yaml, tqdm; assert int(pydantic.VERSION.split('.')[0]) >= 2, 'pydantic ' + pydantic.VERSION + ' < 2'"
+NEEDED="import pydantic, yaml, tqdm, pyarrow, pyarrow.parquet; assert int(pydantic.VERSION.split('.')[0]) >= 2, 'pydantic ' + pydantic.VERSION + ' < 2'"
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if ! "$GPU_PYTHON" -c "$NEEDED" 2>/dev/null && ((${#wheels[@]})); then
@@ -28,7 +28,7 @@ if [[ -d "$GPU_SITE" ]]; then
 fi
 if ! missing=$("$GPU_PYTHON" -c "$NEEDED" 2>&1); then
   echo "[gpu-check] $GPU_PYTHON: ${missing##*$'\n'}" >&2
-  echo "[gpu-check] it needs pydantic, yaml and tqdm: run bench/fetch_gpu_wheels.sh on a machine with a package" \
+  echo "[gpu-check] it needs pydantic, yaml, tqdm and pyarrow: run bench/fetch_gpu_wheels.sh on a machine with a package" \
        "registry and carry .whl/ along (docs/gpu-check.md)" >&2
   exit 2
 fi

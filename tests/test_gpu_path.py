@@ -212,3 +212,24 @@ def test_mix_batch_draws_on_the_host_and_keeps_soft_targets_normalised() -> None
     b, tb = mix_batch(x, y, 3, 0.2, 1.0, np.random.default_rng(5))
     assert torch.equal(a, b) and torch.equal(ta, tb)  # the generator's state decides everything
     assert torch.allclose(ta.sum(1), torch.ones(6))
+
+
+def test_in_memory_val_shard_batches_have_the_rows_asked_for() -> None:
+    """The decode yields DECODE_BATCH-row slices; a batch must still hold `batch_size` rows (the gpu-check
+    eval record names its batch), not one slice."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.training.local import InMemoryValShard
+
+    def slices_of_3(part):
+        for s in range(0, len(part["label"]), 3):
+            n = len(part["label"][s : s + 3])
+            yield {"image": np.zeros((n, 3, 2, 2), np.uint8), "label": part["label"][s : s + 3]}
+
+    shard = InMemoryValShard.__new__(InMemoryValShard)
+    shard._decode = slices_of_3
+    shard._tables = [pa.table({"image": [b"x"] * 10, "label": list(range(10)), "key": [str(i) for i in range(10)]})]
+    sizes = [len(b["label"]) for b in shard.iter_torch_batches(batch_size=8)]
+    assert sizes == [8, 2]
+    assert [int(v) for b in shard.iter_torch_batches(batch_size=8) for v in b["label"]] == list(range(10))

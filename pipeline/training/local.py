@@ -113,9 +113,11 @@ class InMemoryValShard:
             rows["label"] = table.column("label").to_numpy()
             for start in range(0, table.num_rows, batch_size):
                 part = {k: v[start : start + batch_size] for k, v in rows.items()}
-                for decoded in self._decode(part):  # slices of ingest.DECODE_BATCH rows
-                    yield {"image": torch.from_numpy(decoded["image"]).to(device),
-                           "label": torch.from_numpy(decoded["label"]).to(device)}
+                # `_decode` yields slices of ingest.DECODE_BATCH rows; joined again so that a batch has the
+                # `batch_size` rows the caller asked for (and a record naming that batch measures it).
+                slices = list(self._decode(part))
+                yield {k: torch.from_numpy(np.concatenate([d[k] for d in slices])).to(device)
+                       for k in ("image", "label")}
 
 
 class InProcessSession:
