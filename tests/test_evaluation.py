@@ -74,7 +74,8 @@ def test_delta_never_across_protocols() -> None:
     assert one["ref_key"] == "torchvision V1 (1-crop)" and one["diff_top1_vs_ref"] == pytest.approx(25.0 - 23.87)
     for row in (ten, one):
         kind = row["protocol"].split()[0]
-        ref = next(r for r in REFERENCES if f"{r['source']} ({r['kind']})" == row["ref_key"] and r["arch"] == "resnet50")
+        ref = next(r for r in REFERENCES
+                   if f"{r['source']} ({r['kind']})" == row["ref_key"] and r["arch"] == "resnet50")
         assert ref["kind"] == kind
     # The primitive itself refuses a cross-protocol difference.
     paper10 = next(r for r in REFERENCES if r["arch"] == "resnet50" and r["kind"] == "10-crop")
