@@ -86,13 +86,11 @@ REFERENCES: list[dict[str, Any]] = _rows()
 PRIMARY = {ONE_CROP: ("torchvision V1", "fb.resnet.torch"), TEN_CROP: ("paper",)}
 
 
-def protocol_kind(protocol: str) -> str:
-    """Our evaluation's protocol string ("10-crop resize 256 crop 224") -> its kind ("10-crop")."""
+def protocol_kind(protocol: str | None) -> str | None:
+    """Our evaluation's protocol string ("10-crop resize 256 crop 224") -> its kind ("10-crop"); None when it
+    names no known protocol (then nothing is compared with it)."""
     kind = protocol.split()[0] if protocol else ""
-    if kind not in (ONE_CROP, TEN_CROP, MULTI_SCALE):
-        raise ValueError(f"unknown evaluation protocol {protocol!r}: expected it to start with "
-                         f"{ONE_CROP!r}, {TEN_CROP!r} or {MULTI_SCALE!r}")
-    return kind
+    return kind if kind in (ONE_CROP, TEN_CROP, MULTI_SCALE) else None
 
 
 def references_for(arch: str, kind: str | None = None) -> list[dict[str, Any]]:
@@ -113,7 +111,7 @@ def matched_reference(arch: str, protocol: str) -> dict[str, Any] | None:
 
 def delta(ours_err: float, ours_protocol: str, ref: dict[str, Any] | None, key: str = "top1_err") -> float | None:
     """Our error minus the reference's, or None unless both are of the same protocol kind."""
-    if ref is None or ref.get(key) is None or ref["kind"] != protocol_kind(ours_protocol):
+    if ref is None or ref.get(key) is None or ref["kind"] != protocol_kind(ours_protocol):  # also: unknown
         return None
     return round(ours_err - ref[key], 2)
 

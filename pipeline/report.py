@@ -29,7 +29,8 @@ def reference_weights_note(rows: list[dict[str, Any]], references: dict[str, dic
     absent = [r["arch"] for r in rows if r["arch"] not in references]
     parts = []
     if evaluated:
-        parts.append("torchvision's pretrained weights evaluated here with our evaluation code and precision and each weight's own transform: "
+        parts.append("torchvision's pretrained weights evaluated here with our evaluation code and precision "
+                     "and each weight's own transform: "
                      + ", ".join(evaluated) + ".")
     if skipped:
         parts.append("Found but not evaluated: " + "; ".join(skipped) + ".")
