@@ -62,12 +62,10 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> dict:
     t0 = time.perf_counter()
     first = run(["dvc", "repro"], repo, env, 1200)
     first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     second = run(["dvc", "repro"], repo, env, 120)
-    second_s = time.perf_counter() - t0
     status = run(["dvc", "status"], repo, env, 120)
     return {"repo": repo, "env": env, "first": first, "first_s": first_s, "second": second,
-            "second_s": second_s, "status": status}
+            "status": status}
 
 
 @pytest.mark.e2e
@@ -100,8 +98,8 @@ def test_repro_builds_every_output(repro: dict) -> None:
 
 @pytest.mark.e2e
 def test_second_repro_is_a_noop_and_status_clean(repro: dict) -> None:
+    # What a no-op means is that no stage ran (timings belong to `make bench`, not to an assertion).
     assert "Running stage" not in repro["second"].stdout
-    assert repro["second_s"] < 30
     assert "up to date" in repro["status"].stdout.lower() or repro["status"].stdout.strip() == ""
 
 
