@@ -79,7 +79,6 @@ def test_repro_builds_every_output(repro: dict) -> None:
     assert best["selected_on"] == "minival" and sorted(best["archs"]) == sorted(ARCHS)
     for entry in best["archs"].values():
         assert TINY["tune.num_samples"] == entry["trials"]
-        assert 0.05 <= entry["lr"] <= 0.2
     table = (repo / "reports/error_table.md").read_text()
     assert "SYNTHETIC" in table
     for arch in ARCHS:  # each row's lr: its own search, chosen on minival; trained on the full train set
@@ -87,6 +86,8 @@ def test_repro_builds_every_output(repro: dict) -> None:
         assert f"- {arch}: lr " in table and "selected on the **minival** split" in table
         train = json.loads((repo / f"metrics/train/{arch}.json").read_text())
         assert train["lr_source"]["tuned_arch"] == arch and train["n_train_images"] == 4 * 24
+        # The row trained with the lr its own search chose (an lr inside the search bounds proves nothing).
+        assert train["lr_source"]["tuned_lr"] == best["archs"][arch]["lr"]
     for arch in ARCHS:
         ev = json.loads((repo / f"metrics/eval/{arch}.json").read_text())
         assert ev["n_images"] == 4 * 6  # every val image exactly once
