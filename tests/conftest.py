@@ -468,3 +468,17 @@ def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: py
         )
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` is process-global: a test that sets it would point every later test in the session
+    at its (by then deleted) store. Restored after each test; mlflow is only touched when a test imported it."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    before = mlflow.get_tracking_uri() if mlflow is not None and hasattr(mlflow, "get_tracking_uri") else None
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and hasattr(mlflow, "set_tracking_uri"):
+        mlflow.set_tracking_uri(before)

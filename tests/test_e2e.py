@@ -62,12 +62,10 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> dict:
     t0 = time.perf_counter()
     first = run(["dvc", "repro"], repo, env, 1200)
     first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     second = run(["dvc", "repro"], repo, env, 120)
-    second_s = time.perf_counter() - t0
     status = run(["dvc", "status"], repo, env, 120)
     return {"repo": repo, "env": env, "first": first, "first_s": first_s, "second": second,
-            "second_s": second_s, "status": status}
+            "status": status}
 
 
 @pytest.mark.e2e
@@ -81,7 +79,6 @@ def test_repro_builds_every_output(repro: dict) -> None:
     assert best["selected_on"] == "minival" and sorted(best["archs"]) == sorted(ARCHS)
     for entry in best["archs"].values():
         assert TINY["tune.num_samples"] == entry["trials"]
-        assert 0.05 <= entry["lr"] <= 0.2
     table = (repo / "reports/error_table.md").read_text()
     assert "SYNTHETIC" in table
     for arch in ARCHS:  # each row's lr: its own search, chosen on minival; trained on the full train set
@@ -89,6 +86,8 @@ def test_repro_builds_every_output(repro: dict) -> None:
         assert f"- {arch}: lr " in table and "selected on the **minival** split" in table
         train = json.loads((repo / f"metrics/train/{arch}.json").read_text())
         assert train["lr_source"]["tuned_arch"] == arch and train["n_train_images"] == 4 * 24
+        # The row trained with the lr its own search chose (an lr inside the search bounds proves nothing).
+        assert train["lr_source"]["tuned_lr"] == best["archs"][arch]["lr"]
     for arch in ARCHS:
         ev = json.loads((repo / f"metrics/eval/{arch}.json").read_text())
         assert ev["n_images"] == 4 * 6  # every val image exactly once
@@ -100,8 +99,8 @@ def test_repro_builds_every_output(repro: dict) -> None:
 
 @pytest.mark.e2e
 def test_second_repro_is_a_noop_and_status_clean(repro: dict) -> None:
+    # What a no-op means is that no stage ran (timings belong to `make bench`, not to an assertion).
     assert "Running stage" not in repro["second"].stdout
-    assert repro["second_s"] < 30
     assert "up to date" in repro["status"].stdout.lower() or repro["status"].stdout.strip() == ""
 
 
