@@ -8,7 +8,7 @@ tune.lr_per_256_low/high):
   SGD momentum 0.9, wd 1e-4) on train + minival, scored on the held-out test split (the "val" set); the mean
   score over SEEDS (top-1 error, ties by training loss: loop.rank_score) is the ranking a search should find;
 - trials, one per rule of RULES (epochs, share of train): the same recipe compressed onto the trial's epochs by
-  tune's own pipeline.tuning.trial_recipe, no EMA, scored on minival as the loop scores trials; "preset" is the
+  tune's own pipeline.training.tuned.trial_recipe, no EMA, scored on minival as the loop scores trials; "preset" is the
   ImageNet presets' rule (16 of 90 epochs on a quarter of train);
 - truncated (the rule before): the preset budget as the first epochs of the full schedule.
 
@@ -147,7 +147,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
     import torch
 
     from pipeline.config import TrainParams
-    from pipeline.tuning import trial_recipe
+    from pipeline.training.tuned import trial_recipe
 
     torch.set_num_threads(1)  # a shared 2-core machine: one core
     lrs = LRS[::3] if quick else LRS  # the quick run: 4 lrs, one seed

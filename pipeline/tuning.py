@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.archs import network_kind
-from pipeline.config import Params, TrainParams, with_absolute_paths
-from pipeline.training.tuned import BEST_VERSION, lr_for_batch, share_of_epochs
+from pipeline.config import Params, with_absolute_paths
+from pipeline.training.tuned import BEST_VERSION, lr_for_batch, trial_recipe
 
 # A trial's driver function only waits on its TorchTrainer: it needs no real CPU, and asking Tune's default
 # 1 CPU for it is what makes Tune + Train look hung on a 2-core machine (seen).
@@ -50,25 +50,6 @@ def trial_batch(p: Params) -> tuple[int, int]:
     and gradient noise per worker are the real run's."""
     per_worker = max(p.train.batch_size // max(p.train.num_workers, 1), 1)
     return per_worker * max(p.tune.workers_per_trial, 1), per_worker
-
-
-def trial_recipe(train: TrainParams, arch: str, tune_epochs: int) -> tuple[dict[str, Any], int]:
-    """(train.* overrides of a trial of `arch`, its warmup when warmup is not searched): the final run's schedule
-    compressed from train.epochs_for(arch) onto `tune_epochs`. Cosine already decays over the trial's epochs; the
-    step schedule's lr_step_size and the warmup keep their share of the run (the step at least 1 epoch). EMA off,
-    so a trial is scored on its own weights; validation every epoch, so every ASHA rung has a score."""
-    final = train.epochs_for(arch)
-    step = train.lr_step_size
-    # Only the step schedule's drops are in epochs (cosine needs nothing, so train.epochs leaves its trials alone):
-    # the same share of the run, widened until the trial has no more drops than the run (90 epochs, x0.1 every
-    # 30: two drops; onto 16 epochs: every 6, not every 5, which would add a third at epoch 15).
-    if train.lr_scheduler == "step":
-        drops = (final - 1) // step
-        step = max(1, math.floor(step * tune_epochs / final + 0.5))
-        while (tune_epochs - 1) // step > drops:
-            step += 1
-    warmup = share_of_epochs(train.lr_warmup_epochs, final, tune_epochs)
-    return {"lr_step_size": step, "model_ema_decay": 0.0, "val_every_epochs": 1}, warmup
 
 
 def stub_best(p: Params) -> dict[str, Any]:
