@@ -2,20 +2,19 @@
 
 On a small real dataset that ships with scikit-learn (the 1,797 8x8 handwritten digits of `load_digits`,
 upscaled to 16x16), a small residual CNN with batch norm is trained at LRS (lr per 256 images, the units of
-tune.lr_per_256_low/high; they span the ImageNet presets' search range 0.025-0.4 and two steps past it):
+tune.lr_per_256_low/high):
 
 - full: the paper preset's recipe shape (step x0.1 at 1/3 and 2/3 of FULL_EPOCHS, warmup 5/90 of the run,
   SGD momentum 0.9, wd 1e-4) on train + minival, scored on the held-out test split (the "val" set); the mean
-  over SEEDS is the ranking a search should find;
-- trial (tune's rule, pipeline.tuning.trial_recipe): the same recipe compressed onto TRIAL_EPOCHS on
-  TRIAL_FRACTION of train, no EMA, scored on minival with the loop's tie-break (loop.rank_score): 6 of 36 epochs
-  on a quarter of the data, 4.2% of the full run's images (the ImageNet presets: 16 of 90 on a quarter, 4.4%);
-- truncated (the rule before): the same budget as the first TRIAL_EPOCHS of the full schedule (its drops
-  at epochs 1/3 and 2/3 of the full run are never reached).
+  score over SEEDS (top-1 error, ties by training loss: loop.rank_score) is the ranking a search should find;
+- trials, one per rule of RULES (epochs, share of train): the same recipe compressed onto the trial's epochs by
+  tune's own pipeline.training.tuned.trial_recipe, no EMA, scored on minival as the loop scores trials; "preset" is the
+  ImageNet presets' rule (16 of 90 epochs on a quarter of train);
+- truncated (the rule before): the preset budget as the first epochs of the full schedule.
 
-Spearman's rho between each single-seed trial ranking and the full ranking, per seed; the record's value is the
-median over seeds of the compressed rule's rho (baseline: 1, perfect agreement). Writes
-reports/rank_agreement.json and reports/rank_agreement.png.
+Spearman's rho between each single-seed trial ranking (one trial per lr, as tune runs) and the full ranking,
+per seed; the record's value is the median over seeds for the "preset" rule (baseline: 1, perfect agreement).
+Writes reports/rank_agreement.json and reports/rank_agreement.png.
 
     python -m bench --only rank_agreement [--quick]     # or: python -m bench.rank_agreement
 """
@@ -32,12 +31,15 @@ from typing import Any
 
 from bench.common import load1, record
 
-LRS = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # per 256 images
+# lr per 256 images, x2 apart: the ImageNet presets' search range (0.025 ... 0.4) and on past this small net's
+# optimum (~2-6 per 256 at batch 32) to where it fails (25.6), so the full ranking has an interior optimum.
+LRS = tuple(0.025 * 2 ** k for k in range(11))
 SEEDS = (0, 1, 2)
-BATCH = 64
-FULL_EPOCHS = 36
-TRIAL_EPOCHS = 6  # 1/6 of the full run's epochs (the ImageNet presets: 16/90)
-TRIAL_FRACTION = 0.25
+BATCH = 32
+FULL_EPOCHS = 15
+# Trial budgets: (epochs, share of train). "preset" is the ImageNet presets' rule (16 of 90 epochs on a quarter
+# of train: 3 of 15 here, ~5% of the full run's images); the others spend more to see what buys agreement.
+RULES = {"preset": (3, 0.25), "more_epochs": (5, 0.5), "all_data": (3, 1.0)}
 WARMUP_SHARE = 5 / 90
 OUT = Path("reports")
 
@@ -145,59 +147,57 @@ def measure(quick: bool = False) -> dict[str, Any]:
     import torch
 
     from pipeline.config import TrainParams
-    from pipeline.tuning import trial_recipe
+    from pipeline.training.tuned import trial_recipe
 
     torch.set_num_threads(1)  # a shared 2-core machine: one core
-    lrs = LRS[::2] if quick else LRS  # the quick run: 4 lrs
+    lrs = LRS[::3] if quick else LRS  # the quick run: 4 lrs, one seed
     seeds = SEEDS[:1] if quick else SEEDS
-    full_epochs = 15 if quick else FULL_EPOCHS
     data = digits_splits()
-    full_step = full_epochs // 3
-    full_warmup = max(1, round(WARMUP_SHARE * full_epochs))
-    # The trial's recipe by tune's own rule: the full run's step schedule and warmup compressed onto its epochs.
-    train = TrainParams(epochs=full_epochs, lr_scheduler="step", lr_step_size=full_step, lr_warmup_epochs=full_warmup,
-                        epochs_by_arch={})
-    recipe, trial_warmup = trial_recipe(train, "resnet18", TRIAL_EPOCHS)
+    full_step = FULL_EPOCHS // 3
+    full_warmup = max(1, round(WARMUP_SHARE * FULL_EPOCHS))
+    train = TrainParams(epochs=FULL_EPOCHS, lr_scheduler="step", lr_step_size=full_step,
+                        lr_warmup_epochs=full_warmup, epochs_by_arch={})
     t0 = time.perf_counter()
-    full = {lr: [train_once(data, lr, epochs=full_epochs, schedule_epochs=full_epochs, step_size=full_step,
+    full = {lr: [train_once(data, lr, epochs=FULL_EPOCHS, schedule_epochs=FULL_EPOCHS, step_size=full_step,
                             warmup=full_warmup, fraction=1.0, fit_on=("train", "minival"), score_on="test", seed=s)
                  for s in seeds] for lr in lrs}
     t_full = time.perf_counter() - t0
-    trials: dict[str, dict[float, list[dict[str, float]]]] = {"compressed": {}, "truncated": {}}
-    for lr in lrs:
-        trials["compressed"][lr] = [train_once(
-            data, lr, epochs=TRIAL_EPOCHS, schedule_epochs=TRIAL_EPOCHS, step_size=recipe["lr_step_size"],
-            warmup=trial_warmup, fraction=TRIAL_FRACTION, fit_on=("train",), score_on="minival", seed=s)
-            for s in seeds]
-        trials["truncated"][lr] = [train_once(
-            data, lr, epochs=TRIAL_EPOCHS, schedule_epochs=full_epochs, step_size=full_step, warmup=full_warmup,
-            fraction=TRIAL_FRACTION, fit_on=("train",), score_on="minival", seed=s) for s in seeds]
-    wall = time.perf_counter() - t0
-    full_mean = [statistics.mean(r["top1_err"] for r in full[lr]) for lr in lrs]
+    # The full runs' ranking: mean test score over seeds (error, ties by training loss, as the loop ranks).
+    full_mean = [statistics.mean(r["score"] for r in full[lr]) for lr in lrs]
     out: dict[str, Any] = {
         "dataset": "sklearn load_digits (1,797 8x8 images, 10 classes), upscaled to 16x16; stratified 20% test, "
                    "10% of the rest minival",
         "lrs_per_256": list(lrs), "batch": BATCH, "seeds": list(seeds),
-        "full": {"epochs": full_epochs, "step_size": full_step, "warmup": full_warmup, "fit_on": "train+minival",
-                 "scored_on": "test", "top1_err_mean": full_mean,
-                 "top1_err": [[r["top1_err"] for r in full[lr]] for lr in lrs],
+        "full": {"epochs": FULL_EPOCHS, "step_size": full_step, "warmup": full_warmup, "fit_on": "train+minival",
+                 "scored_on": "test", "score_mean": full_mean,
+                 "top1_err_mean": [statistics.mean(r["top1_err"] for r in full[lr]) for lr in lrs],
                  "ranking": _ranking(lrs, full_mean), "wall_s": round(t_full, 1)},
-        "wall_s": round(wall, 1),
+        "rules": {},
     }
-    for name, runs in trials.items():
+    # Each rule compressed by tune's own trial_recipe; "truncated" is the rule before: the preset budget as the
+    # first epochs of the full schedule.
+    plans = {name: (e, frac, *_compressed(trial_recipe(train, "resnet18", e)), e) for name, (e, frac) in RULES.items()}
+    e, frac = RULES["preset"]
+    plans["truncated"] = (e, frac, full_step, full_warmup, FULL_EPOCHS)
+    for name, (epochs, frac, step, warmup, schedule_epochs) in plans.items():
+        runs = {lr: [train_once(data, lr, epochs=epochs, schedule_epochs=schedule_epochs, step_size=step,
+                                warmup=warmup, fraction=frac, fit_on=("train",), score_on="minival", seed=s)
+                     for s in seeds] for lr in lrs}
         per_seed = [spearman([runs[lr][i]["score"] for lr in lrs], full_mean) for i in range(len(seeds))]
-        mean_score = [statistics.mean(r["score"] for r in runs[lr]) for lr in lrs]
-        out[name] = {
-            "epochs": TRIAL_EPOCHS, "fraction": TRIAL_FRACTION, "scored_on": "minival",
-            "step_size": recipe["lr_step_size"] if name == "compressed" else full_step,
-            "warmup": trial_warmup if name == "compressed" else full_warmup,
-            "schedule_epochs": TRIAL_EPOCHS if name == "compressed" else full_epochs,
+        out["rules"][name] = {
+            "epochs": epochs, "fraction": frac, "compute_share": round(epochs * frac / FULL_EPOCHS, 3),
+            "step_size": step, "warmup": warmup, "schedule_epochs": schedule_epochs, "scored_on": "minival",
             "top1_err": [[r["top1_err"] for r in runs[lr]] for lr in lrs],
             "rho_per_seed": per_seed, "rho_median": statistics.median(per_seed),
-            "rho_of_seed_mean": spearman(mean_score, full_mean),
+            "rho_of_seed_mean": spearman([statistics.mean(r["score"] for r in runs[lr]) for lr in lrs], full_mean),
             "ranking_seed0": _ranking(lrs, [runs[lr][0]["score"] for lr in lrs]),
         }
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _compressed(recipe: tuple[dict[str, Any], int]) -> tuple[int, int]:
+    return recipe[0]["lr_step_size"], recipe[1]
 
 
 def _ranking(lrs: tuple[float, ...], scores: list[float]) -> list[float]:
@@ -214,11 +214,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     lrs = result["lrs_per_256"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(lrs, result["full"]["top1_err_mean"], "o-", label=f"full ({result['full']['epochs']} ep, test)")
-    for name in ("compressed", "truncated"):
-        r = result[name]
+    for name, r in result["rules"].items():
         mean = [statistics.mean(v) for v in r["top1_err"]]
-        ax.plot(lrs, mean, "s--" if name == "compressed" else "x:",
-                label=f"trial, {name} (minival; median rho {r['rho_median']:.2f})")
+        ax.plot(lrs, mean, "x:" if name == "truncated" else "s--",
+                label=f"trial {name}: {r['epochs']} ep x {r['fraction']} (minival; rho {r['rho_median']:.2f})")
     ax.set_xscale("log")
     ax.set_xlabel("lr per 256 images")
     ax.set_ylabel("top-1 error (%)")
@@ -235,15 +234,16 @@ def run(tmpdir: Path, quick: bool = False) -> list[dict[str, Any]]:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "rank_agreement.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, OUT / "rank_agreement.png")
-    c, t = result["compressed"], result["truncated"]
+    rules = result["rules"]
+    c = rules["preset"]
     return [record(
         "rank_agreement_spearman", c["rho_median"], "Spearman rho", "perfect agreement", 1.0,
         len(result["seeds"]), [min(c["rho_per_seed"]), max(c["rho_per_seed"])], load_before=load_before,
-        truncated_rho_median=t["rho_median"], truncated_rho_per_seed=t["rho_per_seed"],
-        compressed_rho_per_seed=c["rho_per_seed"], lrs_per_256=result["lrs_per_256"],
-        full_ranking=result["full"]["ranking"], trial_ranking_seed0=c["ranking_seed0"],
-        wall_s=result["wall_s"], settings=f"digits 16x16, batch {BATCH}, full {result['full']['epochs']} ep vs "
-        f"trial {TRIAL_EPOCHS} ep x {TRIAL_FRACTION} of train (reports/rank_agreement.json)",
+        rho_median_by_rule={k: round(v["rho_median"], 3) for k, v in rules.items()},
+        lrs_per_256=result["lrs_per_256"], full_ranking=result["full"]["ranking"],
+        trial_ranking_seed0=c["ranking_seed0"], wall_s=result["wall_s"],
+        settings=f"digits 16x16, batch {BATCH}, full {FULL_EPOCHS} ep vs trial {c['epochs']} ep x {c['fraction']} "
+        "of train, compressed schedule (reports/rank_agreement.json)",
     )]
 
 

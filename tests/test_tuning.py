@@ -42,7 +42,7 @@ def test_trial_resources_fit_small_and_large_machines() -> None:
 def _trial_lrs(p, arch: str) -> list[float]:
     """The lr of every optimizer step of one trial of `arch` at lr 1 with its own compressed recipe."""
     from pipeline.training.schedule import lr_at
-    from pipeline.tuning import trial_recipe
+    from pipeline.training.tuned import trial_recipe
 
     recipe, warmup = trial_recipe(p.train, arch, p.tune.epochs)
     tp = p.train.model_copy(update=recipe)
@@ -56,7 +56,7 @@ def test_each_trial_is_the_final_schedule_compressed_without_ema(preset: Path) -
     """A trial warms up and decays to its own end (the step schedule's drops at the same shares of the run, the
     recipe's warmup scaled), trains without EMA and is validated every epoch. Before: a trial of the paper
     preset was the first 8 of 90 epochs, its step lr never dropped and EMA scored it."""
-    from pipeline.tuning import trial_recipe
+    from pipeline.training.tuned import trial_recipe
 
     p = load_params(preset)
     arch = p.tune.archs[0]

@@ -31,7 +31,6 @@ import json
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.training.tuned import trial_recipe
 
 ARCH = "{arch}"  # stands for the stage's arch; dvc.yaml writes it as ${item}
 
@@ -75,8 +74,9 @@ TUNE = (
     "tune.archs", "tune.num_samples", "tune.epochs", "tune.lr_per_256_low", "tune.lr_per_256_high",
     "tune.lr_warmup_epochs", "tune.grace_period", "tune.reduction_factor", "tune.max_concurrent_trials",
     "tune.workers_per_trial", "tune.train_fraction", "tune.time_budget_s",
-    # A trial is the final schedule compressed (training.tuned.trial_recipe): the step schedule's drops and, when
-    # warmup is not searched, the recipe's warmup come from the final run's epochs; use_tuned false = a stub.
+    # A trial is the final schedule compressed (pipeline.training.tuned.trial_recipe): the step schedule's drops
+    # and, when warmup is not searched, the recipe's warmup come from the final run's epochs; use_tuned false = a
+    # stub.
     "train.epochs", "train.lr_warmup_epochs", "train.use_tuned",
 )
 # TUNE keys that reach a search only through its resolved trial schedule (tune_identity).
@@ -168,6 +168,8 @@ def train_run_name(p: Params, arch: str, *, lr: float, lr_warmup_epochs: int, da
 def tune_identity(p: Params, arch: str, data_fingerprint: str) -> dict[str, Any]:
     """The values that fix `arch`'s search: the TUNE params without the list of tuned archs (adding an arch to
     tune.archs does not restart the others' searches), plus the arch and the shards' fingerprint."""
+    from pipeline.training.tuned import trial_recipe
+
     ident = {k: value(p, k) for k in stage_params("tune") if k != "tune.archs" and k not in _TUNE_RESOLVED}
     # The final run's epochs and warmup as the trials see them: an edit that leaves the trials alone keeps the name.
     recipe, warmup = trial_recipe(p.train, arch, p.tune.epochs)

@@ -1,7 +1,8 @@
 """tune/best.json, read by training: which tuned lr an arch takes and at what rate for its batch (the transfer rule
 of pipeline.archs; the search is in lr per 256 images, so the rate is that value x batch / 256, the linear scaling
 rule). The tune stage writes the file (pipeline.tuning); keeping the reader here lets training depend on the
-format without importing Ray Tune's driver.
+format without importing Ray Tune's driver. `trial_recipe` (how a trial compresses the final schedule) lives
+here too: the search's identity (pipeline.training.identity) needs it without importing the driver.
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def share_of_epochs(epochs: int, of_epochs: int, to_epochs: int) -> int:
     if epochs <= 0:
         return 0
     return min(math.floor(epochs * to_epochs / of_epochs + 0.5), max(to_epochs - 1, 0))
+
+
+def trial_recipe(train: TrainParams, arch: str, tune_epochs: int) -> tuple[dict[str, Any], int]:
+    """(train.* overrides of a trial of `arch`, its warmup when warmup is not searched): the final run's schedule
+    compressed from train.epochs_for(arch) onto `tune_epochs`. Cosine already decays over the trial's epochs; the
+    step schedule's lr_step_size and the warmup keep their share of the run (the step at least 1 epoch). EMA off,
+    so a trial is scored on its own weights; validation every epoch, so every ASHA rung has a score."""
+    final = train.epochs_for(arch)
+    step = train.lr_step_size
+    # Only the step schedule's drops are in epochs (cosine needs nothing, so train.epochs leaves its trials alone):
+    # the same share of the run, widened until the trial has no more drops than the run (90 epochs, x0.1 every
+    # 30: two drops; onto 16 epochs: every 6, not every 5, which would add a third at epoch 15).
+    if train.lr_scheduler == "step":
+        drops = (final - 1) // step
+        step = max(1, math.floor(step * tune_epochs / final + 0.5))
+        while (tune_epochs - 1) // step > drops:
+            step += 1
+    warmup = share_of_epochs(train.lr_warmup_epochs, final, tune_epochs)
+    return {"lr_step_size": step, "model_ema_decay": 0.0, "val_every_epochs": 1}, warmup
 
 
 def tuned_lr_for(best_path: Path, arch: str, batch_size: int, epochs: int,
@@ -75,22 +95,3 @@ def tuned_lr_for(best_path: Path, arch: str, batch_size: int, epochs: int,
         "scaled": "no" if trial_batch == batch_size else f"linear rule x {batch_size}/{trial_batch}",
     }
     return lr, warmup, provenance
-
-
-def trial_recipe(train: TrainParams, arch: str, tune_epochs: int) -> tuple[dict[str, Any], int]:
-    """(train.* overrides of a trial of `arch`, its warmup when warmup is not searched): the final run's schedule
-    compressed from train.epochs_for(arch) onto `tune_epochs`. Cosine already decays over the trial's epochs; the
-    step schedule's lr_step_size and the warmup keep their share of the run (the step at least 1 epoch). EMA off,
-    so a trial is scored on its own weights; validation every epoch, so every ASHA rung has a score."""
-    final = train.epochs_for(arch)
-    step = train.lr_step_size
-    # Only the step schedule's drops are in epochs (cosine needs nothing, so train.epochs leaves its trials alone):
-    # the same share of the run, widened until the trial has no more drops than the run (90 epochs, x0.1 every
-    # 30: two drops; onto 16 epochs: every 6, not every 5, which would add a third at epoch 15).
-    if train.lr_scheduler == "step":
-        drops = (final - 1) // step
-        step = max(1, math.floor(step * tune_epochs / final + 0.5))
-        while (tune_epochs - 1) // step > drops:
-            step += 1
-    warmup = share_of_epochs(train.lr_warmup_epochs, final, tune_epochs)
-    return {"lr_step_size": step, "model_ema_decay": 0.0, "val_every_epochs": 1}, warmup
