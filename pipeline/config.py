@@ -185,6 +185,11 @@ class TrainParams(_Section):
         224, ge=8, le=4096, description="Side of the train crops (RandomResizedCrop); with progressive resizing, "
         "the size the ramp ends at."
     )
+    train_scale_range: list[int] | None = Field(
+        None, description="The paper's scale augmentation (sec. 3.4): [lo, hi] = each train image resized so its "
+        "shorter side is an integer drawn uniformly from lo..hi (the paper: [256, 480]), then a random "
+        "train_crop_size crop and flip; null = RandomResizedCrop (train_crop_min_scale)."
+    )
     train_crop_min_scale: float = Field(
         0.08, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
     )
@@ -253,6 +258,11 @@ class TrainParams(_Section):
             raise ValueError("prog_resize_min_size must be <= train_crop_size (the ramp ends there)")
         if self.prog_resize_ramp_start > self.prog_resize_ramp_end:
             raise ValueError("prog_resize_ramp_start must be <= prog_resize_ramp_end")
+        if self.train_scale_range is not None:
+            lo_hi = self.train_scale_range
+            if len(lo_hi) != 2 or not self.train_crop_size <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"train_scale_range {lo_hi}: two shorter sides [lo, hi] with train_crop_size "
+                                 f"({self.train_crop_size}) <= lo <= hi")
         if self.val_crop_size > self.val_resize_size:
             raise ValueError("val_crop_size must be <= val_resize_size")
         if self.lr_warmup_epochs >= self.epochs and self.epochs > 1:
@@ -265,6 +275,7 @@ class TrainParams(_Section):
         if self.decode == "worker":
             on = [key for key, value in (("auto_augment", self.auto_augment), ("random_erase", self.random_erase),
                                          ("pca_lighting", self.pca_lighting),
+                                         ("train_scale_range", self.train_scale_range),
                                          ("ra_sampler", self.ra_sampler),
                                          ("prog_resize_min_size", self.prog_resize_min_size),
                                          ("deterministic", self.deterministic)) if value not in (None, False, 0, 0.0)]
