@@ -133,7 +133,15 @@ class TrainParams(_Section):
     )
     compile: bool = Field(False, description="torch.compile the model (a one-off compile cost per worker).")
     sync_bn: bool = Field(False, description="SyncBatchNorm across workers (GPUs only; ignored with a message on CPU).")
-    model_ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA.")
+    model_ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA of the weights, torchvision's --model-ema-decay (their recipe: 0.99998): "
+        "each update's decay is 1 - min(1, (1 - this) x batch_size x model_ema_steps / epochs), and the average "
+        "restarts at every update of the warmup epochs; 0 = no EMA."
+    )
+    model_ema_steps: int = Field(
+        32, ge=1, le=1 << 20, description="With model_ema_decay: update the EMA every N optimizer steps of an "
+        "epoch (torchvision's --model-ema-steps, default 32)."
+    )
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha); 0 = off.")
     cutmix_alpha: float = Field(
         0.0, ge=0, description="CutMix Beta(alpha, alpha); 0 = off (with mixup, one of the two per batch)."
