@@ -534,10 +534,9 @@ def write_preset(preset: str | Path, out: str | Path) -> Params:
     preset = Path(preset)
     tree = resolve_tree(preset)
     params = _validate(tree, str(preset))
-    header = (f"{GENERATED} {preset.as_posix()} {Path(out).as_posix()}`: the preset's keys over the "
-              "default params.yaml.\n# Edit the preset, not this file; `git checkout params.yaml` restores the "
-              "default.\n")
-    Path(out).write_text(header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=120))
+    header = (f"{GENERATED} {preset.as_posix()} {Path(out).as_posix()}`:\n# the preset's keys over the default "
+              "params.yaml. Edit the preset, not this file; `git checkout params.yaml` restores the default.\n")
+    Path(out).write_text(header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, width=120))
     return params
 
 
