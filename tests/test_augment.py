@@ -198,3 +198,24 @@ def test_lighting_shift_is_the_eigenvector_sum() -> None:
     # The components are orthonormal: the PCA of a colour covariance, as AlexNet computes it.
     vec = np.asarray(PCA_EIGVEC)
     assert vec.T @ vec == pytest.approx(np.eye(3), abs=2e-3)
+
+
+def test_train_scale_range_reaches_the_decode(rows) -> None:
+    """train.train_scale_range replaces RandomResizedCrop in the decode tasks: another crop of every image, seeded
+    like the rest of the recipe."""
+    tp = TrainParams(train_crop_size=32, val_resize_size=32, val_crop_size=32, train_scale_range=[36, 64])
+    assert _recipe_options(tp, 32, seed=0, epochs=4)["scale_range"] == [36, 64]
+    plain = decode(rows)
+    scaled = decode(rows, train_scale_range=[36, 64])
+    assert scaled.shape == plain.shape
+    assert np.array_equal(decode(rows, train_scale_range=[36, 64]), scaled)
+    assert (changed_share(scaled, plain) > 0.5).sum() >= 14
+
+
+def test_train_scale_range_is_checked() -> None:
+    with pytest.raises(ValueError, match="train_scale_range"):
+        TrainParams(train_crop_size=224, train_scale_range=[200, 480])
+    with pytest.raises(ValueError, match="train_scale_range"):
+        TrainParams(train_scale_range=[480, 256])
+    with pytest.raises(ValueError, match="decode: worker"):
+        TrainParams(train_scale_range=[256, 480], decode="worker")

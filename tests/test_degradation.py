@@ -175,9 +175,11 @@ def test_recipe_turns_off_the_per_image_policies_its_shard_cannot_apply() -> Non
 
     p = load_params(ROOT / "params.yaml", ["train.auto_augment=ta_wide", "train.random_erase=0.1",
                                            "train.ra_sampler=true", "train.prog_resize_min_size=16",
-                                           "train.mixup_alpha=0.2"])
+                                           "train.mixup_alpha=0.2", "train.pca_lighting=0.1",
+                                           "train.train_scale_range=[36, 64]"])
     tp = recipe_params(p).train
     assert (tp.auto_augment, tp.random_erase, tp.ra_sampler, tp.prog_resize_min_size) == (None, 0.0, False, None)
+    assert (tp.pca_lighting, tp.train_scale_range) == (0.0, None)
     assert tp.mixup_alpha == 0.2
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import Params, load_params
+from pipeline.config import Params, load_params, resolve_tree
 from pipeline.training import identity
 from tests.conftest import copy_repo
 
@@ -55,8 +55,8 @@ def test_every_model_train_eval_field_is_trajectory_or_runtime() -> None:
                          ids=lambda f: f.name)
 def test_every_listed_key_exists_in_the_params_file(params_file: Path) -> None:
     # DVC refuses a params dependency whose key is missing from the file (the stage does not run), so the
-    # default file and every preset (`cp configs/X.yaml params.yaml && dvc repro`) must hold them all.
-    tree = yaml.safe_load(params_file.read_text())
+    # default file and every preset (as `python -m pipeline.config preset` writes it) must hold them all.
+    tree = resolve_tree(params_file)  # a preset: its keys over the file it extends, as `pipeline.config preset` writes
     archs = load_params(params_file).model.archs
     missing = []
     for stage, keys in identity.STAGES.items():

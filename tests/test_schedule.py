@@ -58,3 +58,45 @@ def test_linear_is_ffcvs_cyclic_schedule_at_every_step() -> None:
     assert lr_at(2 * spe, **kw) == pytest.approx(1.7)  # the peak at epoch 2
     assert lr_at(epochs * spe, **kw) == pytest.approx(0.0, abs=1e-12)  # 0 at the end, and after it
     assert lr_at(10 * epochs * spe, **kw) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_update_decay_is_torchvisions() -> None:
+    from pipeline.training.ema import update_decay
+
+    # ResNet-50 V2: --model-ema (decay 0.99998, steps 32) at 8 x 128 for 600 epochs.
+    assert update_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
+    assert update_decay(0.99998, 1024, 32, 600) == pytest.approx(0.998908, abs=1e-6)
+    assert update_decay(0.9, 64, 32, 4) == 0.0  # alpha capped at 1: every update copies the weights
+    with pytest.raises(ValueError, match="model_ema_decay"):
+        update_decay(1.0, 1024, 32, 600)
+
+
+def test_ema_follows_torchvisions_update_schedule() -> None:
+    """torchvision's train_one_epoch: `if i % model_ema_steps == 0: update_parameters(model)`, and during the warmup
+    epochs `n_averaged.fill_(0)` after it (the next update copies). Same weights after 3 epochs of 5 steps."""
+    import torch
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pipeline.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ours = EMA(model, 0.7, every=2, warmup_epochs=1)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.7), use_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for epoch in range(3):
+        for i in range(5):
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            ours.step(model, epoch, i)
+            if i % 2 == 0:
+                theirs.update_parameters(model)
+                if epoch < 1:
+                    theirs.n_averaged.fill_(0)
+    for (k, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-6), k
+    # Not the model itself: the average after warmup spans 6 updates.
+    assert not torch.allclose(ours.module[0].weight, model[0].weight)

@@ -16,6 +16,7 @@ from pipeline.data.transforms import (
     TENSOR_MIN_PIXELS,
     normalize,
     random_resized_crop_box,
+    scale_jitter_box,
     ten_crop_images,
     train_image,
     val_image,
@@ -67,6 +68,41 @@ def test_train_tensor_path_matches_the_pil_path() -> None:
         assert ours.shape == (3, crop, crop) and ours.dtype == np.uint8
         assert np.abs(ours.astype(np.int16) - ref_chw).mean() < 2.0, seed
     assert 0 < flips < 8  # both branches ran
+
+
+def test_scale_jitter_box_is_a_crop_of_the_image_resized_to_a_shorter_side_in_range() -> None:
+    """He et al. sec. 3.4: shorter side S ~ U{256..480}, a random 224 crop. As a box on a 500x375 image: a square
+    of side 224 x 375 / S, so from 224 x 375 / 480 = 175 (S = 480) to 224 x 375 / 256 = 328 (S = 256) pixels."""
+    rng = np.random.default_rng(0)
+    sides = []
+    for _ in range(2000):
+        left, top, w, h = scale_jitter_box(500, 375, rng, 224, (256, 480))
+        assert w == h and 0 <= left and 0 <= top and left + w <= 500 and top + h <= 375
+        sides.append(w)
+    assert min(sides) == 175 and max(sides) == 328
+    # S is uniform over the integers: its implied values spread evenly over [256, 480].
+    s = 224 * 375 / np.asarray(sides)
+    assert abs(np.median(s) - 368) < 8 and np.mean(s < 312) == pytest.approx(0.25, abs=0.04)
+
+
+@pytest.mark.parametrize("size, crop", [((160, 120), 96), ((64, 48), 32)])  # the tensor and the PIL path
+def test_train_image_with_scale_range_crops_the_drawn_box(size: tuple[int, int], crop: int) -> None:
+    data = jpeg_bytes(size, seed=9)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    lo, hi = crop + crop // 7, 2 * crop
+    for seed in range(6):
+        ours = train_image(data, crop, np.random.default_rng(seed), 0.35, scale_range=(lo, hi))
+        rng = np.random.default_rng(seed)
+        left, top, w, h = scale_jitter_box(*size, rng, crop, (lo, hi))
+        ref = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        ref_chw = np.asarray(ref).transpose(2, 0, 1).astype(np.int16)
+        assert ours.shape == (3, crop, crop)
+        assert np.abs(ours.astype(np.int16) - ref_chw).mean() < 2.0, seed
+    # Without the range the same seed draws RandomResizedCrop's box: another crop.
+    plain = train_image(data, crop, np.random.default_rng(0), 0.35)
+    assert not np.array_equal(plain, train_image(data, crop, np.random.default_rng(0), 0.35, scale_range=(lo, hi)))
 
 
 def test_ten_crop_shapes_and_mirror() -> None:

@@ -18,7 +18,7 @@
 #                       /mnt/shared/resnet-pipeline); unset: run in the uploaded copy (outputs are lost
 #                       with the job, except checkpoints under train.storage_path and MLflow runs)
 #   PIPELINE_PARAMS     a params file of the repository to run with, e.g. configs/imagenet-resnet50.yaml
-#                       (copied over params.yaml); unset: the uploaded params.yaml
+#                       (a preset is written over params.yaml, a whole file copied); unset: the uploaded params.yaml
 #   PIPELINE_GIT_COMMIT the code's commit when neither the job metadata (git_commit) nor a
 #                       .pipeline-commit file beside the code (written by infra/docker/Dockerfile) has it
 #   PIPELINE_RUN_GROUP  MLflow run group of every run of this job; default commit-<first 12 of the commit>
@@ -92,8 +92,14 @@ fi
 
 if [[ -n "${PIPELINE_PARAMS:-}" ]]; then
     [[ -f "$PIPELINE_PARAMS" ]] || die "PIPELINE_PARAMS=$PIPELINE_PARAMS: no such file in $(pwd -P)"
-    cp "$PIPELINE_PARAMS" params.yaml
-    log "params: $PIPELINE_PARAMS (copied to params.yaml)"
+    if grep -q '^extends:' "$PIPELINE_PARAMS"; then  # a preset: its keys over the default (docs/presets.md)
+        "$PYTHON" -m pipeline.config preset "$PIPELINE_PARAMS" params.yaml ||
+            die "PIPELINE_PARAMS=$PIPELINE_PARAMS: could not be written as params.yaml"
+        log "params: $PIPELINE_PARAMS over the default params.yaml"
+    else
+        cp "$PIPELINE_PARAMS" params.yaml
+        log "params: $PIPELINE_PARAMS (copied to params.yaml)"
+    fi
 fi
 
 log "workspace: $(pwd -P)"

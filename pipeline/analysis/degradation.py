@@ -57,7 +57,8 @@ def recipe_params(p: Params) -> Params:
     """`p` with `train`/`model` replaced by the degradation recipe: the `degradation` section's epochs, batch, lr,
     warmup, threads, shortcut and init; everything else (optimiser, momentum, weight decay, schedule, crops,
     mixup/cutmix, clipping, precision) from `train`, identical for every model. In-process (num_workers 0), on
-    crops and flips only (auto_augment, random_erase, ra_sampler and progressive resizing are off)."""
+    crops and flips only (auto_augment, random_erase, pca_lighting, ra_sampler, the scale augmentation and progressive
+    resizing are off)."""
     deg = p.degradation
     update: dict[str, Any] = {
         "epochs": deg.epochs, "epochs_by_arch": {}, "batch_size": deg.batch_size, "lr": deg.lr,
@@ -66,6 +67,7 @@ def recipe_params(p: Params) -> Params:
         # The in-process shard (training.local.InMemoryShard) crops and flips only: the per-image policies of the
         # decode tasks are off here rather than recorded as if applied (mixup/cutmix, in the loop, do apply).
         "auto_augment": None, "random_erase": 0.0, "ra_sampler": False, "prog_resize_min_size": None,
+        "pca_lighting": 0.0, "train_scale_range": None,
     }
     if "pretrained" in type(p.train).model_fields:
         update["pretrained"] = None  # the experiment trains every net from scratch, as the paper does

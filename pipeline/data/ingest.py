@@ -37,9 +37,11 @@ class TrainDecode:
 
     def __init__(self, crop: int, min_scale: float, seed: int | None = None, keep_keys: bool = False,
                  augment: Augment | None = None, crop_sizes: Sequence[int] | None = None,
-                 deterministic: bool = False, ra_reps: int = 1, epoch: int | None = None) -> None:
+                 deterministic: bool = False, ra_reps: int = 1, epoch: int | None = None,
+                 scale_range: tuple[int, int] | None = None) -> None:
         self.crop = crop
         self.min_scale = min_scale
+        self.scale_range = None if scale_range is None else (int(scale_range[0]), int(scale_range[1]))
         self.seed = seed
         self.keep_keys = keep_keys  # off for training: torch batches cannot hold strings
         self.calls = 0
@@ -77,7 +79,8 @@ class TrainDecode:
             seed = None if self.seed is None else batch_seed(self.seed, self.calls, list(keys))
             self.calls += 1
             rngs = [np.random.default_rng(seed)] * len(keys)
-        images = [train_image(b, crop, rng, self.min_scale) for b, rng in zip(blobs, rngs, strict=True)]
+        images = [train_image(b, crop, rng, self.min_scale, scale_range=self.scale_range)
+                  for b, rng in zip(blobs, rngs, strict=True)]
         if self.augment is not None:
             import torch
 
@@ -221,7 +224,8 @@ def _recipe_options(recipe: Any, crop: int, seed: int, epochs: int) -> dict[str,
         sizes = progressive_sizes(epochs, crop, recipe.prog_resize_min_size, recipe.prog_resize_ramp_start,
                                   recipe.prog_resize_ramp_end, recipe.prog_resize_step)
     return {"augment": Augment.from_train(recipe), "crop_sizes": sizes, "deterministic": recipe.deterministic,
-            "seed": seed if recipe.deterministic else None, "ra_reps": recipe.ra_reps if recipe.ra_sampler else 1}
+            "seed": seed if recipe.deterministic else None, "ra_reps": recipe.ra_reps if recipe.ra_sampler else 1,
+            "scale_range": recipe.train_scale_range}
 
 
 def val_dataset(files: Sequence[str], *, resize: int, crop: int, ten_crop: bool = False, n_images: int = 0,

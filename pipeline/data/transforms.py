@@ -80,6 +80,22 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def scale_jitter_box(
+    width: int, height: int, rng: np.random.Generator, crop: int, short_side: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The paper's scale augmentation (He et al. 2015 sec. 3.4, after Simonyan & Zisserman 2015): the image
+    resized so its shorter side is S, drawn uniformly from the integers in `short_side` = [lo, hi], then a random
+    `crop` x `crop` window of it. Returned as the window's box on the full-resolution image, (left, top, side,
+    side) with side = crop x shorter / S, so every decode path resizes that box to `crop` as it does
+    RandomResizedCrop's."""
+    lo, hi = short_side
+    s = int(rng.integers(lo, hi + 1))
+    side = max(1, min(int(round(crop * min(width, height) / s)), width, height))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    return left, top, side, side
+
+
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     """torchvision F.resize(img, size) for an int size: shorter side -> size, longer side truncated."""
     w, h = img.size
@@ -108,9 +124,11 @@ def _to_chw(img: Image.Image) -> np.ndarray:
 
 
 def train_image(
-    data: bytes, crop: int, rng: np.random.Generator, min_scale: float = 0.08, hflip: bool = True
+    data: bytes, crop: int, rng: np.random.Generator, min_scale: float = 0.08, hflip: bool = True,
+    scale_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """RandomResizedCrop(crop, scale=(min_scale, 1)) + horizontal flip -> uint8 (3, crop, crop).
+    """RandomResizedCrop(crop, scale=(min_scale, 1)) + horizontal flip -> uint8 (3, crop, crop); with
+    `scale_range`, the paper's scale augmentation (`scale_jitter_box`) instead of RandomResizedCrop.
 
     Shards hold RGB JPEGs (prepare re-encodes everything else). With the ROI decoder (pipeline.data.jpeg, built by
     `make setup`) the box is drawn from the header's size and only the rows and iMCU columns around it are
@@ -127,26 +145,31 @@ def train_image(
         except jpeg.JpegError:
             width = height = space = 0  # not a JPEG libjpeg reads: the PIL path below decides (and names the error)
         if jpeg.decodable(space) and width * height >= TENSOR_MIN_PIXELS:
-            return _train_image_roi(data, width, height, crop, rng, min_scale, hflip)
+            return _train_image_roi(data, width, height, crop, rng, min_scale, hflip, scale_range)
     img = Image.open(io.BytesIO(data))  # reads the header only
     if (img.format == "JPEG" and img.mode == "RGB" and min(img.size) < 2 * crop
             and img.width * img.height >= TENSOR_MIN_PIXELS):
-        return _train_image_tensor(data, img.width, img.height, crop, rng, min_scale, hflip)
+        return _train_image_tensor(data, img.width, img.height, crop, rng, min_scale, hflip, scale_range)
     img = _opened_to_rgb(img, min_side=crop)  # the header is parsed once per image
-    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
+    (left, top, w, h), flip = draw_train_crop(img.width, img.height, rng, min_scale, hflip, scale_range, crop)
     # PIL resizes straight from the box: crop + resize in one pass, antialiased like torchvision's PIL path.
     out = img.resize((crop, crop), resample=Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    if hflip and rng.random() < 0.5:
+    if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_chw(out)
 
 
 def draw_train_crop(
-    width: int, height: int, rng: np.random.Generator, min_scale: float, hflip: bool
+    width: int, height: int, rng: np.random.Generator, min_scale: float, hflip: bool,
+    scale_range: tuple[int, int] | None = None, crop: int = 0,
 ) -> tuple[tuple[int, int, int, int], bool]:
-    """The train transform's random draws for one image, in the order every path makes them: the
-    RandomResizedCrop box (left, top, w, h) on the full-resolution size, then the flip."""
-    box = random_resized_crop_box(width, height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
+    """The train transform's random draws for one image, in the order every path makes them: the crop box
+    (left, top, w, h) on the full-resolution size -- RandomResizedCrop's, or with `scale_range` the paper's
+    scale augmentation for a `crop`-pixel output -- then the flip."""
+    if scale_range is not None:
+        box = scale_jitter_box(width, height, rng, crop, scale_range)
+    else:
+        box = random_resized_crop_box(width, height, rng, (min_scale, 1.0), (3 / 4, 4 / 3))
     return box, bool(hflip and rng.random() < 0.5)
 
 
@@ -191,10 +214,11 @@ def resized_crop_window(
 
 
 def _train_image_roi(
-    data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool
+    data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool,
+    scale_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """`train_image` decoding only the crop's region (pipeline.data.jpeg): the same draws in the same order."""
-    box, flip = draw_train_crop(width, height, rng, min_scale, hflip)
+    box, flip = draw_train_crop(width, height, rng, min_scale, hflip, scale_range, crop)
     return crop_jpeg_roi(data, width, height, box, flip, crop).numpy()
 
 
@@ -213,14 +237,15 @@ def crop_jpeg_roi(
 
 
 def _train_image_tensor(
-    data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool
+    data: bytes, width: int, height: int, crop: int, rng: np.random.Generator, min_scale: float, hflip: bool,
+    scale_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """`train_image` for an RGB JPEG: the same random draws in the same order, on torchvision's tensor ops."""
     import torch  # imported on the first train image of a decode worker, not by the val-only path
     from torchvision.io import decode_jpeg
 
     pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (3, H, W) uint8
-    box, flip = draw_train_crop(width, height, rng, min_scale, hflip)
+    box, flip = draw_train_crop(width, height, rng, min_scale, hflip, scale_range, crop)
     left, top, w, h = box
     return resized_crop_window(pixels, (top, left, h, w), crop, flip).numpy()
 

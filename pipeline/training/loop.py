@@ -26,7 +26,7 @@ from pipeline.data.transforms import normalize
 from pipeline.evaluation import amp_dtype_of, eval_logits, topk_counts
 from pipeline.training import dist, probe
 from pipeline.training.checkpoint import load_train_state, save_train_state
-from pipeline.training.ema import EMA
+from pipeline.training.ema import EMA, update_decay
 from pipeline.training.optim import build_optimizer, mix_batch
 from pipeline.training.schedule import lr_at
 
@@ -394,7 +394,8 @@ def _setup(job: Job, session: Session) -> _Run:
     if world_size > 1:
         model = session.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    ema = EMA(core, tp.model_ema_decay) if tp.model_ema_decay > 0 else None
+    ema = (EMA(core, update_decay(tp.model_ema_decay, tp.batch_size, tp.model_ema_steps, job.epochs),
+               every=tp.model_ema_steps, warmup_epochs=job.lr_warmup_epochs) if tp.model_ema_decay > 0 else None)
     amp_dtype, use_scaler = _amp(p)
     per_worker_batch = tp.batch_size // max(world_size, 1)
     return _Run(
@@ -555,7 +556,7 @@ def _train_epoch(run: _Run, epoch: int, batches: NextEpoch) -> tuple[dict[str, A
         run.scaler.step(run.optimizer)
         run.scaler.update()
         if run.ema is not None:
-            run.ema.update(run.core)
+            run.ema.step(run.core, epoch, step)
         n = y.shape[0]
         loss_sum += torch.where(finite, loss.detach().double() * n, torch.zeros_like(loss_sum))
         correct += (logits.detach().argmax(1) == y).sum()
