@@ -28,6 +28,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import shutil
 import socket
 import tempfile
@@ -39,6 +40,17 @@ from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+
+
+# Up to the last @ of the URI, not the first /: an unencoded S3 secret may hold a '/' (over-redacting a path that
+# holds an @ is the safe side).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]+@")
+
+
+def redact_uri(text: str) -> str:
+    """`text` with every URI's userinfo (`scheme://user:password@host`) replaced by `***`: what may be printed or
+    logged (a tracking or database URI, an S3 URI, RAY_ADDRESS may carry a password)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:

@@ -387,3 +387,25 @@ def test_train_with_batch_larger_than_the_data_refused_before_mlflow(synthetic_s
         train_arch(p, "resnet18", out_dir=tmp_path / "model", metrics_path=tmp_path / "m.json",
                    curve_path=tmp_path / "c.csv", best_path=None)
     assert sorted(q.name for q in tmp_path.iterdir()) == []  # no MLflow store, no model, no Ray folder
+
+
+# --- no secret in a log -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("postgresql://bob:pw@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+    ("'s3://AKIA:se/cr@t@bucket/shards' missing", "'s3://***@bucket/shards' missing"),
+    ("https://h:5000/x and http://u@h/y", "https://h:5000/x and http://***@h/y"),
+    ("sqlite:////repo/mlflow.db", "sqlite:////repo/mlflow.db"),
+])
+def test_redact_uri_strips_userinfo(text: str, shown: str) -> None:
+    from pipeline.runtime import redact_uri
+
+    assert redact_uri(text) == shown
+
+
+def test_error_lines_carry_no_uri_password(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit), cli.user_errors():
+        raise FileNotFoundError("no manifest at s3://KEY:SECRET@bucket/shards/manifest.json")
+    line = one_error_line(capsys)
+    assert "SECRET" not in line and "s3://***@bucket/shards/manifest.json" in line
