@@ -241,8 +241,9 @@ def _run(args: argparse.Namespace) -> None:
                  "pass --into-dvc-outputs to replace it anyway", 2)
         if args.data:
             from pipeline.data.sources import DataError
+            from pipeline.runtime import redact_uri
 
-            print(f"prepare: {args.data} -> {p.data.shards_dir}", flush=True)
+            print(redact_uri(f"prepare: {args.data} -> {p.data.shards_dir}"), flush=True)
             try:
                 prepare_from_params(p.data)
             except DataError as exc:

@@ -114,6 +114,8 @@ def stage_args(
 
 
 def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr, then exit non-zero (no traceback for user errors)."""
-    print(f"error: {message}", file=sys.stderr)
+    """One clear line on stderr, then exit non-zero (no traceback for user errors); URIs lose their userinfo."""
+    from pipeline.runtime import redact_uri
+
+    print(f"error: {redact_uri(message)}", file=sys.stderr)
     raise SystemExit(code)

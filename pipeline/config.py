@@ -54,6 +54,12 @@ class DataParams(_Section):
     first_n_classes: int | None = Field(None, ge=1, description="Keep the first N classes (sorted wnids).")
     max_per_class: int | None = Field(None, ge=1, description="Cap on train images per class.")
     max_side: int = Field(512, ge=16, le=8192, description="Re-encode images whose longer side is larger.")
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=178_956_970, description="Pixel budget per raw image (width x height from its header, "
+        "before decoding): a larger one is rejected into rejected.csv, never decoded (a 657 KB PNG can expand to "
+        "169 Mpx, 2 GB). Pillow decodes with only a warning up to twice its 89.5 Mpx limit and refuses above, "
+        "hence the bound."
+    )
     jpeg_quality: int = Field(90, ge=50, le=100, description="Quality used when re-encoding.")
     rows_per_shard: int = Field(1024, ge=1, le=1_000_000, description="Images per Parquet shard.")
     workers: int = Field(2, ge=1, le=512, description="Prepare processes.")

@@ -12,24 +12,45 @@ so an S3-compatible store (MinIO, Ceph, R2) configured for the AWS CLI works her
 carry no secret of ours when pickled to Ray tasks: each node resolves credentials from its own environment.
 
 Writes are atomic for readers (`write_atomic`, the only writer of finished files; `publish_dir` for
-directories). Prepare writes the manifest last, so a manifest means a complete dataset either way.
+directories). Prepare writes the manifest last, so a manifest means a complete dataset either way. Writers are
+exclusive: a stage holds `output_lock` on each local output for its whole run, so a second run on the same
+output refuses at once naming the holder; on an object store one writer per prefix is the rule (no lock).
 """
 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import functools
 import json
 import math
 import os
 import posixpath
+import re
 import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+
+
+# Up to the last @ of the URI, not the first /: an unencoded S3 secret may hold a '/' (over-redacting a path that
+# holds an @ is the safe side).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]+@")
+
+
+def redact_uri(text: str) -> str:
+    """`text` with every URI's userinfo (`scheme://user:password@host`) replaced by `***`: what may be printed or
+    logged (a tracking or database URI, an S3 URI, RAY_ADDRESS may carry a password)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -191,16 +212,131 @@ def write_csv(location: str | os.PathLike[str], rows: list[dict[str, Any]]) -> N
     write_atomic(location, buf.getvalue().encode())
 
 
+def temp_dir_beside(out_dir: str | os.PathLike[str]) -> Path:
+    """A new, uniquely named `.NAME.*.tmp` folder next to `out_dir` (same filesystem, so `publish_dir` renames
+    it): two writers never share one, and `clean_stale_temps` finds a killed run's."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+
+
+# renameat2(2)'s flag that swaps two paths in one step (Linux >= 3.15; ext4, xfs, btrfs, tmpfs, overlayfs...).
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` atomically; False where the libc or the filesystem cannot (then the caller renames)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def publish_dir(tmp: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
-    """Replace the local directory `out_dir` by the finished `tmp` (on the same filesystem): the old one is
-    renamed aside first, so `out_dir` is at every moment either the old directory or the new one."""
+    """Replace the local directory `out_dir` by the finished `tmp` (on the same filesystem) so that `out_dir` is
+    at every moment either the old directory or the new one: the two are exchanged in one renameat2 call, then
+    the old one (now at `tmp`) is removed. Where the filesystem cannot exchange, the old one is renamed aside
+    first (a moment without `out_dir`)."""
     tmp, out_dir = Path(tmp), Path(out_dir)
-    old = out_dir.parent / f".{out_dir.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    if _exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temps(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the `.NAME.*.tmp` / `.NAME.*.old` folders a killed writer of `out_dir` left beside it. Call it only
+    while holding `output_lock(out_dir)`: then no live writer owns them. Returns what was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    stale = [q for q in out_dir.parent.glob(f".{out_dir.name}.*") if q.suffix in (".tmp", ".old") and q.is_dir()]
+    for q in stale:
+        shutil.rmtree(q, ignore_errors=True)
+    return stale
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds this output (see `output_lock`)."""
+
+
+LOCK_SUFFIX = ".lock"
+# Outputs this process holds, with a count: a stage that locks a folder and then calls a library function that
+# locks it again must not refuse itself (flock conflicts between two descriptors of one process too).
+_HELD: dict[str, int] = {}
+
+
+def lock_file(location: str | os.PathLike[str]) -> Path:
+    """`.NAME.lock` beside the output: beside, not inside, because `publish_dir` replaces the folder itself."""
+    path = Path(os.path.abspath(location))
+    return path.parent / f".{path.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(location: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold `location` (a local file or folder, or a URI) exclusively while the block runs; another run that
+    asks for it meanwhile gets OutputLocked at once, naming the holder (host, pid, start time).
+
+    Local paths: `fcntl.flock` on `lock_file(location)`. The kernel drops a flock when its holder dies, kill -9
+    included, so a killed run's lock file is stale, never held: the next run takes it over (and removes it when
+    done). NFS: flock is emulated with POSIX locks (Linux >= 2.6.12), which the server arbitrates. Object-store URIs
+    take no lock: one writer per prefix is the rule there (docs/cluster.md)."""
+    import fcntl
+
+    text = str(location)
+    if is_uri(text) and not text.startswith("file://"):
+        yield
+        return
+    path = lock_file(resolve(text)[1] if text.startswith("file://") else text)
+    key = str(path)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputLocked(f"{location} is being written by another run ({holder or 'holder unknown'}): "
+                               f"wait for it to finish or write elsewhere (lock file {path})") from None
+        # The holder before us may have finished and removed the file between our open and our flock: then the
+        # inode we locked is no longer `path`, and a third run could lock the new file. Lock what is there now.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: a waiting run then retries on a fresh file (above)
+        os.close(fd)
 
 
 def delete(location: str) -> None:

@@ -564,3 +564,34 @@ def test_mlflow_entrypoint_refuses_to_start_without_a_database(tmp_path: Path) -
     out = _run_mlflow_entrypoint(tmp_path, {})
     assert out.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in out.stderr
+
+
+@pytest.mark.subprocess
+def test_entrypoint_never_logs_uri_userinfo(tmp_path: Path) -> None:
+    _stub_dvc(tmp_path / "bin", tmp_path / "dvc.log")
+    src = _uploaded_copy(tmp_path)
+    out = _run_entrypoint(src, tmp_path, {"MLFLOW_TRACKING_URI": "https://bob:p@ss/w0rd@mlflow.example:5000/x",
+                                          "RAY_ADDRESS": "http://ray:t0ken@127.0.0.1:1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    assert "MLflow: https://***@mlflow.example:5000/x" in log
+    assert "RAY_ADDRESS=http://***@127.0.0.1:1" in log
+    for secret in ("bob", "p@ss", "w0rd", "t0ken"):
+        assert secret not in log
+
+
+def test_every_documented_token_file_is_created_private() -> None:
+    """A token written under the usual umask is 0644 (measured: `ray get-auth-token --generate` makes
+    ~/.ray/auth_token 644 under umask 022, 600 under 077): every place that creates one sets umask 077."""
+    creators = re.compile(r"get-auth-token --generate|>\s*\S*auth_token\b")
+    found = []
+    for path in [REPO / "docs/cluster.md", REPO / "README.md", *INFRA.rglob("*")]:
+        if not path.is_file() or path.suffix not in (".md", ".yaml", ".sh", ""):
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if creators.search(line):
+                found.append(path.name)
+                context = "\n".join(lines[max(0, i - 3): i + 1])
+                assert "umask 077" in context, f"{path.relative_to(REPO)}:{i + 1} creates a token without umask 077"
+    assert "cluster.md" in found and "cluster-aws.yaml" in found

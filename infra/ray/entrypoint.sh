@@ -26,6 +26,10 @@ set -euo pipefail
 
 log() { printf '[entrypoint %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 die() { log "ERROR: $*"; exit 1; }
+# A URI as it may be logged: userinfo (scheme://user:password@host) replaced by ***, so a tracking server's or a
+# database's password in MLFLOW_TRACKING_URI never reaches the job log.
+redact() { sed -E 's#([A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]+@#\1***@#g'; }
+redact_uri() { printf '%s' "$1" | redact; }
 
 START_S=$(date +%s)
 trap 'rc=$?; log "finished: exit code $rc after $(( $(date +%s) - START_S )) s"' EXIT
@@ -104,11 +108,15 @@ fi
 
 log "workspace: $(pwd -P)"
 log "commit: $PIPELINE_GIT_COMMIT, MLflow run group: $PIPELINE_RUN_GROUP"
-log "MLflow: ${MLFLOW_TRACKING_URI:-<unset: the embedded sqlite:///$(pwd -P)/mlflow.db>}"
+if [[ -n "${MLFLOW_TRACKING_URI:-}" ]]; then
+    log "MLflow: $(redact_uri "$MLFLOW_TRACKING_URI")"
+else
+    log "MLflow: <unset: the embedded sqlite:///$(pwd -P)/mlflow.db>"
+fi
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
-    log "Ray: stages join the cluster at RAY_ADDRESS=$RAY_ADDRESS"
+    log "Ray: stages join the cluster at RAY_ADDRESS=$(redact_uri "$RAY_ADDRESS")"
     if command -v ray >/dev/null; then
-        timeout 60 ray status --address "$RAY_ADDRESS" || log "(ray status failed; continuing)"
+        timeout 60 ray status --address "$RAY_ADDRESS" 2>&1 | redact || log "(ray status failed; continuing)"
     fi
 else
     log "Ray: RAY_ADDRESS unset, each stage starts a local Ray on this machine"

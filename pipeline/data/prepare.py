@@ -34,6 +34,7 @@ import io
 import json
 import multiprocessing
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -65,6 +66,10 @@ DONE_DIR = ".done"
 MINIVAL = "minival"
 # Every split prepare writes, in plan order: the two raw splits and the minival split carved from train.
 PREPARED_SPLITS: tuple[str, ...] = ("train", MINIVAL, "val")
+
+
+# data.max_pixels' default: 50 Mpx is 200 MB as RGBA, 150 MB as RGB, per decode.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class RejectedImage(Exception):
@@ -101,8 +106,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (PIL undoes Adobe's inverted CMYK), L, P, YCbCr, ...
 
 
-def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int) -> tuple[bytes, int, int, bool]:
+def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int, bool]:
     """-> (JPEG bytes, height, width, re-encoded?). Raises RejectedImage with the reason.
+
+    An image of more than `max_pixels` pixels (its header's width x height) is rejected before a byte of it is
+    decoded: a decompression bomb costs the header read only.
 
     The original bytes are kept when they already are a fully decodable RGB JPEG (baseline or progressive)
     no larger than `max_side`; anything else is decoded, converted to RGB, shrunk so that its longer side is
@@ -110,9 +119,11 @@ def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int) -> tuple[b
     """
     if not data:
         raise RejectedImage("empty file (0 bytes)")
-    with _strict_decoding():
+    with _strict_decoding(), warnings.catch_warnings():
+        # The budget below decides; Pillow's DecompressionBombWarning band (89.5-179 Mpx) would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
         except UnidentifiedImageError:
             raise RejectedImage("not an image (PIL cannot identify the format)") from None
         except Image.DecompressionBombError as exc:
@@ -121,6 +132,9 @@ def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int) -> tuple[b
             raise RejectedImage(f"corrupt image header: {type(exc).__name__}: {exc}") from None
         with img:
             fmt, width, height = img.format, img.size[0], img.size[1]
+            if width * height > max_pixels:
+                raise RejectedImage(f"{fmt} of {width}x{height} = {width * height / 1e6:.1f} Mpx is over the pixel "
+                                    f"budget data.max_pixels={max_pixels} (not decoded)")
             keep = fmt == "JPEG" and img.mode == "RGB" and max(width, height) <= max_side
             if not keep and fmt == "JPEG" and max(width, height) > max_side:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves >= the target size:
@@ -171,7 +185,8 @@ class ShardResult:
     rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
 
 
-def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int) -> ShardResult:
+def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardResult:
     """Read, check and (if needed) re-encode the task's samples, then write its shard atomically."""
     columns: dict[str, list[Any]] = {name: [] for name in shard_schema().names}
     rejected: list[list[str]] = []
@@ -185,7 +200,7 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int)
             except OSError as exc:
                 raise RejectedImage(f"unreadable: {exc.strerror or exc}") from None
             image, height, width, changed = normalize_image(
-                data, max_side=max_side, jpeg_quality=jpeg_quality
+                data, max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels
             )
         except RejectedImage as exc:
             rejected.append([sample.key, sample.split, str(exc)])
@@ -380,7 +395,8 @@ def _use_ray(prepare_on: str) -> bool:
     return prepare_on == "auto" and bool(os.environ.get("RAY_ADDRESS"))
 
 
-def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, record: Any, bar: Any) -> None:
+def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, record: Any, bar: Any,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """One Ray task per shard, anywhere in the cluster (raw_dir and out_dir must be reachable from every node:
     a shared filesystem or a URI). Each task's output is a pure function of its samples, so where and in which
     order tasks run never changes the bytes; results are recorded as they finish, so a killed run resumes."""
@@ -393,7 +409,7 @@ def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, 
             repo = str(Path(__file__).resolve().parents[2])  # tasks import `pipeline` from the repository root
             ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-    pending = {remote.remote(task, out, max_side, jpeg_quality): task for task in todo}
+    pending = {remote.remote(task, out, max_side, jpeg_quality, max_pixels): task for task in todo}
     try:
         while pending:
             finished, _ = ray.wait(list(pending), num_returns=1)
@@ -415,6 +431,7 @@ def prepare_shards(
     first_n_classes: int | None = None,
     max_per_class: int | None = None,
     max_side: int = 512,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     jpeg_quality: int = 90,
     rows_per_shard: int = 1024,
     workers: int = 2,
@@ -459,6 +476,8 @@ def prepare_shards(
         "shuffle_seed": shuffle_seed,
         "minival_per_class": minival_per_class,
         "minival_seed": minival_seed,
+        # Only when not the default: datasets prepared before the budget existed keep their fingerprint.
+        **({"max_pixels": max_pixels} if max_pixels != DEFAULT_MAX_PIXELS else {}),
         "row_group_rows": ROW_GROUP_ROWS,
         "pyarrow": pa.__version__,  # Parquet bytes may differ across pyarrow versions
         "manifest_version": MANIFEST_VERSION,
@@ -488,6 +507,9 @@ def prepare_shards(
     tasks = plan_shards(listing, rows_per_shard, shuffle_seed, minival)
     if same_plan:
         runtime.delete(manifest_at)  # a manifest there must always mean "complete"
+        for name in runtime.list_files(runtime.join(out, DONE_DIR)):  # a killed run's half-written records
+            if name.endswith(".tmp"):
+                runtime.delete(runtime.join(out, DONE_DIR, name))
     else:
         _remove_outputs(out)
         plan = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "shards": [t.path for t in tasks]}
@@ -521,16 +543,16 @@ def prepare_shards(
 
     with tqdm(total=n_images, initial=done_images, unit="img", desc="prepare", disable=not progress) as bar:
         if todo and _use_ray(prepare_on):
-            _run_ray(todo, out, max_side, jpeg_quality, record, bar)
+            _run_ray(todo, out, max_side, jpeg_quality, record, bar, max_pixels)
         elif workers == 1 or len(todo) <= 1:
             for task in todo:
-                record(build_shard(task, out, max_side, jpeg_quality))
+                record(build_shard(task, out, max_side, jpeg_quality, max_pixels))
                 bar.update(len(task.samples))
         else:
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context())
             try:
                 pending: dict[Future[ShardResult], ShardTask] = {
-                    pool.submit(build_shard, task, out, max_side, jpeg_quality): task for task in todo
+                    pool.submit(build_shard, task, out, max_side, jpeg_quality, max_pixels): task for task in todo
                 }
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -589,15 +611,18 @@ def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = N
     """prepare_shards with the `data` section of params.yaml (pipeline.config.DataParams). `record`: also
     copy the manifest, byte for byte, to this local file (the DVC stage's output that downstream stages
     depend on: the dataset's identity wherever the shards live)."""
-    manifest = prepare_shards(
-        d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
-        max_per_class=d.max_per_class, max_side=d.max_side, jpeg_quality=d.jpeg_quality,
-        rows_per_shard=d.rows_per_shard, workers=d.workers, max_rejected=d.max_rejected, replace=replace,
-        prepare_on=d.prepare_on, minival_per_class=d.minival_per_class, minival_seed=d.minival_seed,
-    )
-    if record:
-        from pipeline.data.shards import read_manifest_bytes
+    # One writer per shards folder for the whole run: a second prepare on it refuses at once (OutputLocked).
+    with runtime.output_lock(d.shards_dir):
+        manifest = prepare_shards(
+            d.raw_dir, d.shards_dir, source=d.source, classes=d.classes, first_n_classes=d.first_n_classes,
+            max_per_class=d.max_per_class, max_side=d.max_side, max_pixels=d.max_pixels,
+            jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard, workers=d.workers,
+            max_rejected=d.max_rejected, replace=replace, prepare_on=d.prepare_on,
+            minival_per_class=d.minival_per_class, minival_seed=d.minival_seed,
+        )
+        if record:
+            from pipeline.data.shards import read_manifest_bytes
 
-        Path(record).parent.mkdir(parents=True, exist_ok=True)
-        runtime.write_atomic(str(Path(record).resolve()), read_manifest_bytes(d.shards_dir))
+            Path(record).parent.mkdir(parents=True, exist_ok=True)
+            runtime.write_atomic(str(Path(record).resolve()), read_manifest_bytes(d.shards_dir))
     return manifest

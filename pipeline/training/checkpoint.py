@@ -7,14 +7,13 @@ code is ever executed from a checkpoint).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.runtime import publish_dir
+from pipeline.runtime import publish_dir, temp_dir_beside
 
 TRAIN_STATE_FILE = "checkpoint.pt"  # inside a Ray Train checkpoint directory (resume state)
 MODEL_FILE = "model.pt"  # inside models/ARCH/ (the trained model)
@@ -42,9 +41,7 @@ def export_model_dir(out_dir: str | Path, train_state: dict[str, Any]) -> Path:
             "git_commit", "data_fingerprint", "history", "lr", "lr_warmup_epochs")
     meta = {k: train_state[k] for k in keys if k in train_state}
     meta["epochs_trained"] = train_state["epoch"]
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir_beside(out_dir)  # unique: two exports never write into one folder
     torch.save({"state_dict": weights, **meta}, tmp / MODEL_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     publish_dir(tmp, out_dir)

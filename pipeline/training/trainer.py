@@ -14,7 +14,10 @@ from pipeline.data.shards import read_manifest, shard_files
 from pipeline.runtime import (
     LOCAL_DATA_CPUS,
     absolute_storage,
+    clean_stale_temps,
     init_ray,
+    join,
+    output_lock,
     ray_storage,
     worker_threads,
     write_csv,
@@ -238,17 +241,39 @@ def tuned_hparams(p: Params, best_path: str | Path | None, arch: str) -> tuple[f
                                                   "batch_size": p.train.batch_size}
 
 
+class TrainingRefused(ValueError):
+    """A run that would train nothing, or nothing meaningful, refused before it starts."""
+
+
+def check_trainable(*, n_train: int, num_classes: int, batch_size: int, num_workers: int, epochs: int) -> None:
+    """Refuse a run that would exit 0 having learned nothing: the loop drops the last partial batch (equal steps
+    on every rank), so a per-worker batch larger than the rows a worker gets trains zero real steps; one class
+    makes every error 0%; zero epochs export the initial weights."""
+    world = max(num_workers, 1)
+    per_worker_batch, rows_per_worker = batch_size // world, n_train // world
+    if epochs < 1:
+        raise TrainingRefused(f"train.epochs={epochs}: at least one epoch is needed")
+    if num_classes < 2:
+        raise TrainingRefused(f"the shards hold {num_classes} class(es): classification needs at least 2")
+    if per_worker_batch < 1:
+        raise TrainingRefused(f"train.batch_size={batch_size} is smaller than train.num_workers={num_workers}: "
+                              "each worker's batch would be empty")
+    if per_worker_batch > rows_per_worker:
+        raise TrainingRefused(
+            f"train.batch_size={batch_size} gives each of {world} worker(s) a batch of {per_worker_batch}, more "
+            f"than the {rows_per_worker} training images each worker gets ({n_train} in all): not one full batch "
+            "per epoch; lower train.batch_size")
+
+
 def train_arch(
     p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path,
     best_path: str | Path | None = "tune/best.json",
 ) -> dict[str, Any]:
     """The train@ARCH stage: train `arch` with Ray Train, resume a killed run of the same params and
-    data, export models/ARCH/, write final metrics and the per-epoch curve. Returns the final metrics."""
-    import time
+    data, export models/ARCH/, write final metrics and the per-epoch curve. Returns the final metrics.
 
-    from pipeline import tracking
-    from pipeline.training.checkpoint import export_model_dir
-
+    Refuses (TrainingRefused) a run that would train nothing, before MLflow or Ray start, and (OutputLocked)
+    a second run on the same model folder or the same trajectory (Ray run folder and MLflow resume key)."""
     p = with_absolute_paths(p)
     pretrained_weights(p, arch)  # missing weights fail here, before an MLflow run or Ray starts
     lr, warmup, lr_source = tuned_hparams(p, best_path, arch)
@@ -259,6 +284,28 @@ def train_arch(
     # The resume key: the same trajectory (pipeline/training/identity.py) -> the same Ray run name and MLflow
     # run, so a rerun after a crash resumes from its checkpoint even when a runtime knob was edited meanwhile.
     name = train_run_name(p, arch, lr=lr, lr_warmup_epochs=warmup, data_fingerprint=fingerprint)
+    n_train = sum(int(shard["rows"]) for split in train_split_names(p, manifest)
+                  for shard in manifest["splits"][split]["shards"])
+    check_trainable(n_train=n_train, num_classes=int(manifest["num_classes"]), batch_size=p.train.batch_size,
+                    num_workers=p.train.num_workers, epochs=epochs)
+    # The trajectory `name` is the Ray run folder and the MLflow resume key: two runs of it would share both.
+    with output_lock(out_dir), output_lock(join(p.train.storage_path, name)):
+        clean_stale_temps(out_dir)  # a killed export's temp folder
+        return _train_arch_locked(p, arch, out_dir=out_dir, metrics_path=metrics_path, curve_path=curve_path,
+                                  lr=lr, warmup=warmup, lr_source=lr_source, epochs=epochs, manifest=manifest,
+                                  name=name)
+
+
+def _train_arch_locked(
+    p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path, lr: float,
+    warmup: int, lr_source: dict[str, Any], epochs: int, manifest: dict[str, Any], name: str,
+) -> dict[str, Any]:
+    import time
+
+    from pipeline import tracking
+    from pipeline.training.checkpoint import export_model_dir
+
+    fingerprint = str(manifest["fingerprint"])
     run_id = tracking.start_run(
         p.tracking.experiment, f"train-{arch}",
         {**tracking.base_tags(f"train@{arch}", p.digest(), fingerprint), "trajectory.key": name},
