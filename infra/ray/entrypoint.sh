@@ -26,7 +26,7 @@ set -euo pipefail
 
 log() { printf '[entrypoint %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 die() { log "ERROR: $*"; exit 1; }
-# A URI as it may be logged: userinfo (scheme://user:password@host) replaced by ***, so a tracking server's or a
+# A URI as it may be logged: userinfo (the user and password before @host) replaced by ***, so a tracking server's or a
 # database's password in MLFLOW_TRACKING_URI never reaches the job log.
 redact() { sed -E 's#([A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]+@#\1***@#g'; }
 redact_uri() { printf '%s' "$1" | redact; }

@@ -50,7 +50,7 @@ RECIPE = (
 AUGMENT = (
     "train.auto_augment", "train.ra_magnitude", "train.random_erase", "train.ra_sampler", "train.ra_reps",
     "train.prog_resize_min_size", "train.prog_resize_ramp_start", "train.prog_resize_ramp_end",
-    "train.prog_resize_step", "train.deterministic",
+    "train.prog_resize_step", "train.deterministic", "train.train_scale_range", "train.pca_lighting",
 )
 
 # train@ARCH. train.lr / train.lr_warmup_epochs / train.use_tuned are listed because with use_tuned off (or no
@@ -58,8 +58,8 @@ AUGMENT = (
 TRAIN = (
     "seed", *MODEL_OPTIONS, *RECIPE, *AUGMENT,
     "train.epochs", f"train.epochs_by_arch.{ARCH}", "train.batch_size", "train.lr", "train.lr_warmup_epochs",
-    "train.use_tuned", "train.include_minival", "train.model_ema_decay", "train.sync_bn", "train.num_workers",
-    "train.pretrained",
+    "train.use_tuned", "train.include_minival", "train.model_ema_decay", "train.model_ema_steps", "train.sync_bn",
+    "train.num_workers", "train.pretrained",
 )
 
 # The lr/warmup search: trials train each of tune.archs with the recipe for tune.epochs at searched lr and
