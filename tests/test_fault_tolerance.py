@@ -51,7 +51,8 @@ def test_killed_worker_resumes_and_mlflow_shows_one_run(synthetic_shards, tmp_pa
     if ray.is_initialized():
         ray.shutdown()  # workers must inherit the environment above
     p = load_params(_params_file(tmp_path, synthetic_shards, num_workers=2, cpus_per_worker=1, max_failures=2,
-                                   epochs=4, model_ema_decay=0.9, amp="fp16", mixup_alpha=0.2))
+                                   epochs=4, model_ema_decay=0.9, model_ema_steps=1, amp="fp16",
+                                   mixup_alpha=0.2))
     try:
         final = train_arch(p, "resnet18", out_dir=tmp_path / "models/resnet18",
                            metrics_path=tmp_path / "metrics.json", curve_path=tmp_path / "curve.csv", best_path=None)
