@@ -438,7 +438,8 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout_s: float 
 # (Ray's raylet and GCS, `mlflow server`, moto, dvc, our CLIs) fails the test there, naming the marker to add.
 FAST_TIER_EXCLUDES = ("slow", "ray", "e2e", "server", "subprocess", "heavy")
 # Short-lived queries the library itself makes (`git rev-parse HEAD` for lineage, `uname -p` in platform info)
-ALLOWED_IN_FAST_TIER = ("git", "uname", "cc", "gcc")  # and the C compiler building the ROI decoder
+# and the C compiler building the ROI decoder; `ldconfig -p` is ctypes.util.find_library, run when torch loads.
+ALLOWED_IN_FAST_TIER = ("git", "uname", "cc", "gcc", "ldconfig")
 # Fixtures that start a server: a test using one is marked `server` without saying so itself.
 SERVER_FIXTURES = ("server", "registered", "s3_endpoint")
 

@@ -170,8 +170,9 @@ def test_report_says_which_split_chose_each_lr(tmp_path: Path) -> None:
     trains["resnet101"] = {"lr_source": {"from": "params", "why": "train.use_tuned is false", "lr": 0.1,
                                          "batch_size": 64}, "train_splits": ["train"], "n_train_images": 144}
     rows = [{"arch": a, "layers": i, "params_m": 1.0, "top1_err": 1.0, "top5_err": 1.0, "chance_top1_err": 75.0,
-             "cheatsheet_top1_err": None, "cheatsheet_top5_err": None, "paper_top1_err": None, "paper_top5_err": None,
-             "torchvision_top1_err": None, "torchvision_top5_err": None, "diff_top1_vs_cheatsheet": None,
+             "ref_source": None, "ref_key": None, "ref_top1_err": None, "ref_top5_err": None,
+             "diff_top1_vs_ref": None, "diff_top5_vs_ref": None, "references": {},
+             "torchvision_top1_err": None, "torchvision_top5_err": None, "torchvision_protocol": None,
              "epochs": 1, "train_time_s": 1.0, "images_per_s": 1.0, "protocol": "p"} for i, a in enumerate(trains)]
     md = render_markdown(rows, {"layout": "synthetic"}, [], {}, trains)
     lines = {a: next(line for line in md.splitlines() if line.startswith(f"- {a}:")) for a in trains}
