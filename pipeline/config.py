@@ -418,7 +418,7 @@ class RegistryParams(_Section):
     model_name: str = Field("{arch}-{dataset}", description="Registered name; {arch} and {dataset} filled in.")
     alias: str = Field(
         "champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
-        description="Alias moved to a new version only when it beats the current one on the same data.",
+        description="Alias moved to a version only when it beats the current one on minival (never val), same data.",
     )
 
 

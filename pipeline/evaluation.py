@@ -103,11 +103,12 @@ class _Predictor:
 
 
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
-                   concurrency: int | None = None, ray_min_images: int = 0, layout: dict | None = None) -> dict:
-    """Exact top-1/top-5 error of models/ARCH over every val image, exactly once (checked against the
-    manifest: no duplicates from distributed padding, none skipped). Val sets of `ray_min_images` or more go
-    through Ray Data batch inference (Ray must be initialised); smaller ones are evaluated in this process with
-    the same decode and predictor code."""
+                   concurrency: int | None = None, ray_min_images: int = 0, layout: dict | None = None,
+                   split: str = "val") -> dict:
+    """Exact top-1/top-5 error of models/ARCH over every image of `split` (val: the table; minival: the
+    registry's selection), exactly once (checked against the manifest: no duplicates from distributed padding,
+    none skipped). Splits of `ray_min_images` or more go through Ray Data batch inference (Ray must be
+    initialised); smaller ones are evaluated in this process with the same decode and predictor code."""
     import os
 
     from pipeline.data.shards import read_manifest
@@ -120,7 +121,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
         raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
     return _evaluate(meta, {"model_dir": os.path.abspath(model_dir)}, shards_dir, manifest,
                      batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images,
-                     layout=layout)
+                     layout=layout, split=split)
 
 
 def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
@@ -223,14 +224,16 @@ def _local_predictions(files: list[str], tf: dict, ten_crop: bool, predictor_kwa
 
 def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Manifest, *, batch_size: int,
               ten_crop: bool, concurrency: int | None = None, ray_min_images: int = 0,
-              layout: dict | None = None) -> dict:
+              layout: dict | None = None, split: str = "val") -> dict:
     import numpy as np
 
     from pipeline.data.shards import shard_files
 
     tf = meta["eval_transform"]
-    expected = int(manifest["splits"]["val"]["n_images"])
-    files = shard_files(shards_dir, "val", verify=True)  # footers now; bytes hashed as they are read
+    if split not in manifest["splits"]:
+        raise ValueError(f"{shards_dir}/manifest.json has no {split!r} split (splits: {sorted(manifest['splits'])})")
+    expected = int(manifest["splits"][split]["n_images"])
+    files = shard_files(shards_dir, split, verify=True)  # footers now; bytes hashed as they are read
     if expected >= ray_min_images:
         batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency, layout)
     else:
@@ -259,6 +262,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Man
         np.add.at(confusion, (y, pred[:, 0]), 1)
     return {
         "arch": meta["arch"],
+        "split": split,
         "runner": "ray" if expected >= ray_min_images else "in-process",
         "top1_err": error_pct(int(hit1.sum()), len(y)),
         "top5_err": error_pct(int(hit5.sum()), len(y)),
@@ -273,23 +277,6 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Man
 
 
 # --- the error table ---------------------------------------------------------------------------------------
-
-
-def _legacy_reference() -> dict[str, dict]:
-    """Per arch: layers, params and the 1-crop (torchvision V1) and 10-crop (paper) errors, for callers that
-    print one reference of each protocol (publish's model card)."""
-    from pipeline.references import LAYERS, PARAMS_M, matched_reference
-
-    out = {}
-    for arch, layers in LAYERS.items():
-        one, ten = matched_reference(arch, "1-crop"), matched_reference(arch, "10-crop")
-        out[arch] = {"layers": layers, "params_m": PARAMS_M[arch],
-                     "cheat_top1": one["top1_err"], "cheat_top5": one["top5_err"], "cheat_source": one["source"],
-                     "paper_top1": ten["top1_err"], "paper_top5": ten["top5_err"]}
-    return out
-
-
-REFERENCE = _legacy_reference()
 
 
 def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[str, int]) -> list[dict]:

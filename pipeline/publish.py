@@ -66,7 +66,7 @@ def model_card(
 ) -> str:
     """The registered version's description (Markdown): metrics, data, recipe, input/output, lineage and
     references, all read from the self-describing model dir (`meta`), the evaluation JSON and the manifest."""
-    from pipeline.evaluation import REFERENCE
+    from pipeline.references import matched_reference, references_for
 
     config = meta.get("config", {})
     tp = config.get("train", {})
@@ -131,32 +131,46 @@ def model_card(
         f"- git commit `{meta.get('git_commit')}`"
         + "".join(f"; {k} `{v}`" for k, v in (lineage or {}).items() if v) + ".",
         "", "## References", f"- {PAPER}."]
-    ref = REFERENCE.get(arch)
-    if ref:
-        lines.append(f"- ImageNet-1k val error of {arch}: torchvision V1 weights (1-crop 224) top-1 "
-                     f"{_pct(ref['cheat_top1'])} / top-5 {_pct(ref['cheat_top5'])}; paper (10-crop) top-1 "
-                     f"{_pct(ref['paper_top1'])} / top-5 {_pct(ref['paper_top5'])}.")
+    refs = references_for(arch)
+    if refs:
+        # Every published ImageNet-1k val number for this arch, each under its source and protocol; only the
+        # one of this evaluation's protocol is comparable with the metrics above.
+        matched = matched_reference(arch, str(ev.get("protocol", "")))
+        lines.append(f"- ImageNet-1k val error of {arch}, by source and protocol"
+                     + (f" (comparable with this evaluation: {matched['source']}, {matched['kind']}):"
+                        if matched else " (none of this evaluation's protocol):"))
+        lines += [f"  - {r['source']} ({r['kind']}, {r['origin']}): top-1 {_pct(r['top1_err'])} / top-5 "
+                  f"{_pct(r['top5_err'])}" for r in refs]
     else:
         lines.append(f"- no ImageNet-1k reference numbers for {arch}.")
     return "\n".join(lines) + "\n"
 
 
-def decide_champion(new_err: float, new_fp: str, current: dict[str, str] | None) -> tuple[bool, str]:
-    """Pure rule: (move the alias?, why). Better = strictly lower top-1 error on the same data.
+def decide_champion(new_err: float | None, new_fp: str, current: dict[str, str] | None) -> tuple[bool, str]:
+    """Pure rule: (move the alias?, why). `new_err` is the new version's top-1 error on the selection split
+    (minival, held out of train by prepare; None when prepare carved none), never the val set whose error the
+    table reports: choosing the champion on val would make its val error a selected, optimistic number.
+    Better = strictly lower error on the same data; `current` holds the champion's version tags plus `version`.
 
-    A champion evaluated on other data (another fingerprint: the dataset was re-prepared or changed) cannot
-    be compared with: the version evaluated on the pipeline's current data takes the alias, and the reason
-    says so. `current` holds the champion's version tags plus `version`."""
+    A champion evaluated on other data (another fingerprint: the dataset was re-prepared or changed), or one
+    without a selection error, cannot be compared with: the version on the pipeline's current data takes the
+    alias, and the reason says so. Without a minival split the newest version on the current data takes it."""
     if current is None:
         return True, "no champion yet"
+    version = current.get("version")
     cur_fp = current.get("data_fingerprint", "")
-    cur_err = float(current.get("top1_err", "inf"))
     if cur_fp != new_fp:
-        return True, (f"champion v{current.get('version')} was evaluated on other data ({cur_fp[:8] or 'unknown'}, "
+        return True, (f"champion v{version} was evaluated on other data ({cur_fp[:8] or 'unknown'}, "
                       f"now {new_fp[:8]}): not comparable, the version on the current data takes the alias")
+    if new_err is None:
+        return True, "no minival split to select on: the newest version on the current data takes the alias"
+    cur = current.get("select_top1_err", "")
+    if cur in ("", "None"):
+        return True, f"champion v{version} has no minival error: not comparable, the new version takes the alias"
+    cur_err = float(cur)
     if new_err < cur_err:
-        return True, f"top-1 {new_err:.2f}% beats champion v{current.get('version')} ({cur_err:.2f}%)"
-    return False, f"top-1 {new_err:.2f}% does not beat champion v{current.get('version')} ({cur_err:.2f}%)"
+        return True, f"minival top-1 {new_err:.2f}% beats champion v{version} ({cur_err:.2f}%)"
+    return False, f"minival top-1 {new_err:.2f}% does not beat champion v{version} ({cur_err:.2f}%)"
 
 
 def top_k(probs: np.ndarray, classes: list[str], class_names: dict[str, str], k: int = 5) -> list[list[dict[str, Any]]]:
@@ -231,13 +245,18 @@ def _register(
                     "data_fingerprint": fp, "train_data_fingerprint": str(meta.get("data_fingerprint")),
                     "git_commit": str(meta.get("git_commit")), "params_digest": p.digest(),
                     "train_run_id": train_run_id, "epochs_trained": str(meta.get("epochs_trained"))}
+    selection = ev.get("selection") or {}
+    select_err = None if selection.get("top1_err") is None else float(selection["top1_err"])
+    version_tags.update({"select_split": str(selection.get("split", "none")),
+                         "select_top1_err": "" if select_err is None else repr(select_err)})
     metadata = {"classes": meta["classes"], "class_names": meta.get("class_names", {}), "eval_transform": tf,
                 "arch": arch, "dataset": dataset, "num_classes": meta["num_classes"], "data_fingerprint": fp,
                 "output": "class probabilities (N, num_classes), columns in the order of `classes`"}
     lineage = {"train run": train_run_id, "register run": run_id, "params digest": p.digest()}
     card = model_card(arch, meta, ev, dataset, manifest=manifest, lineage=lineage)
     about = (f"{arch} trained on {dataset} by resnet-pipeline. `@{alias}` is the version with the lowest top-1 "
-             "error on the current data; every version's description is its model card.")
+             "error on the minival split (held out of train; never the val set) of the current data; every "
+             "version's description is its model card.")
     # The model is logged into its training run, so the version's source run is the one with the curves, system
     # metrics and config; only a model whose training run is not in this store falls back to the register run.
     source_run = train_run_id if train_run_id and tracking.get_run(train_run_id) is not None else run_id
@@ -246,7 +265,7 @@ def _register(
                                               version_tags, metadata, registered_description=about)
     current = tracking.alias_version(name, alias)
     current_tags = None if current is None else {**current.tags, "version": str(current.version)}
-    move, why = decide_champion(float(ev["top1_err"]), fp, current_tags)
+    move, why = decide_champion(select_err, fp, current_tags)
     if move:
         tracking.set_alias(name, alias, version)
     champion = version if move else str(current.version)  # current is not None when move is False
@@ -257,6 +276,7 @@ def _register(
     return {"arch": arch, "name": name, "version": version, "alias": alias if move else None,
             "champion_moved": move, "why": why, "champion_version": champion,
             "previous_champion_version": None if current is None else str(current.version),
-            "top1_err": ev["top1_err"], "top5_err": ev["top5_err"], "data_fingerprint": fp,
+            "top1_err": ev["top1_err"], "top5_err": ev["top5_err"], "select_split": version_tags["select_split"],
+            "select_top1_err": select_err, "data_fingerprint": fp,
             "run_id": run_id, "train_run_id": train_run_id or None, "source_run_id": source_run,
             "uri": f"models:/{name}/{version}", "champion_uri": f"models:/{name}@{alias}"}

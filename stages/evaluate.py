@@ -25,6 +25,7 @@ def main() -> None:
     result = evaluate_model(model_dir, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=p.eval.ten_crop,
                             ray_min_images=p.eval.ray_min_images, layout=layout)
     details = {k: result.pop(k) for k in ("per_class_top1_err", "confusion")}
+    result["selection"] = _selection(p, model_dir, layout)
     # The reference row: torchvision's weights for this arch, when they are on this machine, through the same
     # code and transform. Not a DVC dependency (they live outside the repository), so after adding them run
     # `dvc repro --force evaluate@ARCH`.
@@ -42,6 +43,22 @@ def main() -> None:
     _log_run(p, args.arch, result, out)
     print(f"evaluate {args.arch}: top-1 err {result['top1_err']:.2f}%, top-5 err {result['top5_err']:.2f}% "
           f"on {result['n_images']} images ({result['protocol']}, {result['runner']})")
+
+
+def _selection(p, model_dir: str, layout: dict) -> dict | None:  # noqa: ANN001
+    """The error the registry's champion is chosen by: the minival split (held out of train by prepare), 1-crop,
+    never the val set the table reports. None when prepare carved no minival (then the newest version on the
+    current data takes the alias). `in_train` says whether this model also trained on it
+    (train.include_minival), which makes the comparison in-sample but still blind to val."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.evaluation import evaluate_model
+
+    if int((read_manifest(p.data.shards_dir)["splits"].get("minival") or {}).get("n_images", 0)) == 0:
+        return None
+    res = evaluate_model(model_dir, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=False,
+                         ray_min_images=p.eval.ray_min_images, layout=layout, split="minival")
+    return {"split": "minival", "top1_err": res["top1_err"], "top5_err": res["top5_err"],
+            "n_images": res["n_images"], "protocol": res["protocol"], "in_train": bool(p.train.include_minival)}
 
 
 def _log_run(p, arch: str, result: dict, out: str) -> None:  # noqa: ANN001

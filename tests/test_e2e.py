@@ -110,6 +110,11 @@ def test_champions_load_from_registry_and_classify_3_images(repro: dict) -> None
     records = json.loads((repo / "reports/registry.json").read_text())
     assert [r["arch"] for r in records] == ARCHS
     assert all(r["alias"] == "champion" for r in records)
+    # Chosen on minival, never on val: each record carries the minival error its evaluation measured.
+    for r in records:
+        sel = json.loads((repo / f"metrics/eval/{r['arch']}.json").read_text())["selection"]
+        assert sel["split"] == "minival" and sel["n_images"] > 0 and r["select_split"] == "minival"
+        assert r["select_top1_err"] == sel["top1_err"]
     script = (
         "import json, sys, numpy as np, torch, mlflow.pytorch\n"
         "from pipeline import tracking\n"

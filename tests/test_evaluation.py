@@ -35,12 +35,18 @@ def test_topk_rejects_bad_shapes() -> None:
 
 def test_champion_rule() -> None:
     assert decide_champion(10.0, "fp", None)[0]
-    same = {"version": "1", "top1_err": "12.0", "data_fingerprint": "fp"}
+    same = {"version": "1", "select_top1_err": "12.0", "data_fingerprint": "fp"}
     assert decide_champion(10.0, "fp", same)[0]
     moved, why = decide_champion(13.0, "fp", same)
     assert not moved and "does not beat" in why
     assert not decide_champion(12.0, "fp", same)[0]  # a tie keeps the champion
     assert decide_champion(13.0, "other", same)[0]  # other data: not comparable
+    # The val error (the table's number) never chooses: a champion far better on val but worse on minival loses.
+    assert decide_champion(10.0, "fp", {**same, "top1_err": "1.0"})[0]
+    moved, why = decide_champion(10.0, "fp", {"version": "1", "top1_err": "1.0", "data_fingerprint": "fp"})
+    assert moved and "no minival error" in why
+    moved, why = decide_champion(None, "fp", same)
+    assert moved and "no minival split" in why
 
 
 def _ev(arch: str, top1: float, protocol: str) -> dict:

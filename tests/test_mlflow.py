@@ -164,8 +164,10 @@ def make_params(shards: Path, *overrides: str) -> Params:
     return load_params(ROOT / "params.yaml", [f"data.shards_dir={shards}", *overrides])
 
 
-def make_trained(tmp: Path, p: Params, *, seed: int, top1_err: float, top5_err: float = 0.0) -> tuple[Path, Path]:
-    """models/resnet18 as the train stage exports it (random weights) and its evaluation JSON."""
+def make_trained(tmp: Path, p: Params, *, seed: int, top1_err: float, top5_err: float = 0.0,
+                 minival_top1_err: float | None = None) -> tuple[Path, Path]:
+    """models/resnet18 as the train stage exports it (random weights) and its evaluation JSON (with the minival
+    selection error the champion rule reads: `top1_err` unless given)."""
     from pipeline.models import build_model
     from pipeline.training.checkpoint import export_model_dir
 
@@ -187,7 +189,9 @@ def make_trained(tmp: Path, p: Params, *, seed: int, top1_err: float, top5_err: 
     n_val = int(manifest["splits"]["val"]["n_images"])
     ev = {"arch": "resnet18", "top1_err": top1_err, "top5_err": top5_err, "n_images": n_val,
           "num_classes": int(manifest["num_classes"]), "protocol": f"1-crop resize {RESIZE} crop {CROP}",
-          "data_fingerprint": str(manifest["fingerprint"]), "epochs": 2}
+          "data_fingerprint": str(manifest["fingerprint"]), "epochs": 2,
+          "selection": {"split": "minival", "top1_err": top1_err if minival_top1_err is None else minival_top1_err,
+                        "top5_err": 0.0, "n_images": 8, "protocol": "1-crop", "in_train": True}}
     eval_path = tmp / f"eval-{seed}.json"
     eval_path.write_text(json.dumps(ev))
     return model_dir, eval_path
@@ -365,8 +369,9 @@ def test_champion_moves_only_to_a_better_version_on_the_same_data(server: dict[s
                                                                   tmp_path: Path) -> None:
     p = make_params(synthetic_shards, "registry.model_name=champ-{arch}-{dataset}")
     name = "champ-resnet18-synthetic"
-    better = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=1, top1_err=50.0))
-    worse = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=2, top1_err=56.25))
+    # The val errors run opposite to minival's: the champion must follow minival, never the table's val set.
+    better = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=1, top1_err=56.25, minival_top1_err=50.0))
+    worse = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=2, top1_err=43.75, minival_top1_err=56.25))
     assert (better["version"], worse["version"]) == ("1", "2")
     assert better["alias"] == "champion" and worse["alias"] is None and not worse["champion_moved"]
     assert "does not beat champion v1" in worse["why"] and worse["champion_version"] == "1"
@@ -374,7 +379,7 @@ def test_champion_moves_only_to_a_better_version_on_the_same_data(server: dict[s
     v2 = tracking.get_model_version(name, "2")
     assert v2.tags["champion.moved"] == "false" and "does not beat" in v2.tags["champion.why"]
 
-    best = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=3, top1_err=43.75))
+    best = publish_model(p, "resnet18", *make_trained(tmp_path, p, seed=3, top1_err=60.0, minival_top1_err=43.75))
     assert best["alias"] == "champion" and "beats champion v1" in best["why"]
     assert tracking.alias_version(name, "champion").version == "3"
     assert [v.version for v in tracking.model_versions(name)] == ["1", "2", "3"]
@@ -392,7 +397,7 @@ def test_metrics_of_other_data_are_refused_before_anything_is_logged(server: dic
 
 
 def test_decide_champion_rule() -> None:
-    champion = {"version": "4", "data_fingerprint": "f" * 64, "top1_err": repr(30.000000000000004)}
+    champion = {"version": "4", "data_fingerprint": "f" * 64, "select_top1_err": repr(30.000000000000004)}
     assert decide_champion(29.9, "f" * 64, champion)[0]
     assert not decide_champion(30.000000000000004, "f" * 64, champion)[0]  # a tie keeps the champion
     assert not decide_champion(30.1, "f" * 64, champion)[0]
