@@ -409,3 +409,41 @@ def test_error_lines_carry_no_uri_password(capsys: pytest.CaptureFixture[str]) -
         raise FileNotFoundError("no manifest at s3://KEY:SECRET@bucket/shards/manifest.json")
     line = one_error_line(capsys)
     assert "SECRET" not in line and "s3://***@bucket/shards/manifest.json" in line
+
+
+# --- symlinks in raw data -------------------------------------------------------------------------------------------
+
+
+def _first_class(tree: object) -> Path:
+    root = Path(os.fspath(tree))  # type: ignore[call-overload]
+    return root / "train" / tree.wnids[0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["self", "ancestor"])
+def test_symlink_loop_in_raw_data_is_a_data_error_naming_it(kind: str, tiny_folders_tree: object) -> None:
+    from pipeline.data.sources import DataError, list_source
+
+    cls = _first_class(tiny_folders_tree)
+    link = cls / "loop"
+    link.symlink_to("loop" if kind == "self" else "..")
+    with pytest.raises(DataError, match=r"symlink loop.*loop"):
+        list_source(tiny_folders_tree)  # type: ignore[arg-type]
+
+
+def test_symlink_out_of_raw_dir_is_not_followed(tiny_folders_tree: object, tmp_path: Path) -> None:
+    from pipeline.data.sources import DataError, list_source
+
+    outside = tmp_path / "outside.JPEG"
+    outside.write_bytes((_first_class(tiny_folders_tree) / f"{tiny_folders_tree.wnids[0]}_0.JPEG").read_bytes())  # type: ignore[attr-defined]
+    (_first_class(tiny_folders_tree) / "escape.JPEG").symlink_to(outside)
+    with pytest.raises(DataError, match=r"escape.JPEG is a symlink to .*outside.JPEG, outside data.raw_dir"):
+        list_source(tiny_folders_tree)  # type: ignore[arg-type]
+
+
+def test_symlink_inside_raw_dir_is_followed(tiny_folders_tree: object) -> None:
+    from pipeline.data.sources import list_source
+
+    cls = _first_class(tiny_folders_tree)
+    (cls / "again.JPEG").symlink_to(cls / f"{tiny_folders_tree.wnids[0]}_0.JPEG")  # type: ignore[attr-defined]
+    keys = {s.key for s in list_source(tiny_folders_tree).samples}  # type: ignore[arg-type]
+    assert f"train/{cls.name}/again.JPEG" in keys

@@ -24,6 +24,7 @@ returned as `Rejection`s so that prepare reports them: nothing is dropped silent
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import re
@@ -222,12 +223,38 @@ def _relkey(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _walk_files(root: Path, folder: Path, wnid: str, split: Split, rejected: list[Rejection]) -> list[Sample]:
+def _check_link(root: Path, path: Path) -> None:
+    """A symlink under raw_dir is followed only to a target inside raw_dir: raw data we did not make must not
+    pull in files from elsewhere on the machine (an image outside raw_dir would enter the shards), and a link that
+    loops is named instead of failing deep in a walk. A dangling link is left to the caller (a rejection)."""
+    if not path.is_symlink():
+        return
+    try:
+        target = Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"symlink loop at {path} (-> {os.readlink(path)}): fix or remove the link") from None
+        raise
+    real_root = Path(os.path.realpath(root))
+    if not target.is_relative_to(real_root):
+        raise DataError(f"{path} is a symlink to {target}, outside data.raw_dir {root}: not followed. Point "
+                        "data.raw_dir at a folder that holds the data itself (it may be a symlink), or copy it in")
+
+
+def _walk_files(root: Path, folder: Path, wnid: str, split: Split, rejected: list[Rejection],
+                _parents: tuple[str, ...] = ()) -> list[Sample]:
     """Every non-hidden file below `folder` (recursively, sorted), as samples of class `wnid`.
 
-    Recursion matches torchvision's ImageFolder; an unreadable subfolder becomes one rejection.
+    Recursion matches torchvision's ImageFolder; an unreadable subfolder becomes one rejection. Symlinks are
+    followed inside raw_dir only (`_check_link`); one that leads back into a folder being walked is a DataError.
     """
     out: list[Sample] = []
+    _check_link(root, folder)
+    real = os.path.realpath(folder)
+    if real in _parents:
+        raise DataError(f"symlink loop: {folder} leads back to {real}, which contains it; fix or remove the link")
     try:
         entries = scan_dir(folder)
     except PermissionError as exc:
@@ -235,8 +262,10 @@ def _walk_files(root: Path, folder: Path, wnid: str, split: Split, rejected: lis
         return out
     for entry in entries:
         path = Path(entry.path)
+        if entry.is_symlink():
+            _check_link(root, path)
         if entry.is_dir():
-            out.extend(_walk_files(root, path, wnid, split, rejected))
+            out.extend(_walk_files(root, path, wnid, split, rejected, (*_parents, real)))
             continue
         key = _relkey(root, path)
         try:
@@ -390,6 +419,7 @@ def _list_kaggle(
             raise DataError(f"{val_dir} is flat but {solution_path} (its labels) is missing")
         solution = _read_solution(solution_path)
         for e in val_files:
+            _check_link(root, Path(e.path))
             key = _relkey(root, Path(e.path))
             wnid = solution.get(Path(e.name).stem)
             if wnid is None:
