@@ -21,15 +21,18 @@ import os
 import stat
 import subprocess
 import tarfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import pipeline.data.sources as sources
+from tests import ray_session
 
 # One auth mode for every Ray this test process starts or joins. Ray 2.60 turns token auth on for a new local
 # `ray.init()` cluster when RAY_AUTH_MODE is unset, and a driver keeps the mode it first saw: a later test that
@@ -448,6 +451,60 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if set(getattr(item, "fixturenames", ())) & set(SERVER_FIXTURES):
             item.add_marker(pytest.mark.server)
+    if (os.environ.get("PIPELINE_TEST_TIER") != "fast" and os.environ.get(OWN_RAY_ENV) != "1"
+            and any(item.get_closest_marker("ray") for item in items)):
+        _share_one_ray()
+
+
+# --- one Ray cluster per session, and a count of them (tests/ray_session.py) -----------------------------------
+# Every `ray.init()` that would start a local Ray joins one shared head + worker node instead; a test whose claim
+# is about a Ray of its own (its size, its auth, its nodes) is marked `own_ray`. PIPELINE_TEST_OWN_RAY=1 turns the
+# sharing off (each test starts its own, as before), to compare. The summary line `ray clusters started: N`
+# counts every GCS server the session's processes started, subprocesses (dvc, stages, `ray start`) included.
+OWN_RAY_ENV = "PIPELINE_TEST_OWN_RAY"
+os.environ.setdefault(ray_session.RUN_MARKER, uuid.uuid4().hex)
+_SHARED_RAY = ray_session.SharedCluster(dict(os.environ))
+_COUNTER = ray_session.ClusterCounter(os.environ[ray_session.RUN_MARKER])
+_CURRENT: list[pytest.Item] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_ray: starts a local Ray of its own instead of joining the session's "
+                                       "shared cluster (its claim depends on that Ray's size or kind)")
+    if os.environ.get("PIPELINE_TEST_TIER") != "fast":
+        _COUNTER.start()
+
+
+def _share_one_ray() -> None:
+    import ray
+
+    if not getattr(ray.init, "joins_shared_cluster", False):  # (Ray's own init has a __wrapped__)
+        opted_out = lambda: bool(_CURRENT and _CURRENT[0].get_closest_marker("own_ray"))  # noqa: E731
+        ray.init = ray_session.redirect_init(ray.init, _SHARED_RAY, opted_out)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _CURRENT[:] = [item]
+    _COUNTER.current = item.nodeid
+    yield
+    _COUNTER.current = "(between tests)"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _SHARED_RAY.stop()
+    _COUNTER.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if os.environ.get("PIPELINE_TEST_TIER") == "fast":
+        return
+    per_test = _COUNTER.by_test()
+    terminalreporter.write_line(
+        f"ray clusters started: {sum(per_test.values())} (GCS servers of this session; "
+        f"{_SHARED_RAY.joins} ray.init calls joined the shared cluster)")
+    for nodeid, n in per_test.most_common():
+        terminalreporter.write_line(f"  {n} {nodeid}")
 
 
 @pytest.fixture(autouse=True)

@@ -152,9 +152,12 @@ def test_ray_passes_ramp_resolution_and_repeat_images(ray_2cpus, synthetic_shard
 
     files = shard_files(synthetic_shards, "train")
     n = sum(read_shard(f, columns=["key"]).num_rows for f in files)
+    shard_keys = [set(read_shard(f, columns=["key"]).column("key").to_pylist()) for f in files]
+    # deterministic: Ray Data keeps the blocks in the (seeded) file order, so which rows make the cut is the
+    # ingest's doing, not the scheduler's.
     tp = TrainParams(train_crop_size=32, val_resize_size=32, val_crop_size=32, prog_resize_min_size=16,
                      prog_resize_ramp_start=0.0, prog_resize_ramp_end=1.0, prog_resize_step=8, ra_sampler=True,
-                     ra_reps=4)
+                     ra_reps=4, deterministic=True)
     ds = train_dataset(files, crop=32, min_scale=0.35, seed=0, keep_keys=True, recipe=tp, epochs=3, n_rows=n)
     sizes, counts = [], []
     for _epoch in range(3):
@@ -163,16 +166,12 @@ def test_ray_passes_ramp_resolution_and_repeat_images(ray_2cpus, synthetic_shard
         counts.append(Counter(k for b in batches for k in b["key"].tolist()))
     # Ray Data's pass index is the epoch: 16 -> 24 -> 32 px, each pass at one size.
     assert sizes == [{16}, {24}, {32}]
-    # 4 shards of 16 rows: a decode task yields its shard's 4 copies as 4 blocks, and the pass is cut after n = 64
-    # rows. On 2 CPUs two tasks run at once and their blocks interleave (timing decides), so the cut holds the
-    # copies of at most two shards (a third task starts only after the first has yielded all 4 of its blocks):
-    # 16 images 4 times each when one task's blocks came first, up to 32 images when both interleaved.
+    # 4 shards of 16 rows, each decode task yielding its shard's 4 copies in order: the pass, cut at n = 64 rows,
+    # is exactly the first shard of this pass's file order, every image of it 4 times (DeiT's RASampler: n / reps
+    # distinct images, each reps times).
     for c in counts:
-        assert sum(c.values()) == n  # the epoch keeps its length ...
-        assert max(c.values()) <= 4 and len(c) <= n // 2  # ... with repeated images, never more than 4 copies
-    # Which shards make the cut is whichever decode tasks Ray runs first: the file order is reshuffled every pass
-    # (tests/test_ingest.py checks that), but the scheduler, not the order, picks the first 2 of 4 queued tasks,
-    # so "another subset each epoch" is not asserted (3 equal subsets in a row happened in CI).
+        assert sum(c.values()) == n and set(c.values()) == {4}, c
+        assert set(c) in shard_keys, sorted(c)
 
 
 def test_pca_lighting_shifts_each_image_along_imagenets_colour_components(rows) -> None:

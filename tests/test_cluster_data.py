@@ -142,67 +142,90 @@ def _shard_digests(root: Path) -> dict[str, str]:
             for p in sorted(root.glob("*/*.parquet"))}
 
 
+def _noting_node(nodes: Path):  # noqa: ANN202 - a Ray task function
+    """pipeline.data.prepare.build_shard that leaves `<node id>-<uuid>` in `nodes` where it runs (self-contained:
+    Ray ships it by value to the nodes, whose pipeline.data.prepare is the unpatched one)."""
+
+    def build_shard(*args: object, **kwargs: object) -> object:
+        import uuid
+
+        import ray
+
+        from pipeline.data.prepare import build_shard as real
+
+        (nodes / f"{ray.get_runtime_context().get_node_id()}-{uuid.uuid4().hex}").touch()
+        return real(*args, **kwargs)
+
+    return build_shard
+
+
 def test_distributed_prepare_is_byte_identical_and_resumes_after_a_kill(cluster: Cluster, raw: Path,
                                                                          tmp_path: Path, monkeypatch) -> None:
-    import threading
-
     import ray
-    from ray._private.state import available_resources_per_node
 
+    from pipeline.data import prepare
     from pipeline.data.prepare import prepare_shards
 
     reference = prepare_shards(raw, tmp_path / "one", workers=1, prepare_on="local", **OPTS)
 
-    # The driver killed midway: a separate process, SIGKILLed once a few shards are recorded.
+    # The driver killed midway: a separate process that stops after recording its 3rd shard (it says so in a
+    # file and sleeps), then is SIGKILLed. Killing it is not a race against how fast prepare runs.
     out = tmp_path / "ray"
-    code = ("import sys; from pipeline.data.prepare import prepare_shards; "
-            f"prepare_shards({str(raw)!r}, {str(out)!r}, prepare_on='ray', max_side=48, rows_per_shard=4, "
-            "progress=False)")
+    paused = tmp_path / "paused"
+    code = f"""
+import time
+import pipeline.data.prepare as prepare
+
+run_ray = prepare._run_ray
+
+def stop_after_three(todo, out, max_side, jpeg_quality, record, *rest):
+    seen = []
+
+    def noted(result):
+        record(result)
+        seen.append(1)
+        if len(seen) == 3:
+            open({str(paused)!r}, "w").close()
+            time.sleep(3600)
+
+    run_ray(todo, out, max_side, jpeg_quality, noted, *rest)
+
+prepare._run_ray = stop_after_three
+prepare.prepare_shards({str(raw)!r}, {str(out)!r}, prepare_on="ray", max_side=48, rows_per_shard=4, progress=False)
+"""
     env = {**_base_env(), **NO_AUTH, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     done = out / ".done"
     deadline = time.monotonic() + 300
-    while driver.poll() is None and time.monotonic() < deadline:
-        if done.is_dir() and len(list(done.glob("*.json"))) >= 3:
-            driver.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    while driver.poll() is None and not paused.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
-    assert driver.returncode == -signal.SIGKILL, "prepare finished before it could be killed midway"
+    assert paused.exists(), "the driver never recorded 3 shards"
     assert not (out / "manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in done.glob("*.json")}
-    assert 3 <= len(kept) < len(reference["splits"]["train"]["shards"]) + len(reference["splits"]["val"]["shards"])
+    assert len(kept) == 3, sorted(kept)
 
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
-    busy: set[str] = set()  # nodes seen with their CPU taken: only prepare's tasks run on this cluster
-    running = threading.Event()
-
-    def watch() -> None:
-        while not running.is_set():
-            try:
-                busy.update(n for n, r in available_resources_per_node().items() if r.get("CPU", 0) < 1)
-            except Exception:  # noqa: BLE001 - before ray.init or after shutdown: nothing to see
-                pass
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=watch, daemon=True)
+    # Each shard task notes the node it ran on (a file per task, beside the output): no sampling to miss one.
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    monkeypatch.setattr(prepare, "build_shard", _noting_node(nodes))
     try:
         ray.init(log_to_driver=False, logging_level="ERROR")  # the cluster RAY_ADDRESS names
-        watcher.start()
         again = prepare_shards(raw, out, prepare_on="auto", **OPTS)  # auto: RAY_ADDRESS is set
     finally:
-        running.set()
-        watcher.join(timeout=10)
         ray.shutdown()
+    busy = {f.name.split("-")[0] for f in nodes.iterdir()}
     assert again == reference
     assert (out / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
     assert _shard_digests(out) == _shard_digests(tmp_path / "one")  # sha256 of every shard, 1 process vs 2 nodes
     assert {p.name: p.stat().st_mtime_ns for p in done.glob("*.json") if p.name in kept} == kept  # not redone
-    assert cluster.worker_node_id in busy and len(busy) == 2  # the tasks ran on both nodes
+    assert cluster.worker_node_id in busy and len(busy) == 2, busy  # the tasks ran on both nodes
 
 
 def test_a_node_that_sees_other_data_stops_the_run_naming_it(cluster: Cluster, raw: Path, monkeypatch) -> None:

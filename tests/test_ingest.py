@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.shards import read_manifest, shard_files
+from pipeline.data.shards import read_manifest, read_shard, shard_files
 
 pytestmark = pytest.mark.ray
 
@@ -34,14 +34,20 @@ def test_train_pass_has_every_row_once_and_files_reshuffle_each_epoch(ray_2cpus,
     files = shard_files(synthetic_shards, "train")
     assert len(files) == 4  # 64 rows, 16 per shard
     ds = train_dataset(files, crop=24, min_scale=0.35, seed=0, keep_keys=True)
+    # Blocks in the order of the files, not of the tasks that finish first: the shard order each pass read is
+    # then the ingest's shuffle, which the scheduler cannot reorder into a pass (or a failure) by chance.
+    ds.context.execution_options.preserve_order = True
     epochs = [_keys_of_pass(ds) for _ in range(3)]
     n_train = read_manifest(synthetic_shards)["splits"]["train"]["n_images"]
     for keys in epochs:
         assert len(keys) == n_train and len(set(keys)) == n_train
-    # File-level shuffle, reseeded after every execution: the shard order differs between epochs (with 4 files
-    # and a seeded shuffle, 3 identical orders in a row would be a bug, not chance: 1/24^2).
-    first_rows = [tuple(keys[::16]) for keys in epochs]
-    assert len(set(first_rows)) > 1
+    # File-level shuffle, seeded and reseeded after every execution: each pass reads the 4 shards one after the
+    # other, in an order of its own (seed 0: 3 passes, not all the same order; without the reseed all 3 match).
+    shard_of = {k: i for i, f in enumerate(files) for k in read_shard(f, columns=["key"]).column("key").to_pylist()}
+    orders = [tuple(dict.fromkeys(shard_of[k] for k in keys)) for keys in epochs]
+    for keys, order in zip(epochs, orders, strict=True):
+        assert sorted(order) == [0, 1, 2, 3] and [shard_of[k] for k in keys[::16]] == list(order), order
+    assert len(set(orders)) > 1, orders
     batch = next(iter(ds.iter_batches(batch_format="numpy", batch_size=8)))
     assert batch["image"].shape == (8, 3, 24, 24) and batch["image"].dtype == np.uint8
     # Read and decode run as ONE fused operator (a task per shard file), not two operators.

@@ -447,15 +447,20 @@ def test_registered_model_loads_without_pickle_or_code_execution(registered: dic
 
 def test_system_metrics_logged_for_an_explicit_run_id(server: dict[str, Any]) -> None:
     run_id = tracking.start_run("test-system-metrics", "sysmetrics", tracking.base_tags("train@x", "d", "fp"))
-    with tracking.system_metrics(run_id, sampling_interval_s=1.0):
-        end = time.time() + 2.5
-        while time.time() < end:  # a little CPU work to measure
-            sum(i * i for i in range(20_000))
+    cpu = "system/cpu_utilization_percentage"
+    # The block lasts until two samples are logged, however slow the machine (bounded: a monitor that never logs
+    # ends the wait and fails below), not a fixed time that a loaded machine may fill with fewer samples.
+    with tracking.system_metrics(run_id, sampling_interval_s=0.5):
+        deadline = time.monotonic() + 120
+        while len(tracking.metric_history(run_id, cpu)) < 2 and time.monotonic() < deadline:
+            sum(i * i for i in range(20_000))  # a little CPU work to measure
+            time.sleep(0.1)
     tracking.end_run(run_id)
     metrics = tracking.run_metrics(run_id)
-    assert "system/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert cpu in metrics, sorted(metrics)
     assert "system/system_memory_usage_percentage" in metrics
-    assert len(tracking.metric_history(run_id, "system/cpu_utilization_percentage")) >= 2
+    steps = [s for s, _ in tracking.metric_history(run_id, cpu)]
+    assert len(steps) >= 2 and steps == sorted(set(steps)), steps  # one sample per step, in order
     # A run id of None (no tracking) is a no-op.
     with tracking.system_metrics(None):
         pass

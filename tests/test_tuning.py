@@ -157,6 +157,7 @@ def _assert_selected_on_minival_only(log: Path, shards: Path) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray  # its claim is a 2-CPU Ray: the trials derived from that size
 @pytest.mark.timeout(600)
 def test_tune_on_two_cpus_never_reads_val_and_selects_on_minival(minival_shards, tmp_path, monkeypatch) -> None:
     import ray
