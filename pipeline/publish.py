@@ -231,8 +231,11 @@ def _register(
                     "data_fingerprint": fp, "train_data_fingerprint": str(meta.get("data_fingerprint")),
                     "git_commit": str(meta.get("git_commit")), "params_digest": p.digest(),
                     "train_run_id": train_run_id, "epochs_trained": str(meta.get("epochs_trained"))}
+    # Where the evaluation data are: `python -m pipeline evaluate --model models:/...` defaults to them.
+    shards_dir = p.data.shards_dir if "://" in p.data.shards_dir else str(Path(p.data.shards_dir).resolve())
     metadata = {"classes": meta["classes"], "class_names": meta.get("class_names", {}), "eval_transform": tf,
                 "arch": arch, "dataset": dataset, "num_classes": meta["num_classes"], "data_fingerprint": fp,
+                "shards_dir": shards_dir,
                 "output": "class probabilities (N, num_classes), columns in the order of `classes`"}
     lineage = {"train run": train_run_id, "register run": run_id, "params digest": p.digest()}
     card = model_card(arch, meta, ev, dataset, manifest=manifest, lineage=lineage)
