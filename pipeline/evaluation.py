@@ -44,7 +44,7 @@ def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: 
 
 def amp_dtype_of(amp: str | None) -> torch.dtype | None:
     """train.amp -> the autocast dtype (None: fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")
 
 
 # The evaluate stage's precision, ours and the reference rows alike (None = fp32).
