@@ -160,7 +160,7 @@ class BareLoop:
         self.model.train()
         self.optimizer = build_optimizer(self.model, self.tp, self.tp.lr)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tp.label_smoothing)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
         self.rng = np.random.default_rng(p.seed + seed)
 
     def step(self, idx: np.ndarray, lr: float) -> None:
@@ -350,24 +350,24 @@ def amp_record(tmpdir: Path, quick: bool) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for arch, timed in ((ARCH, R18_STEPS), ("resnet50", R50_STEPS)):
         timed = max(3, timed // 2) if quick else timed
-        times = interleaved_steps(p, arch, ("bf16", "off"), AMP_WARMUP_STEPS, timed)
-        ratios = paired_ratios(times["off"], times["bf16"])  # (batch / t_bf16) / (batch / t_fp32)
+        times = interleaved_steps(p, arch, ("bf16", "none"), AMP_WARMUP_STEPS, timed)
+        ratios = paired_ratios(times["none"], times["bf16"])  # (batch / t_bf16) / (batch / t_fp32)
         out[arch] = {
             "value": batch / statistics.median(times["bf16"]),
-            "baseline": batch / statistics.median(times["off"]),
+            "baseline": batch / statistics.median(times["none"]),
             "spread": [min(ratios), max(ratios)],
             "n": timed,
             # The fastest step of each: the least disturbed by other jobs (timeit's argument for the minimum).
             "best_step_img_s": {
                 "bf16": round(batch / min(times["bf16"]), 1),
-                "fp32": round(batch / min(times["off"]), 1),
+                "fp32": round(batch / min(times["none"]), 1),
             },
         }
     r18, r50 = out[ARCH], out["resnet50"]
     verdicts = [f"{arch}: {'bf16' if o['value'] > o['baseline'] else 'fp32'} faster ({o['value'] / o['baseline']:.2f}x)"
                 for arch, o in out.items()]
     faster = [o["value"] > o["baseline"] for o in out.values()]
-    supports = "bf16" if all(faster) else ("off" if not any(faster) else "bf16 only for some archs")
+    supports = "bf16" if all(faster) else ("none" if not any(faster) else "bf16 only for some archs")
     return record(
         "bf16_vs_fp32_cpu", r18["value"], "img/s", "fp32_cpu", r18["baseline"], r18["n"], r18["spread"],
         load_before=load_before,

@@ -3,7 +3,8 @@
     python -m pipeline predict --model models/resnet50 --image cat.jpg --topk 5
     python -m pipeline predict --model models:/resnet18-synthetic@champion --image data/synthetic/val
     python -m pipeline train --arch resnet50 --data /datasets/flowers --epochs 10   # -> runs/resnet50-flowers/
-    python -m pipeline evaluate --model models/resnet50
+    python -m pipeline evaluate --model runs/resnet50-flowers/model   # the val split it was trained on
+    python -m pipeline evaluate --model models:/resnet18-synthetic@champion --data /datasets/flowers
 
 Expected failures (a bad parameter, a missing model or image, a refused registry model) print one `error:` line
 and exit non-zero; `--debug` shows the traceback.
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import DEBUG_ENV, add_debug, arch_name, positive_int, user_errors
+from pipeline.cli import DEBUG_ENV, add_debug, arch_help, arch_name, positive_int, user_errors
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -119,6 +120,45 @@ def _dvc_outputs_hit(paths: list[Path]) -> tuple[Path, str] | None:
     return None
 
 
+def _load(params: str, overrides: list[str] | None = None) -> Any:
+    from pipeline.config import ParamsError, load_params
+
+    try:
+        return load_params(params, overrides or [])
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dataset_overrides(params: str, data: str) -> list[str]:
+    """The data.* overrides that prepare a raw dataset named on the command line into a shards folder of its
+    own, never params' data.shards_dir: that one belongs to the DVC pipeline (e.g. ImageNet shards `dvc repro`
+    spent hours on), and prepare would not replace it. `train --data D` and `evaluate --data D` agree on it."""
+    from pipeline.data.prepare import dataset_shards_dir
+
+    base = _load(params).data.shards_dir
+    # No minival split: nothing is tuned on another dataset (tune/best.json is not applied to it).
+    return [f"data.raw_dir={data}", "data.source=auto", f"data.shards_dir={dataset_shards_dir(base, data)}",
+            "data.minival_per_class=0"]
+
+
+def _eval_shards(params: str, data: str) -> str:
+    """`evaluate --data`: a shards folder as it is; a raw dataset prepared (once) as `train --data` does."""
+    from pipeline.data.prepare import prepare_from_params
+    from pipeline.data.shards import ManifestError, read_manifest
+    from pipeline.runtime import redact_uri
+
+    try:
+        read_manifest(data)
+        return data
+    except ManifestError:
+        pass
+    p = _load(params, _dataset_overrides(params, data))
+    print(redact_uri(f"prepare: {data} -> {p.data.shards_dir}"), flush=True)
+    prepare_from_params(p.data)  # a complete shards folder of the same data is kept as it is
+    return p.data.shards_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="load a registry model that needs pickle or bundled code (runs code from the registry: "
                          "only for registries you trust)")
     tr = sub.add_parser("train", help="prepare (if needed) and train one arch outside DVC")
-    tr.add_argument("--arch", required=True, type=arch_name, help="a network of the model registry")
+    tr.add_argument("--arch", required=True, type=arch_name, metavar="ARCH", help=arch_help())
     tr.add_argument("--data", help="raw dataset folder (any supported layout)")
     tr.add_argument("--epochs", type=int, help="train.epochs (default: params)")
     tr.add_argument("--batch-size", type=int, help="train.batch_size, the global batch (default: params)")
@@ -139,14 +179,20 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--pretrained", nargs="?", const="torchvision", metavar="WEIGHTS",
                     help="fine-tune from torchvision's ImageNet weights found in torch.hub's cache (never "
                          "downloaded), or from the .pth file given")
-    tr.add_argument("--params", default="params.yaml")
+    tr.add_argument("--params", default="params.yaml", help="parameter file (default params.yaml)")
     tr.add_argument("--out", help="this run's folder: model/, metrics.json, curve.csv and, with --data, shards/ "
                                   "(default runs/ARCH-DATASET)")
     tr.add_argument("--into-dvc-outputs", action="store_true",
                     help="allow --out (or the shards) inside an output of dvc.yaml (models/ARCH, data/shards, ...): "
                          "replaces what `dvc repro` produced")
-    ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on the val shards")
-    ev.add_argument("--model", required=True, help="a trained model directory, e.g. models/resnet18")
+    ev = sub.add_parser("evaluate", help="exact top-1/top-5 error of a trained model on a val split")
+    ev.add_argument("--model", required=True,
+                    help="a trained model directory (runs/ARCH-DATASET/model, models/ARCH) or a registered model, "
+                         "models:/NAME@ALIAS")
+    ev.add_argument("--data", metavar="DIR|URI",
+                    help="evaluate on this dataset's val split: a shards folder (with manifest.json) or a raw "
+                         "dataset, prepared as `train --data` prepares it (default: the shards the model was "
+                         "trained on, recorded in its metadata)")
     ev.add_argument("--params", default="params.yaml", help="parameter file (default params.yaml)")
     ev.add_argument("--ten-crop", action="store_true", help="average the ten-crop predictions")
     an = sub.add_parser("analyze", help="residual/gradient flow, feature maps, skip contribution and summary "
@@ -195,18 +241,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.cmd == "train":
         run_dir = Path(args.out or Path("runs") / f"{args.arch}-{_dataset_label(args.data)}")
         if args.data:
-            # A shards folder of the dataset's own, never params' data.shards_dir: that one belongs to the DVC
-            # pipeline (e.g. ImageNet shards `dvc repro` spent hours on), and prepare would not replace it.
-            from pipeline.data.prepare import dataset_shards_dir
-
-            try:
-                base = load_params(args.params).data.shards_dir
-            except ParamsError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
-            # No minival split: nothing is tuned on another dataset (tune/best.json is not applied to it).
-            overrides += [f"data.raw_dir={args.data}", "data.source=auto",
-                          f"data.shards_dir={dataset_shards_dir(base, args.data)}", "data.minival_per_class=0"]
+            overrides += _dataset_overrides(args.params, args.data)
         # `is not None`: an explicit 0 must reach the schema and be refused there, not be dropped as falsy.
         if args.epochs is not None:
             overrides.append(f"train.epochs={args.epochs}")
@@ -255,12 +290,15 @@ def _run(args: argparse.Namespace) -> None:
         print(f"model: {run_dir / 'model'}  (metrics {run_dir / 'metrics.json'}, curve {run_dir / 'curve.csv'}, "
               f"MLflow run {final['mlflow_run_id']})")
         return
-    from pipeline.evaluation import evaluate_model, uses_ray
+    from pipeline.evaluation import evaluate_model, model_meta, trained_shards_dir, uses_ray
 
-    if uses_ray(p.data.shards_dir, p.eval.ray_min_images):
+    meta = model_meta(args.model)  # a missing model fails here, before any data is read or prepared
+    shards = _eval_shards(args.params, args.data) if args.data else trained_shards_dir(meta) or p.data.shards_dir
+    print(f"evaluate: {args.model} on the val split of {shards}", flush=True)
+    if uses_ray(shards, p.eval.ray_min_images):
         init_ray()
-    res = evaluate_model(args.model, p.data.shards_dir, batch_size=p.eval.batch_size, ten_crop=args.ten_crop,
-                         ray_min_images=p.eval.ray_min_images)
+    res = evaluate_model(args.model, shards, batch_size=p.eval.batch_size, ten_crop=args.ten_crop,
+                         ray_min_images=p.eval.ray_min_images, same_data=not args.data)
     print(f"{res['arch']}: top-1 err {res['top1_err']:.2f}%, top-5 err {res['top5_err']:.2f}% "
           f"on {res['n_images']} images ({res['protocol']})")
 

@@ -72,6 +72,13 @@ def arch_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown arch {value!r}; {hint}known: {', '.join(sorted(ARCHS))}")
 
 
+def arch_help() -> str:
+    """`--arch`'s help: the names of the model registry (pipeline.archs)."""
+    from pipeline.archs import ARCHS
+
+    return f"a network of the model registry: {', '.join(sorted(ARCHS))}"
+
+
 def positive_int(value: str) -> int:
     try:
         n = int(value)

@@ -136,8 +136,9 @@ class TrainParams(_Section):
     clip_grad_norm: float | None = Field(
         5.0, gt=0, description="Clip the global gradient L2 norm to this; null = no clipping."
     )
-    amp: Literal["bf16", "fp16", "off"] = Field(
-        "off", description="Autocast dtype for training and evaluation; fp16 adds a GradScaler; off = fp32."
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Autocast dtype for training and evaluation: none (fp32), bf16, or fp16 (adds a "
+        "GradScaler). Never `off`: YAML 1.1 (PyYAML) reads it as false, YAML 1.2 (DVC) as the string \"off\"."
     )
     channels_last: bool = Field(
         True, description="NHWC memory format for model and batches (faster convolutions on GPUs)."
@@ -261,9 +262,13 @@ class TrainParams(_Section):
 
     @field_validator("amp", mode="before")
     @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as False: accept what the user meant.
-        return "off" if v is False else v
+    def _no_yaml_off(cls, v: Any) -> Any:
+        # `off` read as False by PyYAML and as "off" by DVC's YAML 1.2 parser would give one file two meanings
+        # (and two training identities): refused with the spelling to use instead.
+        if v is False or v is None or (isinstance(v, str) and v.lower() in ("off", "false", "no", "fp32")):
+            raise ValueError(f"{v!r} is an old, ambiguous spelling of fp32 (YAML 1.1 reads `off` as false, "
+                             "YAML 1.2 as \"off\"): write `amp: none` (none | bf16 | fp16)")
+        return v
 
     def epochs_for(self, arch: str) -> int:
         epochs = self.epochs_by_arch.get(arch)

@@ -44,7 +44,7 @@ def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: 
 
 def amp_dtype_of(amp: str | None) -> torch.dtype | None:
     """train.amp -> the autocast dtype (None: fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")
 
 
 # The evaluate stage's precision, ours and the reference rows alike (None = fp32).
@@ -67,10 +67,21 @@ class _Predictor:
     (`num_gpus` > 0 sets CUDA_VISIBLE_DEVICES to it), else the CPU. The forward pass is `eval_logits`, with the
     run's memory format (meta config) and the evaluation precision EVAL_AMP_DTYPE (fp32) for every row."""
 
-    def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None) -> None:
+    def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None,
+                 model_uri: str | None = None) -> None:
         from pipeline.training.checkpoint import load_model_dir, model_from_blob
 
         torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # A registered model (models:/NAME@ALIAS) is the published program: 0-255 float pixels -> probabilities,
+        # normalisation inside; it runs as stored, on the CPU.
+        self.registered = None
+        if model_uri is not None:
+            from pipeline import tracking
+
+            self.registered = tracking.load_registered_model(model_uri)
+            self.device = torch.device("cpu")
+            return
         model, meta = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
         train = (meta.get("config") or {}).get("train") or {}
         # One precision for every row of the table: fp32 (EVAL_AMP_DTYPE), whatever train.amp the run trained
@@ -78,7 +89,6 @@ class _Predictor:
         # flip ~1% of top-1 predictions against fp32.
         self.amp_dtype = EVAL_AMP_DTYPE
         self.channels_last = bool(train.get("channels_last", False))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one batch shape: pick the fastest kernels once
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -95,31 +105,76 @@ class _Predictor:
         if ten:
             n, crops = x.shape[:2]
             x = x.flatten(0, 1)
-        probs = eval_logits(self.model, x, channels_last=self.channels_last, amp_dtype=self.amp_dtype).softmax(dim=1)
+        if self.registered is not None:
+            with torch.no_grad():
+                probs = self.registered(x.float())
+        else:
+            probs = eval_logits(self.model, x, channels_last=self.channels_last,
+                                amp_dtype=self.amp_dtype).softmax(dim=1)
         if ten:
             probs = probs.view(n, crops, -1).mean(dim=1)  # average the 10 crops' probabilities (sec. 3.4)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         return {"key": batch["key"], "label": batch["label"], "top5": top.indices.cpu().numpy().astype(np.int64)}
 
 
+def is_model_uri(model: str) -> bool:
+    return model.startswith(("models:/", "runs:/"))
+
+
+def model_meta(model: str) -> dict:
+    """The description of a model directory (meta.json) or of a registered model (`models:/NAME@ALIAS`: the
+    metadata it was logged with), without loading its weights."""
+    if is_model_uri(model):
+        from pipeline import tracking
+
+        return tracking.model_metadata(model)
+    from pipeline.training.checkpoint import read_model_meta
+
+    return read_model_meta(model)
+
+
+def trained_shards_dir(meta: dict) -> str | None:
+    """The shards folder (or URI) the model was trained on, as recorded at export (`shards_dir`; older models:
+    the run's config), else None."""
+    return meta.get("shards_dir") or ((meta.get("config") or {}).get("data") or {}).get("shards_dir")
+
+
+def check_model_data(model: str, meta: dict, shards_dir: str, manifest: Manifest, *, same_data: bool) -> None:
+    """`same_data`: the val split must be the model's own data (equal fingerprints); otherwise (a dataset named
+    by the user) only the classes must be the model's, in the model's order. DataError naming both."""
+    from pipeline.data.sources import DataError
+
+    if same_data:
+        if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
+            raise DataError(f"{model} was trained on other data than {shards_dir} (fingerprint "
+                            f"{str(meta['data_fingerprint'])[:8]} != {str(manifest['fingerprint'])[:8]}): pass "
+                            f"--data to evaluate it on that dataset anyway")
+        return
+    classes = [c["wnid"] for c in manifest["classes"]]
+    if meta.get("classes") and list(meta["classes"]) != classes:
+        raise DataError(f"{shards_dir} has other classes than {model}: {classes[:5]}"
+                        f"{'...' if len(classes) > 5 else ''} vs {list(meta['classes'])[:5]}"
+                        f"{'...' if len(meta['classes']) > 5 else ''}")
+
+
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
                    concurrency: int | None = None, ray_min_images: int = 0, layout: dict | None = None,
-                   split: str = "val") -> dict:
-    """Exact top-1/top-5 error of models/ARCH over every image of `split` (val: the table; minival: the
-    registry's selection), exactly once (checked against the manifest: no duplicates from distributed padding,
-    none skipped). Splits of `ray_min_images` or more go through Ray Data batch inference (Ray must be
-    initialised); smaller ones are evaluated in this process with the same decode and predictor code."""
+                   split: str = "val", same_data: bool = True) -> dict:
+    """Exact top-1/top-5 error of models/ARCH (or a registered `models:/NAME@ALIAS`) over every image of `split`
+    (val: the table; minival: the registry's selection), exactly once (checked against the manifest: no
+    duplicates from distributed padding, none skipped). Splits of `ray_min_images` or more go through Ray Data
+    batch inference (Ray must be initialised); smaller ones are evaluated in this process with the same decode
+    and predictor code. `same_data=False`: data other than the model's own (same classes) is allowed."""
     import os
 
     from pipeline.data.shards import read_manifest
-    from pipeline.training.checkpoint import read_model_meta
 
     # The driver needs only the description; the weights are loaded once per inference actor.
-    meta = read_model_meta(model_dir)
+    meta = model_meta(model_dir)
     manifest = read_manifest(shards_dir)
-    if meta.get("data_fingerprint") and meta["data_fingerprint"] != manifest["fingerprint"]:
-        raise ValueError(f"{model_dir} was trained on other data than {shards_dir} (fingerprints differ)")
-    return _evaluate(meta, {"model_dir": os.path.abspath(model_dir)}, shards_dir, manifest,
+    check_model_data(model_dir, meta, shards_dir, manifest, same_data=same_data)
+    kwargs = {"model_uri": model_dir} if is_model_uri(model_dir) else {"model_dir": os.path.abspath(model_dir)}
+    return _evaluate(meta, kwargs, shards_dir, manifest,
                      batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images,
                      layout=layout, split=split)
 

@@ -249,8 +249,11 @@ def _register(
     select_err = None if selection.get("top1_err") is None else float(selection["top1_err"])
     version_tags.update({"select_split": str(selection.get("split", "none")),
                          "select_top1_err": "" if select_err is None else repr(select_err)})
+    # Where the evaluation data are: `python -m pipeline evaluate --model models:/...` defaults to them.
+    shards_dir = p.data.shards_dir if "://" in p.data.shards_dir else str(Path(p.data.shards_dir).resolve())
     metadata = {"classes": meta["classes"], "class_names": meta.get("class_names", {}), "eval_transform": tf,
                 "arch": arch, "dataset": dataset, "num_classes": meta["num_classes"], "data_fingerprint": fp,
+                "shards_dir": shards_dir,
                 "output": "class probabilities (N, num_classes), columns in the order of `classes`"}
     lineage = {"train run": train_run_id, "register run": run_id, "params digest": p.digest()}
     card = model_card(arch, meta, ev, dataset, manifest=manifest, lineage=lineage)

@@ -55,6 +55,17 @@ def _client() -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _existing_store(what: str) -> None:
+    """Readers (predict, evaluate of a `models:/` URI) must not create a store: opening a missing SQLite file
+    would leave an empty mlflow.db behind and then report the model as "not found"."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs/mlflow.db or sqlite:///relative.db
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: no MLflow store at {path} (set MLFLOW_TRACKING_URI to the "
+                                    "registry that holds it)")
+
+
 def git_commit() -> str:
     """HEAD of the repository; on a cluster (uploaded without .git) the entrypoint exports PIPELINE_GIT_COMMIT."""
     if os.environ.get("PIPELINE_GIT_COMMIT"):
@@ -439,6 +450,7 @@ def model_metadata(uri: str) -> dict[str, Any]:
     MLmodel file without loading the weights."""
     import mlflow.models
 
+    _existing_store(uri)
     _client()
     return dict(mlflow.models.get_model_info(uri).metadata or {})
 
@@ -481,6 +493,7 @@ def load_registered_model(uri: str, *, allow_pickle: bool = False) -> Any:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    _existing_store(uri)
     _client()
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     if not allow_pickle:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.cli import arch_name, run_main, stage_args
+from pipeline.cli import arch_help, arch_name, run_main, stage_args
 
 
 def main() -> None:
     def add(ap):  # noqa: ANN001
-        ap.add_argument("--arch", required=True, type=arch_name, help="a network of the model registry")
+        ap.add_argument("--arch", required=True, type=arch_name, metavar="ARCH", help=arch_help())
         ap.add_argument("--out", help="model directory (default models/ARCH)")
         ap.add_argument("--metrics", help="final metrics JSON (default metrics/train/ARCH.json)")
         ap.add_argument("--curve", help="per-epoch CSV (default plots/train/ARCH.csv)")

@@ -96,7 +96,7 @@ def test_two_workers_same_global_batch_same_weights_as_one(synthetic_shards: Pat
 
     sets = [f"data.shards_dir={synthetic_shards}", f"train.storage_path={tmp_path}", "train.epochs=1",
             f"train.batch_size={GLOBAL_BATCH}", "train.lr_warmup_epochs=0", "train.use_tuned=false",
-            "train.lr=0.2", "train.amp=off", "train.weight_decay=1e-3", "train.clip_grad_norm=1.0",
+            "train.lr=0.2", "train.amp=none", "train.weight_decay=1e-3", "train.clip_grad_norm=1.0",
             "train.model_ema_decay=0.0", "train.mixup_alpha=0", "train.cutmix_alpha=0", "train.cpus_per_worker=1"]
     p = load_params(ROOT / "params.yaml", sets)
     job = make_job(p, "resnet18", p.train.lr, 0, 1, None)

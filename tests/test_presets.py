@@ -227,7 +227,7 @@ def tiny(preset: Path, shards: Path, storage: Path) -> Params:
     t = tree["train"]
     t.update(epochs=2, epochs_by_arch={arch: None}, batch_size=16, lr=min(t["lr"], 0.1),
              lr_warmup_epochs=min(t["lr_warmup_epochs"], 1), num_workers=0, cpus_per_worker=2, use_gpu=False,
-             amp="off", storage_path=str(storage), use_tuned=False, pretrained=None, compile=False)
+             amp="none", storage_path=str(storage), use_tuned=False, pretrained=None, compile=False)
     for key in ("train_crop_size", "val_resize_size", "val_crop_size"):
         t[key] = _small(t[key])
     if t.get("train_scale_range") is not None:

@@ -70,7 +70,7 @@ def test_in_process_training_exports_a_self_describing_model(ray_local, syntheti
 def test_nonfinite_loss_stops_with_epoch_and_step(ray_local, synthetic_shards, tmp_path) -> None:
     from pipeline.training.trainer import build_trainer, make_job, run
 
-    p = tiny_params(synthetic_shards, tmp_path / "ckpt", amp="off", max_failures=0, momentum=0.0)
+    p = tiny_params(synthetic_shards, tmp_path / "ckpt", amp="none", max_failures=0, momentum=0.0)
     job = make_job(p, "resnet18", 1e12, 0, p.train.epochs, None)
     with pytest.raises(Exception, match=r"non-finite training loss at epoch \d+ step \d+"):
         run(build_trainer(job, p, name="nan", num_workers=0, storage_path=str(tmp_path / "ckpt")))

@@ -38,7 +38,7 @@ def export_model_dir(out_dir: str | Path, train_state: dict[str, Any]) -> Path:
     weights = (ema["weights"] if "weights" in ema else ema) if ema else train_state["model"]
     weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
     keys = ("arch", "model_kwargs", "num_classes", "classes", "class_names", "eval_transform", "config",
-            "git_commit", "data_fingerprint", "history", "lr", "lr_warmup_epochs")
+            "git_commit", "data_fingerprint", "shards_dir", "history", "lr", "lr_warmup_epochs")
     meta = {k: train_state[k] for k in keys if k in train_state}
     meta["epochs_trained"] = train_state["epoch"]
     tmp = temp_dir_beside(out_dir)  # unique: two exports never write into one folder

@@ -718,6 +718,8 @@ def _checkpoint_and_report(run: _Run, epoch: int, metrics: dict[str, Any]) -> No
         "lr_warmup_epochs": job.lr_warmup_epochs,
         "git_commit": job.git_commit,
         "data_fingerprint": job.data_fingerprint,
+        # Where those data are (absolute: train_arch resolves it): `python -m pipeline evaluate` defaults to it.
+        "shards_dir": (job.params.get("data") or {}).get("shards_dir"),
     }
     if job.mlflow_run_id:
         from pipeline import tracking
