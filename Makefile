@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup repro test test-fast test-all bench ui lint clean
+.PHONY: setup repro test test-fast test-all bench ui lint dvcgen clean
 
 # The ROI JPEG decoder (pipeline/data/jpeg.py): a C file against the system's libjpeg(-turbo), loaded with ctypes.
 # Without gcc or the libjpeg headers it is skipped with a message, and training decodes whole images instead.
@@ -58,6 +58,11 @@ ui: setup
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/python -m pipeline.dvcgen --check
+
+# dvc.yaml is generated (pipeline/dvcgen.py): rerun after editing a stage's imports, identity.py or the stage table.
+dvcgen: setup
+	$(BIN)/python -m pipeline.dvcgen
 
 clean:
 	rm -rf data models tune metrics plots reports ray_results mlflow.db mlruns mlartifacts dvc.lock

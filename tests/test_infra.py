@@ -311,6 +311,40 @@ def test_entrypoint_runs_dvc_without_git_in_the_persistent_workspace(tmp_path: P
     assert "finished: exit code 0" in out.stdout
 
 
+def test_every_cluster_keeps_dvcs_hash_cache_in_its_shared_workspace() -> None:
+    # DVC's default site cache (/var/tmp/dvc) goes with the pod or container: the next job would re-hash every
+    # shard. Every head that runs `dvc repro` must set DVC_SITE_CACHE_DIR inside its PIPELINE_WORKSPACE.
+    heads: dict[str, dict[str, str]] = {}
+    opts = launcher()["docker"]["run_options"]
+    heads["cluster-aws.yaml"] = dict(o.removeprefix("--env ").split("=", 1) for o in opts if o.startswith("--env "))
+    for spec in ray_cluster_specs():
+        for c in containers(spec["headGroupSpec"]["template"]):
+            heads[c["name"] + str(len(heads))] = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert len(heads) >= 3
+    for name, env in heads.items():
+        workspace = env.get("PIPELINE_WORKSPACE")
+        assert workspace and env.get("DVC_SITE_CACHE_DIR", "").startswith(workspace + "/"), (name, env)
+
+
+@pytest.mark.subprocess
+def test_entrypoint_puts_the_hash_cache_in_the_workspace_unless_set(tmp_path: Path) -> None:
+    seen = tmp_path / "site_cache.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = f'#!/usr/bin/env bash\nprintf "%s|%s\\n" "$1" "${{DVC_SITE_CACHE_DIR:-}}" >> "{seen}"\n'
+    (bin_dir / "dvc").write_text(stub)
+    (bin_dir / "dvc").chmod(0o755)
+    workspace = tmp_path / "shared/ws"
+    out = _run_entrypoint(_uploaded_copy(tmp_path), tmp_path, {"PIPELINE_WORKSPACE": str(workspace)}, "tune")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"repro|{workspace.resolve()}/.dvc/site_cache" in seen.read_text().splitlines()
+    seen.unlink()
+    shutil.rmtree(tmp_path / "uploaded")
+    out = _run_entrypoint(_uploaded_copy(tmp_path), tmp_path, {"PIPELINE_WORKSPACE": str(workspace),
+                                                              "DVC_SITE_CACHE_DIR": "/elsewhere"}, "tune")
+    assert out.returncode == 0 and "repro|/elsewhere" in seen.read_text().splitlines(), out.stdout + out.stderr
+
+
 @pytest.mark.subprocess
 def test_entrypoint_falls_back_to_the_image_commit_and_runs_in_place(tmp_path: Path) -> None:
     log = tmp_path / "dvc.log"

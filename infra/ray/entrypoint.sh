@@ -22,6 +22,10 @@
 #   PIPELINE_GIT_COMMIT the code's commit when neither the job metadata (git_commit) nor a
 #                       .pipeline-commit file beside the code (written by infra/docker/Dockerfile) has it
 #   PIPELINE_RUN_GROUP  MLflow run group of every run of this job; default commit-<first 12 of the commit>
+#   DVC_SITE_CACHE_DIR  where DVC keeps its hash cache (which file has which md5, by inode, mtime and size);
+#                       the cluster configs set it on the shared volume, and with PIPELINE_WORKSPACE it
+#                       defaults to WORKSPACE/.dvc/site_cache: DVC's own default, /var/tmp/dvc, goes with
+#                       the pod or container, and the next job would re-hash every shard and raw image
 set -euo pipefail
 
 log() { printf '[entrypoint %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
@@ -80,10 +84,13 @@ if [[ -n "${PIPELINE_WORKSPACE:-}" ]]; then
         # The upload carries no outputs (.rayignore). Its dvc.lock describes the submitter's own outputs,
         # not the workspace's: copying it would make DVC rerun every stage.
         tar -C "$SRC" -cf - \
-            --exclude=./dvc.lock --exclude=./.dvc/cache --exclude=./.dvc/tmp --exclude=./.dvc/config.local . |
+            --exclude=./dvc.lock --exclude=./.dvc/cache --exclude=./.dvc/tmp --exclude=./.dvc/config.local \
+            --exclude=./.dvc/site_cache . |
             tar -C "$WORKSPACE" -xf -
     fi
     cd "$WORKSPACE"
+    export DVC_SITE_CACHE_DIR=${DVC_SITE_CACHE_DIR:-$WORKSPACE/.dvc/site_cache}
+    log "DVC hash cache: $DVC_SITE_CACHE_DIR"
 else
     log "PIPELINE_WORKSPACE unset: running in the uploaded copy; its outputs go when the job ends"
 fi

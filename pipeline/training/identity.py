@@ -5,7 +5,7 @@ the seed, the data and, for `train@ARCH`, that arch's own per-arch overrides. It
 the run executes: evaluation batch size, fault tolerance, checkpoint storage, thread counts, tracking, registry.
 
 From this one table:
-- dvc.yaml lists, per stage, exactly `stage_params(stage)` as params (tests/test_identity.py compares them),
+- dvc.yaml lists, per stage, exactly `stage_params(stage)` as params (`python -m pipeline.dvcgen` writes them),
   so DVC reruns a stage only for an edit that changes its result;
 - `train_run_name` / `tune_run_name` are Ray's run names (the resume key: a rerun with the same name picks up
   the last checkpoint) and the MLflow runs' `resume.key`, so an edit of anything else after a crash resumes
