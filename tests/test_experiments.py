@@ -31,12 +31,12 @@ def test_a_replaced_mapping_is_not_merged(tmp_path: Path) -> None:
     preset.parent.mkdir()
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     preset.write_text("extends: ../params.yaml\nmodel:\n  archs: [resnet50]\ntrain:\n  epochs_by_arch: {resnet50: 3}\n"
-                      "  amp: 'off'\n")
+                      "  amp: fp16\n")
     sets = overrides(preset)
     assert "~train.epochs_by_arch" in sets and "+train.epochs_by_arch={resnet50:3}" in sets
     apply_overrides(tmp_path / "params.yaml", sets)
     p = load_params(tmp_path / "params.yaml")
-    assert p.train.epochs_by_arch == {"resnet50": 3} and p.train.amp == "off"
+    assert p.train.epochs_by_arch == {"resnet50": 3} and p.train.amp == "fp16"
 
 
 def test_hydra_values() -> None:
