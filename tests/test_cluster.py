@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import pytest
 import yaml
 
 from tests.conftest import copy_repo, write_params
+from tests.ray_session import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent  # not resolved: .venv/bin/python is a symlink to the base interpreter
@@ -74,19 +74,6 @@ OPTIONAL_OFF = {"degradation.enabled": False}
 HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 540
 MARKER = "RESNET_PIPELINE_TEST_HEAD"  # in the environment of every process of the test's head
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _base_env() -> dict[str, str]:
@@ -191,7 +178,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
 
     from pipeline.runtime import LOCAL_DATA_CPUS
 
-    gcs, dash, *other = _free_ports(9)
+    gcs, dash, *other = free_ports(9)
     head_env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
                 "PIPELINE_WORKSPACE": str(workspace), MARKER: marker}
     cmd = [
