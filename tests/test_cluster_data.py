@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for_http
-from tests.test_cluster import MARKER, RAY, _base_env, _end_head, _free_ports
+from tests.ray_session import free_ports
+from tests.test_cluster import MARKER, RAY, _base_env, _end_head
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "bucket"
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.ray
 def _moto(log: Path) -> tuple[subprocess.Popen, str]:
     import pyarrow.fs as pafs
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
@@ -80,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     common = {**_base_env(), **KEYS, **NO_AUTH, "PYTHONPATH": str(ROOT), MARKER: marker}
     for key in ("AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
         common.pop(key, None)
-    gcs, *p = _free_ports(17)
+    gcs, *p = free_ports(17)
     head = worker = None
     try:
         head = _start([RAY, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--include-dashboard", "false",

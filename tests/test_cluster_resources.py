@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cluster import HEAD_START_TIMEOUT_S, MARKER, RAY, _base_env, _end_head, _free_ports
+from tests.ray_session import free_ports
+from tests.test_cluster import HEAD_START_TIMEOUT_S, MARKER, RAY, _base_env, _end_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def _start(args: list[str], env: dict[str, str]) -> int:
 
 
 def _node_ports() -> list[str]:
-    agent, grpc, runtime_env, metrics, manager, objects = _free_ports(6)
+    agent, grpc, runtime_env, metrics, manager, objects = free_ports(6)
     return ["--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc),
             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
             "--node-manager-port", str(manager), "--object-manager-port", str(objects)]
@@ -70,7 +71,7 @@ def test_train_waits_for_the_node_that_brings_its_resources(synthetic_shards: Pa
     home = tmp_path / "home"  # no ~/.ray/auth_token there: the head runs without token auth
     home.mkdir()
     env = {**_base_env(), "HOME": str(home), MARKER: marker, "PYTHONPATH": str(ROOT)}
-    gcs, client = _free_ports(2)
+    gcs, client = free_ports(2)
     sessions = []
     try:
         sessions.append(_start(["--head", "--port", str(gcs), "--include-dashboard", "false",
