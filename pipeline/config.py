@@ -58,7 +58,10 @@ class DataParams(_Section):
     classes: list[str] = Field(default_factory=list, description="Subset by wnid; empty = all.")
     first_n_classes: int | None = Field(None, ge=1, description="Keep the first N classes (sorted wnids).")
     max_per_class: int | None = Field(None, ge=1, description="Cap on train images per class.")
-    max_side: int = Field(64, ge=16, le=8192, description="Re-encode images whose longer side is larger.")
+    max_side: int = Field(
+        64, ge=16, le=8192,
+        description="Re-encode train and minival images whose longer side is larger (val keeps its original bytes)."
+    )
     max_pixels: int = Field(
         50_000_000, ge=1, le=178_956_970, description="Pixel budget per raw image (width x height from its header, "
         "before decoding): a larger one is rejected into rejected.csv, never decoded (a 657 KB PNG can expand to "

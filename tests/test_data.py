@@ -99,6 +99,43 @@ def test_kaggle_layout_labels_follow_sorted_wnids(tiny_kaggle_tree: ImageTree, t
     assert train[small]["image"] == (tiny_kaggle_tree.root / small).read_bytes()
 
 
+def test_val_keeps_its_original_bytes_whatever_max_side(tiny_kaggle_tree: ImageTree, tmp_path: Path) -> None:
+    """A reported error is measured on the val photos as published: data.max_side shrinks train and minival
+    images only, never val's."""
+    out = tmp_path / "shards"
+    manifest = _prepare(tiny_kaggle_tree, out, max_side=32)  # smaller than every 60x45 image of the tree
+    assert manifest["splits"]["train"]["n_reencoded"] == manifest["splits"]["train"]["n_images"]
+    assert manifest["splits"]["val"]["n_reencoded"] == 0
+    val = _rows(out, "val")
+    assert len(val) == len(tiny_kaggle_tree.wnids) * tiny_kaggle_tree.val_per_class
+    for r in val:
+        assert r["image"] == (tiny_kaggle_tree.root / r["key"]).read_bytes()
+        assert (r["width"], r["height"]) == (60, 45)
+
+
+def test_full_imagenet_val_must_be_50000_in_1000_classes(
+    tiny_kaggle_tree: ImageTree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full ImageNet whose val split lost an image (here: a truncated file, rejected) is refused, naming the
+    class; a subset or another layout is whatever the user gave. The tiny tree stands in for 1,000 x 50."""
+    monkeypatch.setattr(prepare_mod, "IMAGENET_CLASSES", len(tiny_kaggle_tree.wnids))
+    monkeypatch.setattr(prepare_mod, "IMAGENET_VAL_PER_CLASS", tiny_kaggle_tree.val_per_class)
+    _prepare(tiny_kaggle_tree, tmp_path / "whole")  # complete: accepted
+    victim = tiny_kaggle_tree.root / "ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG"  # the last wnid's
+    victim.write_bytes(victim.read_bytes()[:200])
+    out = tmp_path / "short"
+    with pytest.raises(DataError, match=rf"{tiny_kaggle_tree.wnids[-1]} has 1\b.*rejected\.csv"):
+        _prepare(tiny_kaggle_tree, out, max_rejected=5)
+    assert not (out / "manifest.json").exists()
+    assert "ILSVRC2012_val_00000001" in (out / "rejected.csv").read_text()
+    # The same counts from a layout that is not ImageNet's own, or from a class subset, pass.
+    short = {w: tiny_kaggle_tree.val_per_class for w in tiny_kaggle_tree.wnids} | {tiny_kaggle_tree.wnids[0]: 1}
+    prepare_mod.check_imagenet_val("imagefolder", short, "rejected.csv")
+    prepare_mod.check_imagenet_val("kaggle", dict(list(short.items())[1:]), "rejected.csv")
+    with pytest.raises(DataError, match="1 class"):
+        prepare_mod.check_imagenet_val("ilsvrc_tar", short, "rejected.csv")
+
+
 def test_folders_layout(tiny_folders_tree: ImageTree, tmp_path: Path) -> None:
     out = tmp_path / "shards"
     _check_prepared(tiny_folders_tree, out, _prepare(tiny_folders_tree, out))

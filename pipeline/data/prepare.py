@@ -64,8 +64,9 @@ REJECTED = "rejected.csv"
 PLAN = ".plan.json"
 DONE_DIR = ".done"
 MINIVAL = "minival"
+VAL = "val"
 # Every split prepare writes, in plan order: the two raw splits and the minival split carved from train.
-PREPARED_SPLITS: tuple[str, ...] = ("train", MINIVAL, "val")
+PREPARED_SPLITS: tuple[str, ...] = ("train", MINIVAL, VAL)
 
 
 # data.max_pixels' default: 50 Mpx is 200 MB as RGBA, 150 MB as RGB, per decode.
@@ -106,7 +107,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK (PIL undoes Adobe's inverted CMYK), L, P, YCbCr, ...
 
 
-def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int,
+def normalize_image(data: bytes, *, max_side: int | None, jpeg_quality: int,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, int, int, bool]:
     """-> (JPEG bytes, height, width, re-encoded?). Raises RejectedImage with the reason.
 
@@ -115,7 +116,8 @@ def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int,
 
     The original bytes are kept when they already are a fully decodable RGB JPEG (baseline or progressive)
     no larger than `max_side`; anything else is decoded, converted to RGB, shrunk so that its longer side is
-    `max_side` and re-encoded at `jpeg_quality`.
+    `max_side` and re-encoded at `jpeg_quality`. `max_side=None` never shrinks: an RGB JPEG of any size is kept
+    byte for byte, anything else is converted to RGB at its own size (what the val split gets, see build_shard).
     """
     if not data:
         raise RejectedImage("empty file (0 bytes)")
@@ -135,8 +137,9 @@ def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int,
             if width * height > max_pixels:
                 raise RejectedImage(f"{fmt} of {width}x{height} = {width * height / 1e6:.1f} Mpx is over the pixel "
                                     f"budget data.max_pixels={max_pixels} (not decoded)")
-            keep = fmt == "JPEG" and img.mode == "RGB" and max(width, height) <= max_side
-            if not keep and fmt == "JPEG" and max(width, height) > max_side:
+            fits = max_side is None or max(width, height) <= max_side
+            keep = fmt == "JPEG" and img.mode == "RGB" and fits
+            if not fits and fmt == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves >= the target size:
                 # much faster for large photos, and the final resize below still anti-aliases.
                 scale = max_side / max(width, height)
@@ -151,7 +154,7 @@ def normalize_image(data: bytes, *, max_side: int, jpeg_quality: int,
                 rgb = _to_rgb(img)
             except Exception as exc:
                 raise RejectedImage(f"cannot convert mode {img.mode} to RGB: {exc}") from None
-    if max(rgb.size) > max_side:
+    if max_side is not None and max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
@@ -187,7 +190,14 @@ class ShardResult:
 
 def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardResult:
-    """Read, check and (if needed) re-encode the task's samples, then write its shard atomically."""
+    """Read, check and (if needed) re-encode the task's samples, then write its shard atomically.
+
+    `max_side` applies to the train and minival splits only: the val split keeps its images as they are (their
+    original bytes when they are RGB JPEGs), because val is what a reported error is measured on, and the
+    published numbers resize the original photo (e.g. to 256) before the centre crop. A val photo shrunk to
+    `max_side` first, then resized again, is a different image and gives a different error.
+    """
+    side = None if task.split == VAL else max_side
     columns: dict[str, list[Any]] = {name: [] for name in shard_schema().names}
     rejected: list[list[str]] = []
     reencoded = 0
@@ -200,7 +210,7 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
             except OSError as exc:
                 raise RejectedImage(f"unreadable: {exc.strerror or exc}") from None
             image, height, width, changed = normalize_image(
-                data, max_side=max_side, jpeg_quality=jpeg_quality, max_pixels=max_pixels
+                data, max_side=side, jpeg_quality=jpeg_quality, max_pixels=max_pixels
             )
         except RejectedImage as exc:
             rejected.append([sample.key, sample.split, str(exc)])
@@ -227,6 +237,31 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
         class_counts=dict(sorted(Counter(columns["wnid"]).items())),
         reencoded=reencoded,
         rejected=rejected,
+    )
+
+
+# ILSVRC-2012's validation set: 50 images of each of its 1,000 classes. A published top-1/top-5 error is
+# measured on exactly these 50,000; a number from fewer images is not comparable, however few are missing.
+IMAGENET_CLASSES = 1000
+IMAGENET_VAL_PER_CLASS = 50
+
+
+def check_imagenet_val(layout: str, val_counts: dict[str, int], rejected_at: str) -> None:
+    """Raise DataError unless a full ImageNet (the kaggle or ilsvrc_tar layout with all IMAGENET_CLASSES
+    classes) has exactly IMAGENET_VAL_PER_CLASS val images in every class. Other datasets and class subsets
+    pass: their val set is whatever the user gave."""
+    if layout not in ("kaggle", "ilsvrc_tar") or len(val_counts) != IMAGENET_CLASSES:
+        return
+    wrong = {w: n for w, n in sorted(val_counts.items()) if n != IMAGENET_VAL_PER_CLASS}
+    if not wrong:
+        return
+    shown = ", ".join(f"{w} has {n}" for w, n in list(wrong.items())[:5]) + (", ..." if len(wrong) > 5 else "")
+    total = sum(val_counts.values())
+    raise DataError(
+        f"ImageNet's val split must hold {IMAGENET_VAL_PER_CLASS} images in each of its {IMAGENET_CLASSES} "
+        f"classes ({IMAGENET_CLASSES * IMAGENET_VAL_PER_CLASS:,}), so that its error compares with published "
+        f"ones; this one has {total:,}, and {len(wrong)} class(es) differ: {shown}. Missing or rejected val "
+        f"images are listed in {rejected_at}"
     )
 
 
@@ -471,6 +506,7 @@ def prepare_shards(
         "first_n_classes": first_n_classes,
         "max_per_class": max_per_class,
         "max_side": max_side,
+        "val_max_side": None,  # val keeps its original size whatever max_side (build_shard)
         "jpeg_quality": jpeg_quality,
         "rows_per_shard": rows_per_shard,
         "shuffle_seed": shuffle_seed,
@@ -586,6 +622,7 @@ def prepare_shards(
             "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
             "shards": [{"path": r.path, "rows": r.rows, "nbytes": r.nbytes, "sha256": r.sha256} for r in mine],
         }
+    check_imagenet_val(listing.layout, splits[VAL]["class_counts"], runtime.join(out, REJECTED))
     # How minival was drawn, and a digest of exactly which keys (the shards hold the keys themselves): enough
     # to check that two runs held out the same images without listing 10,000 keys here.
     splits[MINIVAL].update({
