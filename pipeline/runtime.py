@@ -292,8 +292,6 @@ def output_lock(location: str | os.PathLike[str]) -> Iterator[None]:
     included, so a killed run's lock file is stale, never held: the next run takes it over (and removes it when
     done). NFS: flock is emulated with POSIX locks (Linux >= 2.6.12), which the server arbitrates. Object-store URIs
     take no lock: one writer per prefix is the rule there (docs/cluster.md)."""
-    import fcntl
-
     text = str(location)
     if is_uri(text) and not text.startswith("file://"):
         yield
@@ -307,9 +305,47 @@ def output_lock(location: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
+    # The folders made for the lock file alone go with it (a refused or failed run leaves nothing behind).
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _take_lock(path, location)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: a waiting run then retries on a fresh file (above)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir each folder (deepest first) that is empty; one that is not stays, and so do its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _take_lock(path: Path, location: object) -> int:
+    """An fd holding flock on `path` (see output_lock), or OutputLocked naming the holder."""
+    import fcntl
+
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # another run just removed the folder it had made for its lock file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -324,19 +360,37 @@ def output_lock(location: str | os.PathLike[str]) -> Iterator[None]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
-    _HELD[key] = 1
-    try:
-        yield
-    finally:
-        del _HELD[key]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # while still locked: a waiting run then retries on a fresh file (above)
-        os.close(fd)
+
+
+def exit_with(pid: int) -> None:
+    """A process pool's initializer (`initializer=exit_with, initargs=(os.getpid(),)`): this worker exits as soon
+    as process `pid` (the stage that made the pool) ends, kill -9 included, so a killed stage leaves no workers
+    behind. Needed because with the forkserver start method a worker's parent is the fork server, and the fork
+    server only exits once every worker has closed the pipe it hands them, and an idle worker blocks forever on
+    a call queue whose write end it holds itself. A daemon thread waits on a pidfd (Linux >= 5.3) for `pid`'s
+    end, or polls it once a second where there is none."""
+    import select
+    import threading
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd: poll (a reused pid within a second is the only miss)
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])  # readable when the process has ended
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
 
 
 def delete(location: str) -> None:

@@ -281,6 +281,20 @@ def test_output_lock_is_reentrant_in_one_process_and_exclusive_across_descriptor
         os.close(fd)
 
 
+def test_output_lock_takes_away_the_folders_it_made_for_its_lock_file(tmp_path: Path) -> None:
+    """A run refused before it writes (a symlink loop, a bad dataset) leaves no empty data/ behind; folders that
+    hold the run's output, or were there before, stay."""
+    from pipeline.runtime import output_lock
+
+    with pytest.raises(RuntimeError), output_lock(tmp_path / "data" / "sub" / "shards"):
+        raise RuntimeError("refused before writing")
+    assert list(tmp_path.iterdir()) == []
+    with output_lock(tmp_path / "data" / "sub" / "shards"):
+        (tmp_path / "data" / "sub" / "shards").mkdir()
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "data", "data/sub", "data/sub/shards"]
+
+
 def test_killed_prepares_done_temp_files_are_removed_on_resume(tmp_path: Path, synthetic_tree: object) -> None:
     from pipeline.data.prepare import DONE_DIR, prepare_shards
 
@@ -293,6 +307,71 @@ def test_killed_prepares_done_temp_files_are_removed_on_resume(tmp_path: Path, s
     again = prepare_shards(synthetic_tree, shards, **kw)  # type: ignore[arg-type]
     assert again["fingerprint"] == first["fingerprint"]
     assert not stale.exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+KILLED_PREPARE = (
+    "import sys\n"
+    "from pipeline.data.prepare import prepare_shards\n"
+    "prepare_shards(sys.argv[1], sys.argv[2], max_side=64, rows_per_shard=4, workers=2, progress=False)\n"
+)
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_prepares_pool_workers_end_with_it(tmp_path: Path) -> None:
+    """kill -9 of a prepare with a process pool: its workers (children of the fork server, not of the killed
+    process) exit too, and with them the fork server, instead of waiting forever on the dead run's queue."""
+    import signal
+    import subprocess
+    import time
+
+    from pipeline.data.synthetic import generate_synthetic_imagenet
+
+    raw = tmp_path / "raw"
+    generate_synthetic_imagenet(raw, num_classes=4, train_per_class=80, val_per_class=2, image_size=32, seed=0)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(raw), str(tmp_path / "shards")], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 120
+        below: set[int] = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            below = _descendants(proc.pid)
+            # The fork server, the resource tracker and two pool workers below it, and a shard written.
+            if len(below) >= 4 and any((tmp_path / "shards" / "train").glob("*.parquet")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(below) >= 4, "prepare ended before it could be killed midway"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 60  # a generous bound for a loaded machine, not a timing assertion
+    alive = below
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in below if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+        time.sleep(0.2)
+    for p in alive:  # leave no orphan behind a failing run of this test
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"{len(alive)} of {len(below)} processes of the killed prepare still run"
 
 
 # --- decompression bombs ----------------------------------------------------------------------------------------------

@@ -585,7 +585,8 @@ def prepare_shards(
                 record(build_shard(task, out, max_side, jpeg_quality, max_pixels))
                 bar.update(len(task.samples))
         else:
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context())
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context(),
+                                       initializer=runtime.exit_with, initargs=(os.getpid(),))
             try:
                 pending: dict[Future[ShardResult], ShardTask] = {
                     pool.submit(build_shard, task, out, max_side, jpeg_quality, max_pixels): task for task in todo

@@ -18,6 +18,7 @@ import io
 import itertools
 import math
 import multiprocessing
+import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.data.sources import KAGGLE_MAPPING, KAGGLE_SOLUTION, SYNTHETIC_README, DataError
-from pipeline.runtime import publish_dir
+from pipeline.runtime import exit_with, publish_dir
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "bar")
 # Hues spread around the wheel, plus white; all bright enough to stand out from the dimmed backgrounds.
@@ -330,7 +331,8 @@ def generate_synthetic_imagenet(
             chunk = max(1, math.ceil(len(jobs) / (workers * 4)))
             # forkserver: forking a parent that may hold threads (torch, pyarrow pools) is unsafe.
             ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=exit_with, initargs=(os.getpid(),)) as pool:
                 futures = [
                     pool.submit(_render_jobs, str(tmp), jobs[i : i + chunk], classes, image_size, seed)
                     for i in range(0, len(jobs), chunk)
