@@ -192,6 +192,7 @@ def run_in_process(shards: Path, tmp_path: Path, *sets: str) -> tuple[list[dict]
     """run_loop on the tiny shards (resnet20, 2 epochs of 32 images) with an MLflow run:
     (session reports, the checkpoint's history, run id)."""
     from pipeline import tracking
+    from pipeline.analysis.measure import gradient_stats
     from pipeline.training.checkpoint import load_train_state
     from pipeline.training.local import InMemoryShard, InProcessSession
     from pipeline.training.loop import run_loop
@@ -202,7 +203,7 @@ def run_in_process(shards: Path, tmp_path: Path, *sets: str) -> tuple[list[dict]
         "train.use_tuned=false", "train.num_workers=0", *sets,
     ])
     run_id = tracking.start_run(p.tracking.experiment, "grad-stats", {"test": "1"})
-    job = make_job(p, "resnet20", 0.05, 0, p.train.epochs, run_id)
+    job = make_job(p, "resnet20", 0.05, 0, p.train.epochs, run_id, grad_stats=gradient_stats)
     shard = InMemoryShard(job.train_files, crop=32, min_scale=0.35, limit=32)
     job.n_train, job.threads = len(shard), 1
     job.checkpoint_dir = str(tmp_path / "ckpt")
