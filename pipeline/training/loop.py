@@ -35,6 +35,8 @@ from pipeline.training.local import InMemoryValShard
 from pipeline.training.optim import build_optimizer, mix_batch
 from pipeline.training.schedule import lr_at
 
+# Ray stays a function-level import (TrainSession, TuneTrialSession): an in-process run never loads it.
+
 
 class NextEpoch:
     """An epoch's batches, started in a background thread.

@@ -33,6 +33,8 @@ from pipeline.training.identity import train_run_name
 from pipeline.training.loop import GradStats, Job, check_grad_stats, train_loop_per_worker
 from pipeline.training.tuned import tuned_lr_for
 
+# Ray stays a function-level import (where the trainer is built and run): importing this module loads none of it.
+
 
 @dataclass
 class Outcome:
