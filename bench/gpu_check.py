@@ -20,7 +20,7 @@ non-zero):
   the synthetic bound.
 - `gpu_decode`: only where `torchvision.io.decode_jpeg(list, device="cuda")` works: batched nvJPEG decode +
   RandomResizedCrop on the GPU, against the CPU pool.
-- `eval`:       the evaluation core (`pipeline.evaluation.eval_logits` + `topk_counts`, what the loop's
+- `eval`:       the evaluation core (`pipeline.metrics.eval_logits` + `topk_counts`, what the loop's
   validation and the evaluate stage share) over the val shards, on batches resident on the GPU and end to end
   from an `InMemoryValShard`; the counts are checked (`topk_correct` on GPU and CPU agree).
 - `compile`:    torch.compile'd vs eager training, bf16 and fp16 (last: compiling costs a minute or more).
@@ -1068,7 +1068,7 @@ def section_eval(ctx: Ctx) -> None:
     this process, as run_loop validates in-process)."""
     import torch
 
-    from pipeline.evaluation import eval_logits, topk_correct, topk_counts
+    from pipeline.metrics import eval_logits, topk_correct, topk_counts
     from pipeline.models import build_model
     from pipeline.training.local import InMemoryValShard
 
@@ -1131,7 +1131,7 @@ def section_eval(ctx: Ctx) -> None:
         top5_correct=c5, val_shard_counts=e2e_counts, counts_agree=e2e_counts == [c1, c5, n],
         core_img_s=_rounded(rates["core"]), val_shard_img_s=_rounded(rates["val_shard"]),
         model=f"{s.arch}, random init (the counts check plumbing, not accuracy)",
-        core="pipeline.evaluation.eval_logits + topk_counts summed on the device (the loop's _validate), over "
+        core="pipeline.metrics.eval_logits + topk_counts summed on the device (the loop's _validate), over "
              "decoded val batches already on the device",
         value_is="the same core fed by pipeline.training.local.InMemoryValShard (ValDecode in this process)",
     )

@@ -259,6 +259,7 @@ def _run(args: argparse.Namespace) -> None:
     from pipeline.runtime import init_ray
 
     if args.cmd == "train":
+        from pipeline.analysis.measure import gradient_stats
         from pipeline.cli import fail
         from pipeline.data.prepare import prepare_from_params
         from pipeline.models.pretrained import PretrainedNotFound
@@ -285,7 +286,8 @@ def _run(args: argparse.Namespace) -> None:
                 fail(str(exc))
         # The pipeline's tune/best.json was tuned on the pipeline's data: with other data, use the params' lr.
         final = train_arch(p, args.arch, out_dir=run_dir / "model", metrics_path=run_dir / "metrics.json",
-                           curve_path=run_dir / "curve.csv", best_path=None if args.data else "tune/best.json")
+                           curve_path=run_dir / "curve.csv", best_path=None if args.data else "tune/best.json",
+                           grad_stats=gradient_stats)
         print(f"trained {args.arch}: val top-1 err {final['val_top1_err']:.2f}%")
         print(f"model: {run_dir / 'model'}  (metrics {run_dir / 'metrics.json'}, curve {run_dir / 'curve.csv'}, "
               f"MLflow run {final['mlflow_run_id']})")

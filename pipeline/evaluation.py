@@ -1,61 +1,22 @@
-"""Top-k error counting and the error table. Pure functions: counts, not averages, so that sums across
-ranks and batches are exact (torchvision's `evaluate` sums counts and checks them against the dataset)."""
+"""The evaluate@ARCH stage (exact top-1/top-5 error over the val shards, with Ray Data batch inference) and the
+error table. The counting and the forward pass it shares with training's validation are `pipeline.metrics`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from pipeline.metrics import error_pct, eval_logits
+from pipeline.training.checkpoint import load_model_dir, model_from_blob, read_model_meta
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Manifest
 
 
-def topk_counts(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """Per k, the number of samples whose target is among the top-k logits, as an int64 tensor on the logits'
-    device (no host synchronisation: the training loop sums these on the GPU). Targets < 0 mark padding rows
-    (equal-size val splits across ranks) and are never counted. k is capped at the number of classes; ties are
-    broken by torch.topk's order."""
-    if logits.ndim != 2 or target.ndim != 1 or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"expected logits (N, C) and target (N,), got {tuple(logits.shape)}, {tuple(target.shape)}")
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices  # (N, maxk)
-    hit = pred.eq(target.view(-1, 1)) & (target >= 0).view(-1, 1)  # (N, maxk)
-    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
-    """`topk_counts` as Python ints (one host read)."""
-    return [int(v) for v in topk_counts(logits, target, ks).tolist()]
-
-
-def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: bool,
-                amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """THE evaluation forward pass, shared by validation in the training loop and the evaluate stage, so both
-    give the same numbers: uint8 (N, 3, H, W) on the model's device -> normalise (ImageNet mean/std) -> the
-    model in eval mode under the run's autocast dtype (train.amp; None = fp32) -> float32 logits (N, C)."""
-    from pipeline.data.transforms import normalize
-
-    x = normalize(images, channels_last)
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        return model(x).float()
-
-
-def amp_dtype_of(amp: str | None) -> torch.dtype | None:
-    """train.amp -> the autocast dtype (None: fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")
-
-
 # The evaluate stage's precision, ours and the reference rows alike (None = fp32).
 EVAL_AMP_DTYPE: torch.dtype | None = None
-
-
-def error_pct(correct: int, total: int) -> float:
-    """Error in percent, as the paper's tables report it."""
-    if total <= 0:
-        raise ValueError("no samples counted")
-    return 100.0 * (1.0 - correct / total)
 
 
 # --- the evaluate@ARCH stage: batch inference over the val shards with Ray Data ---------------------------
@@ -69,8 +30,6 @@ class _Predictor:
 
     def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None,
                  model_uri: str | None = None) -> None:
-        from pipeline.training.checkpoint import load_model_dir, model_from_blob
-
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A registered model (models:/NAME@ALIAS) is the published program: 0-255 float pixels -> probabilities,
@@ -128,8 +87,6 @@ def model_meta(model: str) -> dict:
         from pipeline import tracking
 
         return tracking.model_metadata(model)
-    from pipeline.training.checkpoint import read_model_meta
-
     return read_model_meta(model)
 
 

@@ -83,6 +83,7 @@ def _trial(config: dict[str, Any]) -> None:
     0: the loop runs in this trial process and reports to Tune itself (no worker group to start)."""
     from ray import tune
 
+    from pipeline.analysis.measure import gradient_stats
     from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.training.loop import TuneTrialSession, run_loop
     from pipeline.training.trainer import build_trainer, make_job
@@ -91,7 +92,8 @@ def _trial(config: dict[str, Any]) -> None:
     # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
     lr = lr_for_batch(float(config["lr_per_256"]), p.train.batch_size)
     job = make_job(p, config["arch"], lr, int(config["lr_warmup_epochs"]), p.tune.epochs, None,
-                   train_fraction=p.tune.train_fraction, train_splits=("train",), val_split=SELECT_SPLIT)
+                   train_fraction=p.tune.train_fraction, train_splits=("train",), val_split=SELECT_SPLIT,
+                   grad_stats=gradient_stats)
     job.threads = int(config["threads"])
     if p.tune.workers_per_trial == 0:
         # Scratch: tune.report copies the directory into the trial's storage before it returns, so it is removed

@@ -14,6 +14,7 @@ def main() -> None:
         ap.add_argument("--best", default="tune/best.json", help="tuned lr/warmup (used when train.use_tuned)")
 
     p, args = stage_args(__doc__, add)
+    from pipeline.analysis.measure import gradient_stats
     from pipeline.cli import fail
     from pipeline.models.pretrained import PretrainedNotFound
     from pipeline.training.trainer import train_arch
@@ -22,7 +23,7 @@ def main() -> None:
     try:
         final = train_arch(
             p, arch, out_dir=args.out or f"models/{arch}", metrics_path=args.metrics or f"metrics/train/{arch}.json",
-            curve_path=args.curve or f"plots/train/{arch}.csv", best_path=args.best,
+            curve_path=args.curve or f"plots/train/{arch}.csv", best_path=args.best, grad_stats=gradient_stats,
         )
     except PretrainedNotFound as exc:
         fail(str(exc), 2)

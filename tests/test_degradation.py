@@ -188,10 +188,12 @@ def test_recipe_turns_off_the_per_image_policies_its_shard_cannot_apply() -> Non
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_in_process(shards: Path, tmp_path: Path, *sets: str) -> tuple[list[dict], list[dict], str]:
+def run_in_process(shards: Path, tmp_path: Path, *sets: str, grad_stats: object = None,
+                   ) -> tuple[list[dict], list[dict], str]:
     """run_loop on the tiny shards (resnet20, 2 epochs of 32 images) with an MLflow run:
-    (session reports, the checkpoint's history, run id)."""
+    (session reports, the checkpoint's history, run id). `grad_stats`: the loop's hook (default: analysis's)."""
     from pipeline import tracking
+    from pipeline.analysis.measure import gradient_stats
     from pipeline.training.checkpoint import load_train_state
     from pipeline.training.local import InMemoryShard, InProcessSession
     from pipeline.training.loop import run_loop
@@ -202,7 +204,7 @@ def run_in_process(shards: Path, tmp_path: Path, *sets: str) -> tuple[list[dict]
         "train.use_tuned=false", "train.num_workers=0", *sets,
     ])
     run_id = tracking.start_run(p.tracking.experiment, "grad-stats", {"test": "1"})
-    job = make_job(p, "resnet20", 0.05, 0, p.train.epochs, run_id)
+    job = make_job(p, "resnet20", 0.05, 0, p.train.epochs, run_id, grad_stats=grad_stats or gradient_stats)
     shard = InMemoryShard(job.train_files, crop=32, min_scale=0.35, limit=32)
     job.n_train, job.threads = len(shard), 1
     job.checkpoint_dir = str(tmp_path / "ckpt")
@@ -242,6 +244,41 @@ def test_grad_stats_interval_and_off(synthetic_shards, mlflow_db, tmp_path) -> N
     assert not any(k.startswith(("grad_norm/", "dead_relu/")) for r in reports for k in r)
     logged = tracking.run_metrics(run_id)
     assert "val_top1_err" in logged and not any(k.startswith(("grad_norm/", "dead_relu/")) for k in logged)
+
+
+def test_grad_stats_are_the_hook_the_caller_passes(synthetic_shards, mlflow_db, tmp_path) -> None:
+    """The loop measures with Job.grad_stats (training never imports pipeline.analysis): the bare model after
+    backward and the batch's images reach the hook, whose metrics travel with the epoch's report."""
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    def hook(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+        seen.append((model.conv1.weight.grad is not None, tuple(images.shape)))
+        return {"custom/stat": float(len(seen))}
+
+    reports, history, _ = run_in_process(synthetic_shards, tmp_path, "train.log_grad_stats=true", grad_stats=hook)
+    assert seen == [(True, (16, 3, 32, 32))] * 2  # one measured batch per epoch, gradients present
+    assert [r["custom/stat"] for r in reports] == [1.0, 2.0]
+    assert not any(k.startswith("grad_norm/") for r in reports for k in r)
+    assert not any("custom/stat" in row for row in history)
+
+
+def test_grad_stats_on_without_a_hook_is_refused(synthetic_shards, tmp_path) -> None:
+    """train.log_grad_stats with no measurement to call fails before training, naming the fix, instead of
+    silently logging nothing: at make_job (the driver) and at the loop's set-up (a Job built by hand)."""
+    from pipeline.analysis.measure import gradient_stats
+    from pipeline.training.local import InMemoryShard, InProcessSession
+    from pipeline.training.loop import run_loop
+    from pipeline.training.trainer import make_job
+
+    p = load_params(ROOT / "params.yaml", [f"data.shards_dir={synthetic_shards}", "train.log_grad_stats=true"])
+    with pytest.raises(ValueError, match=r"train.log_grad_stats is true .*grad_stats=pipeline.analysis.measure"):
+        make_job(p, "resnet20", 0.05, 0, 1, None)
+    job = make_job(p, "resnet20", 0.05, 0, 1, None, grad_stats=gradient_stats)
+    job.grad_stats = None
+    session = InProcessSession(InMemoryShard(job.train_files, crop=32, min_scale=0.35, limit=16))
+    with pytest.raises(ValueError, match=r"train.log_grad_stats is true"):
+        run_loop(job, session)
+    assert session.reports == []
 
 
 # ---------------------------------------------------------------------------------------------------------

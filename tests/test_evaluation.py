@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.evaluation import error_pct, table_rows, topk_correct
+from pipeline.evaluation import table_rows
+from pipeline.metrics import error_pct, topk_correct
 from pipeline.publish import decide_champion
 from pipeline.references import REFERENCES, delta
 

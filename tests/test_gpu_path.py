@@ -110,7 +110,7 @@ def test_ema_matches_torch_averaged_model_and_survives_a_state_round_trip() -> N
 
 
 def test_topk_counts_skip_padding_rows_and_stay_on_the_device() -> None:
-    from pipeline.evaluation import topk_counts
+    from pipeline.metrics import topk_counts
 
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.0, 1.0]])
     counts = topk_counts(logits, torch.tensor([1, 2, -1]), (1, 2))

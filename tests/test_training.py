@@ -81,12 +81,13 @@ def test_grad_stats_reach_mlflow_through_ray_train(ray_local, synthetic_shards, 
     """train.log_grad_stats: per-layer gradient norms and dead-ReLU ratios travel with the epoch metrics
     through Ray Train's report to MLflow, and stay out of the per-epoch history (the curve CSV)."""
     from pipeline import tracking
+    from pipeline.analysis.measure import gradient_stats
     from pipeline.training.trainer import build_trainer, make_job, run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = tiny_params(synthetic_shards, tmp_path / "ckpt", epochs=1, log_grad_stats="true")
     run_id = tracking.start_run(p.tracking.experiment, "grad-stats", {"test": "ray"})
-    job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, run_id)
+    job = make_job(p, "resnet18", 0.05, 0, p.train.epochs, run_id, grad_stats=gradient_stats)
     outcome = run(build_trainer(job, p, name="gradstats", num_workers=0, storage_path=str(tmp_path / "ckpt")))
     assert not any(k.startswith(("grad_norm/", "dead_relu/")) for k in outcome.history[-1])
     logged = tracking.run_metrics(run_id)

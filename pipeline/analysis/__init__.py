@@ -17,6 +17,7 @@ from pipeline.analysis.measure import (
     dead_relu_ratio,
     depth_gradient_norms,
     gradient_norms,
+    gradient_stats,
     is_residual_block,
     layer_param_counts,
     model_summary,
@@ -24,8 +25,8 @@ from pipeline.analysis.measure import (
     skip_contribution,
 )
 
-# The figures load matplotlib (~0.3 s and ~40 MB): they are imported on first use, since every training worker
-# imports `measure` (the loop's gradient statistics) through this package and draws nothing.
+# The figures load matplotlib (~0.3 s and ~40 MB): they are imported on first use, since a training worker given
+# `measure.gradient_stats` (train.log_grad_stats) imports `measure` through this package and draws nothing.
 _PLOTS = ("ResNetVisualizer", "compare_gradient_flow", "plot_degradation")
 
 
@@ -44,6 +45,7 @@ __all__ = [
     "dead_relu_ratio",
     "depth_gradient_norms",
     "gradient_norms",
+    "gradient_stats",
     "is_residual_block",
     "layer_param_counts",
     "model_summary",

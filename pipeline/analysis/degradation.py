@@ -32,8 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import tracking
+from pipeline.analysis.measure import depth_gradient_norms, gradient_stats
 from pipeline.config import Params, with_absolute_paths
+from pipeline.data.shards import read_manifest, read_shard, shard_files
+from pipeline.data.transforms import normalize, val_image
+from pipeline.models import build_model, count_params, model_info
 from pipeline.runtime import publish_dir, write_json
+from pipeline.training.checkpoint import load_train_state
+from pipeline.training.local import InMemoryShard, InProcessSession
+from pipeline.training.loop import model_kwargs, run_loop
+from pipeline.training.trainer import make_job
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Manifest
@@ -105,9 +114,7 @@ def run_degradation(p: Params, out_dir: str | Path, metrics_path: str | Path) ->
 
 
 def _run_enabled(p: Params, out: Path, t_start: float) -> dict[str, Any]:
-    from pipeline import tracking
     from pipeline.analysis.plots import compare_gradient_flow, plot_degradation
-    from pipeline.data.shards import read_manifest
 
     p = with_absolute_paths(p)
     deg = p.degradation
@@ -190,12 +197,6 @@ def _run_enabled(p: Params, out: Path, t_start: float) -> dict[str, Any]:
 
 def _train_one(run_p: Params, arch: str, parent_run: str, fingerprint: str, ckpt_dir: Path) -> dict[str, Any]:
     """Train `arch` with run_loop in this process; its per-epoch metrics go to a child MLflow run."""
-    from pipeline import tracking
-    from pipeline.models import model_info
-    from pipeline.training.checkpoint import load_train_state
-    from pipeline.training.local import InMemoryShard, InProcessSession
-    from pipeline.training.loop import model_kwargs, run_loop
-    from pipeline.training.trainer import make_job
 
     deg = run_p.degradation
     child = tracking.start_run(
@@ -204,7 +205,7 @@ def _train_one(run_p: Params, arch: str, parent_run: str, fingerprint: str, ckpt
         params={"arch": arch, **model_kwargs(run_p, arch)}, parent_run_id=parent_run,
     )
     t0 = time.perf_counter()
-    job = make_job(run_p, arch, deg.lr, deg.lr_warmup_epochs, deg.epochs, child)
+    job = make_job(run_p, arch, deg.lr, deg.lr_warmup_epochs, deg.epochs, child, grad_stats=gradient_stats)
     shard = InMemoryShard(job.train_files, crop=run_p.train.train_crop_size,
                           min_scale=run_p.train.train_crop_min_scale, limit=deg.train_images)
     if len(shard) < deg.batch_size:
@@ -229,8 +230,6 @@ def _train_one(run_p: Params, arch: str, parent_run: str, fingerprint: str, ckpt
     model: nn.Module | None = None
     history: list[dict[str, Any]] = []
     if session.checkpoint_dir:
-        from pipeline.models import build_model
-
         state = load_train_state(session.checkpoint_dir)
         history = list(state["history"])
         model = build_model(arch, num_classes=job.num_classes, **model_kwargs(run_p, arch))
@@ -264,16 +263,11 @@ def _images_seen(run_p: Params, n_train: int) -> int:
 
 
 def _count_params(arch: str, num_classes: int, run_p: Params) -> int:
-    from pipeline.models import build_model, count_params
-    from pipeline.training.loop import model_kwargs
-
     return count_params(build_model(arch, num_classes=num_classes, **model_kwargs(run_p, arch)))
 
 
 def _initial_model(run_p: Params, arch: str, num_classes: int) -> nn.Module:
     """The exact initial weights of the trained run: run_loop seeds torch with `seed + rank` (rank 0) first."""
-    from pipeline.models import build_model
-    from pipeline.training.loop import model_kwargs
 
     torch.manual_seed(run_p.seed)
     return build_model(arch, num_classes=num_classes, **model_kwargs(run_p, arch))
@@ -281,8 +275,6 @@ def _initial_model(run_p: Params, arch: str, num_classes: int) -> nn.Module:
 
 def _val_batch(run_p: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` val images after the eval transform, normalised: (n, 3, crop, crop) and labels (n,)."""
-    from pipeline.data.shards import read_shard, shard_files
-    from pipeline.data.transforms import normalize, val_image
 
     tp = run_p.train
     pixels: list[np.ndarray] = []
@@ -303,8 +295,6 @@ def _val_batch(run_p: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _depth_norms(models: dict[str, nn.Module], images: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
     """Per model: the gradient norm of each weighted layer of the main path, input to output (the figure's
     numbers), and the ratio first/last layer."""
-    from pipeline.analysis.measure import depth_gradient_norms
-
     result = {}
     for arch, model in models.items():
         norms = [value for _, value in depth_gradient_norms(model, images, targets)]
@@ -349,8 +339,6 @@ def observations(histories: dict[str, list[dict[str, Any]]], train_images: int) 
     plain-56 vs plain-20 is degradation when the deeper net's TRAINING error is higher). Computed, never
     assumed: a difference within two binomial standard errors of the difference (errors measured on
     `train_images` images each) is reported as "within noise", not as a finding."""
-    from pipeline.models import model_info
-
     found = []
     for family in ("plain", "residual"):
         archs = [a for a, h in histories.items() if h and (is_plain(a) == (family == "plain"))]

@@ -9,6 +9,7 @@ training loop can call them between steps.  The model runs in whatever mode the 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -296,6 +297,24 @@ def dead_relu_ratio(model: nn.Module, images: Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------
 # Parameters and shapes
 # ---------------------------------------------------------------------------------------------------------
+
+
+def gradient_stats(model: nn.Module, images: Tensor) -> dict[str, float]:
+    """train.log_grad_stats' MLflow metrics of one measured batch, the hook the training loop calls
+    (pipeline.training.loop.GradStats; callers pass it as `grad_stats`): `grad_norm/<layer>` (L2 norm of each
+    conv/linear weight's gradient, as backward left it), `grad_norm/total` (their joint L2 norm),
+    `dead_relu/<relu>.call<k>` (share of exact zeros at the k-th call of that ReLU on `images`, the model in its
+    current mode) and `dead_relu/mean`. The paper (section 4.1) argues that with BN the plain nets' gradients
+    stay healthy."""
+    norms = gradient_norms(model)
+    dead = dead_relu_ratio(model, images)
+    stats = {f"grad_norm/{name}": value for name, value in norms.items()}
+    stats["grad_norm/total"] = math.sqrt(sum(value * value for value in norms.values()))
+    # MLflow metric names allow no '#': "layer1.0.relu#2" -> "layer1.0.relu.call2".
+    stats.update({f"dead_relu/{name.replace('#', '.call')}": value for name, value in dead.items()})
+    if dead:
+        stats["dead_relu/mean"] = sum(dead.values()) / len(dead)
+    return stats
 
 
 def layer_param_counts(model: nn.Module) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.models import build_model
 from pipeline.runtime import publish_dir, temp_dir_beside
 
 TRAIN_STATE_FILE = "checkpoint.pt"  # inside a Ray Train checkpoint directory (resume state)
@@ -69,8 +70,6 @@ def load_model_dir(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def model_from_blob(blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """{"state_dict", "arch", "num_classes", "model_kwargs", ...} (model.pt's content) -> (model in eval
     mode, the description without the weights)."""
-    from pipeline.models import build_model
-
     blob = dict(blob)
     model = build_model(blob["arch"], num_classes=blob["num_classes"], **blob.get("model_kwargs", {}))
     model.load_state_dict(blob.pop("state_dict"), strict=True)

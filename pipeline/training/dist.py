@@ -8,6 +8,7 @@ path and the GPU path the same code.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,8 +80,6 @@ def all_gather_objects(obj: Any, device: torch.device) -> list[Any]:
     """Every rank's `obj` (tensors and plain Python values), in rank order, on every rank: two all-gathers of
     byte tensors on `device` (sizes, then the padded payloads). torch's all_gather_object would pickle too, but
     picks its own device; here NCCL gets the training device like every other collective."""
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     blob = buf.getvalue()

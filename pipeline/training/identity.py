@@ -31,6 +31,7 @@ import json
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.training.tuned import trial_recipe
 
 ARCH = "{arch}"  # stands for the stage's arch; dvc.yaml writes it as ${item}
 
@@ -168,8 +169,6 @@ def train_run_name(p: Params, arch: str, *, lr: float, lr_warmup_epochs: int, da
 def tune_identity(p: Params, arch: str, data_fingerprint: str) -> dict[str, Any]:
     """The values that fix `arch`'s search: the TUNE params without the list of tuned archs (adding an arch to
     tune.archs does not restart the others' searches), plus the arch and the shards' fingerprint."""
-    from pipeline.training.tuned import trial_recipe
-
     ident = {k: value(p, k) for k in stage_params("tune") if k != "tune.archs" and k not in _TUNE_RESOLVED}
     # The final run's epochs and warmup as the trials see them: an edit that leaves the trials alone keeps the name.
     recipe, warmup = trial_recipe(p.train, arch, p.tune.epochs)

@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.ingest import ValDecode
+from pipeline.data.shards import read_shard
+from pipeline.data.transforms import draw_train_crop, train_image
+from pipeline.data.worker_decode import image_size
+
 
 class InMemoryShard:
     """The part of a Ray Data shard that `run_loop` uses (`iter_torch_batches`), over Parquet train shards
@@ -23,8 +28,6 @@ class InMemoryShard:
     the loop's `local_shuffle_seed`, decoded and augmented with the project's `train_image`."""
 
     def __init__(self, files: Sequence[str], *, crop: int, min_scale: float, limit: int | None = None) -> None:
-        from pipeline.data.shards import read_shard
-
         images: list[bytes] = []
         labels: list[int] = []
         for path in files:
@@ -48,8 +51,6 @@ class InMemoryShard:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches {"image": uint8 (N, 3, crop, crop), "label": int64 (N,)}. Ray-only options (dtypes,
         prefetch, shuffle buffer) are accepted and have nothing to do here."""
-        from pipeline.data.transforms import train_image
-
         rng = np.random.default_rng(local_shuffle_seed)
         order = rng.permutation(len(self.images))
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
@@ -68,9 +69,6 @@ class InMemoryShard:
     ) -> Iterator[dict[str, np.ndarray]]:
         """train.decode "worker": rows as Ray Data's TrainDraw ships them (JPEG bytes, drawn box, size, flip,
         label), for the loop's WorkerDecoder; the same shuffle and draw order as `iter_torch_batches`."""
-        from pipeline.data.transforms import draw_train_crop
-        from pipeline.data.worker_decode import image_size
-
         if batch_format != "numpy":
             raise ValueError(f"InMemoryShard.iter_batches: only batch_format='numpy', got {batch_format!r}")
         rng = np.random.default_rng(local_shuffle_seed)
@@ -95,9 +93,6 @@ class InMemoryValShard:
     "label": int64 (N,)}. The Parquet files are read once; images are decoded at every pass."""
 
     def __init__(self, files: Sequence[str], *, resize: int, crop: int) -> None:
-        from pipeline.data.ingest import ValDecode
-        from pipeline.data.shards import read_shard
-
         self._decode = ValDecode(resize, crop)
         # sha256 checked while read; local paths and URIs alike
         self._tables = [read_shard(path, columns=["image", "label", "key"]) for path in files]

@@ -20,15 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import tracking
 from pipeline.config import Params
 from pipeline.data.augment import progressive_sizes, resize_batch, size_for_epoch
 from pipeline.data.transforms import normalize
-from pipeline.evaluation import amp_dtype_of, eval_logits, topk_counts
+from pipeline.data.worker_decode import worker_batches
+from pipeline.metrics import amp_dtype_of, eval_logits, topk_counts
+from pipeline.models import build_model, model_info
+from pipeline.models.pretrained import init_from_pretrained, load_state_dict
 from pipeline.training import dist, probe
 from pipeline.training.checkpoint import load_train_state, save_train_state
 from pipeline.training.ema import EMA, update_decay
+from pipeline.training.local import InMemoryValShard
 from pipeline.training.optim import build_optimizer, mix_batch
 from pipeline.training.schedule import lr_at
+
+# Ray stays a function-level import (TrainSession, TuneTrialSession): an in-process run never loads it.
 
 
 class NextEpoch:
@@ -72,6 +79,11 @@ MAX_CONSECUTIVE_NONFINITE = 5
 # previous look: a non-finite loss is caught at most ~2x this many steps late, and the step never waits.
 DIVERGENCE_CHECK_EVERY = 8
 
+# train.log_grad_stats' measurement of one batch: (the bare model, after backward; the batch's normalised images)
+# -> MLflow metrics. The caller supplies it (pipeline.analysis.measure.gradient_stats): the statistics are
+# analysis code, a floor above training, which never imports it.
+GradStats = Callable[[nn.Module, torch.Tensor], dict[str, float]]
+
 
 @dataclass
 class Job:
@@ -97,6 +109,7 @@ class Job:
     # In-process runs (no Ray Train to persist checkpoints): the checkpoint is rewritten in this directory each
     # epoch. None: each epoch's checkpoint goes to a temporary directory that the session persists (Ray Train).
     checkpoint_dir: str | None = None
+    grad_stats: GradStats | None = None  # required when train.log_grad_stats (see GradStats)
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +135,6 @@ class Session(Protocol):
 def model_kwargs(p: Params, arch: str) -> dict[str, Any]:
     """The model.* params this builder accepts: plain nets take no shortcut/zero-init, CIFAR nets keep the
     paper's option A unless model.shortcut is set explicitly."""
-    from pipeline.models import model_info
-
     wanted = {
         "shortcut": p.model.shortcut,
         "zero_init_residual": p.model.zero_init_residual,
@@ -135,12 +146,8 @@ def model_kwargs(p: Params, arch: str) -> dict[str, Any]:
 
 
 def _build_model(job: Job, p: Params) -> nn.Module:
-    from pipeline.models import build_model
-
     model = build_model(job.arch, num_classes=job.num_classes, **model_kwargs(p, job.arch))
     if job.pretrained_path:  # fine-tuning: torchvision's backbone, a fresh head for other classes
-        from pipeline.models.pretrained import init_from_pretrained, load_state_dict
-
         init_from_pretrained(model, load_state_dict(job.pretrained_path))
     return model
 
@@ -340,8 +347,6 @@ def _run_loop(job: Job, session: Session) -> None:
     tp = run.p.train
     val_source = run.session.val_shard()
     if val_source is None:  # a plain process: the val files decoded here, with the stage's decode
-        from pipeline.training.local import InMemoryValShard
-
         val_source = InMemoryValShard(dist.shard_for_rank(job.val_files, run.rank, run.world_size),
                                       resize=tp.val_resize_size, crop=tp.val_crop_size)
     train_shard = run.session.train_shard()
@@ -370,9 +375,18 @@ def _run_loop(job: Job, session: Session) -> None:
     probe.finish(run.rank)
 
 
+def check_grad_stats(p: Params, grad_stats: GradStats | None) -> None:
+    """train.log_grad_stats needs the caller's measurement (GradStats): refuse a run that would silently log
+    none."""
+    if p.train.log_grad_stats and grad_stats is None:
+        raise ValueError("train.log_grad_stats is true but this run was given no gradient statistics to call "
+                         "(Job.grad_stats: pass grad_stats=pipeline.analysis.measure.gradient_stats)")
+
+
 def _setup(job: Job, session: Session) -> _Run:
     p = Params.model_validate(job.params)
     tp = p.train
+    check_grad_stats(p, job.grad_stats)
     torch.set_num_threads(job.threads)
     rank, world_size = dist.world()
     torch.manual_seed(p.seed + rank)
@@ -486,8 +500,6 @@ def _epoch_batches(run: _Run, train_shard: Any, epoch: int) -> NextEpoch:
 def _worker_decoded_batches(run: _Run, train_shard: Any, epoch: int) -> NextEpoch:
     """train.decode "worker": the shard holds JPEG bytes + drawn crops; this worker decodes them on its device
     (pipeline.data.worker_decode), each batch while the previous step runs. Same batching and shuffle as above."""
-    from pipeline.data.worker_decode import worker_batches
-
     return NextEpoch(lambda: worker_batches(
         train_shard, batch_size=run.per_worker_batch, device=run.device, crop=run.p.train.train_crop_size,
         threads=run.job.threads, local_shuffle_buffer_size=4 * run.per_worker_batch,
@@ -507,7 +519,8 @@ def _train_epoch(run: _Run, epoch: int, batches: NextEpoch) -> tuple[dict[str, A
     # Off (the default): no extra work and no host sync. On: one batch per measured epoch, every rank alike
     # (no rank waits in a collective the others skip, SyncBN included); rank 0 reports.
     grad_stats: dict[str, float] = {}
-    measure_epoch = tp.log_grad_stats and (epoch + 1) % tp.grad_stats_every_epochs == 0
+    measure_epoch = (job.grad_stats is not None and tp.log_grad_stats
+                     and (epoch + 1) % tp.grad_stats_every_epochs == 0)
     data_wait = first_wait = 0.0  # seconds blocked on the input pipeline: > a few % of the epoch = input-bound
     lr = job.lr
     t0 = t_fetch = time.perf_counter()
@@ -549,7 +562,7 @@ def _train_epoch(run: _Run, epoch: int, batches: NextEpoch) -> tuple[dict[str, A
             run.scaler.unscale_(run.optimizer)  # a no-op when the scaler is off
         if measure:
             probe.phase("grad_stats")
-            grad_stats = gradient_stats(run.core, x)  # the raw gradients: before clipping and the step
+            grad_stats = job.grad_stats(run.core, x)  # the raw gradients: before clipping and the step
             probe.phase("step")
         if tp.clip_grad_norm:
             nn.utils.clip_grad_norm_(run.model.parameters(), tp.clip_grad_norm)
@@ -653,24 +666,6 @@ def rank_score(top1_err: float, train_loss: float, n_images: int) -> float:
     return top1_err + 0.5 * step * (1.0 - math.exp(-max(train_loss, 0.0)))
 
 
-def gradient_stats(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """MLflow metrics of one measured batch: `grad_norm/<layer>` (L2 norm of each conv/linear weight's
-    gradient, as backward left it), `grad_norm/total` (their joint L2 norm), `dead_relu/<relu>.call<k>` (share
-    of exact zeros at the k-th call of that ReLU on `images`, the model in its current mode) and
-    `dead_relu/mean`. The paper (section 4.1) argues that with BN the plain nets' gradients stay healthy."""
-    from pipeline.analysis.measure import dead_relu_ratio, gradient_norms
-
-    norms = gradient_norms(model)
-    dead = dead_relu_ratio(model, images)
-    stats = {f"grad_norm/{name}": value for name, value in norms.items()}
-    stats["grad_norm/total"] = math.sqrt(sum(value * value for value in norms.values()))
-    # MLflow metric names allow no '#': "layer1.0.relu#2" -> "layer1.0.relu.call2".
-    stats.update({f"dead_relu/{name.replace('#', '.call')}": value for name, value in dead.items()})
-    if dead:
-        stats["dead_relu/mean"] = sum(dead.values()) / len(dead)
-    return stats
-
-
 def _maybe_inject_failure(epoch: int, step: int, rank: int) -> None:
     """Test hook: PIPELINE_KILL_WORKER="EPOCH,STEP,RANK,MARKER" kills this worker process once (no clean-up,
     like an OOM kill or a lost node) so tests can prove the run resumes from its checkpoint."""
@@ -722,8 +717,6 @@ def _checkpoint_and_report(run: _Run, epoch: int, metrics: dict[str, Any]) -> No
         "shards_dir": (job.params.get("data") or {}).get("shards_dir"),
     }
     if job.mlflow_run_id:
-        from pipeline import tracking
-
         tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
     if job.checkpoint_dir:
         # In-process runs: nothing copies the checkpoint, so one directory per run is rewritten each epoch

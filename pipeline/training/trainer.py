@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
+from pipeline.cluster import release_request, wait_for_resources
 from pipeline.config import Params, with_absolute_paths
-from pipeline.data.shards import read_manifest, shard_files
+from pipeline.data.ingest import TASK_CPUS, train_dataset, val_dataset
+from pipeline.data.shards import check_nodes_see, data_error_in, read_manifest, shard_files
+from pipeline.models.pretrained import require_weights
 from pipeline.runtime import (
     LOCAL_DATA_CPUS,
     absolute_storage,
@@ -23,8 +28,12 @@ from pipeline.runtime import (
     write_csv,
     write_json,
 )
+from pipeline.training.checkpoint import export_model_dir, load_train_state
 from pipeline.training.identity import train_run_name
-from pipeline.training.loop import Job, train_loop_per_worker
+from pipeline.training.loop import GradStats, Job, check_grad_stats, train_loop_per_worker
+from pipeline.training.tuned import tuned_lr_for
+
+# Ray stays a function-level import (where the trainer is built and run): importing this module loads none of it.
 
 
 @dataclass
@@ -37,8 +46,6 @@ class Outcome:
 def train_bundles(p: Params, num_workers: int) -> list[dict[str, float]]:
     """The resource shapes a training run asks for: one per worker (its CPUs, and a GPU with train.use_gpu),
     plus one decode task's CPUs for Ray Data (a run whose workers hold every CPU never starts reading)."""
-    from pipeline.data.ingest import TASK_CPUS
-
     tp = p.train
     worker = {"CPU": tp.cpus_per_worker, **({"GPU": 1.0} if tp.use_gpu else {})}
     return [dict(worker) for _ in range(num_workers)] + [{"CPU": TASK_CPUS}]
@@ -50,14 +57,10 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data.ingest import train_dataset, val_dataset
-
     tp = p.train
     if num_workers == 0:  # in-process: nothing persists a reported checkpoint, the loop rewrites one in place
         job.checkpoint_dir = job.checkpoint_dir or tempfile.mkdtemp(prefix="resnet-ckpt-")
     else:
-        from pipeline.cluster import wait_for_resources
-
         wait_for_resources(
             train_bundles(p, num_workers), what=f"training {job.arch}",
             keys="train.num_workers, train.cpus_per_worker or train.use_gpu",
@@ -121,8 +124,6 @@ def check_data_cpus(num_workers: int, cpus_per_worker: float) -> None:
     `wait_for_resources`, so an autoscaling cluster's nodes are counted."""
     import ray
 
-    from pipeline.data.ingest import TASK_CPUS
-
     total = float(ray.cluster_resources().get("CPU", 0))
     left = total - num_workers * cpus_per_worker
     if num_workers > 0 and left < TASK_CPUS:
@@ -138,16 +139,11 @@ def _worker_env() -> dict[str, Any]:
     import `pipeline` from the Ray job's working_dir, which is not the driver's folder when the cluster
     entrypoint runs in a PIPELINE_WORKSPACE, so they would derive another file ("Run ... not found"). A
     server URI is not sent: it may embed a password, and the nodes' environment sets it."""
-    from pipeline.tracking import tracking_uri
-
-    uri = tracking_uri()
+    uri = tracking.tracking_uri()
     return {"env_vars": {"MLFLOW_TRACKING_URI": uri}} if uri.startswith("sqlite:") else {}
 
 
 def run(trainer: Any) -> Outcome:
-    from pipeline.data.shards import data_error_in
-    from pipeline.training.checkpoint import load_train_state
-
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -174,17 +170,16 @@ def train_split_names(p: Params, manifest: dict[str, Any]) -> tuple[str, ...]:
 
 def make_job(
     p: Params, arch: str, lr: float, warmup: int, epochs: int, mlflow_run_id: str | None, train_fraction: float = 1.0,
-    *, train_splits: tuple[str, ...] | None = None, val_split: str = "val",
+    *, train_splits: tuple[str, ...] | None = None, val_split: str = "val", grad_stats: GradStats | None = None,
 ) -> Job:
     """Everything a run needs from the shards: file lists checked at start-up for what is cheap (sizes and
     Parquet footers of the files this run reads; every byte is hashed when read), counts and the class list.
 
     `train_splits` (default `train_split_names`) are read for training, `train_fraction` of the first one's
     shards; `val_split` is what the run validates on: "val" for final training, "minival" for tune trials,
-    which must never open a val shard (tests/test_tuning.py records every shard read)."""
-    from pipeline import tracking
-    from pipeline.data.shards import check_nodes_see
-
+    which must never open a val shard (tests/test_tuning.py records every shard read). `grad_stats`: the
+    measurement train.log_grad_stats logs (pipeline.analysis.measure.gradient_stats), required when it is on."""
+    check_grad_stats(p, grad_stats)
     manifest = read_manifest(p.data.shards_dir)
     check_nodes_see(p.data.shards_dir, str(manifest["fingerprint"]))  # multi-node: every node, the same data
     splits = train_split_names(p, manifest) if train_splits is None else train_splits
@@ -214,6 +209,7 @@ def make_job(
         mlflow_run_id=mlflow_run_id,
         threads=worker_threads(p.train.cpus_per_worker),
         pretrained_path=pretrained_weights(p, arch),
+        grad_stats=grad_stats,
     )
 
 
@@ -221,8 +217,6 @@ def pretrained_weights(p: Params, arch: str) -> str | None:
     """train.pretrained -> the weights file every worker loads; a clear error before Ray starts when absent."""
     if p.train.pretrained is None:
         return None
-    from pipeline.models.pretrained import require_weights
-
     where = None if p.train.pretrained == "torchvision" else p.train.pretrained
     return str(require_weights(arch, where).resolve())
 
@@ -232,8 +226,6 @@ def tuned_hparams(p: Params, best_path: str | Path | None, arch: str) -> tuple[f
     of `arch` or of the tuned arch of its kind nearest in depth (pipeline.archs.lr_source_arch), its lr
     rescaled from the trial batch to train.batch_size by the linear scaling rule; otherwise the params' own."""
     if p.train.use_tuned and best_path and Path(best_path).is_file():
-        from pipeline.training.tuned import tuned_lr_for
-
         return tuned_lr_for(Path(best_path), arch, p.train.batch_size, p.train.epochs_for(arch),
                             recipe_warmup=p.train.lr_warmup_epochs)
     why = "train.use_tuned is false" if not p.train.use_tuned else "no tune/best.json"
@@ -267,15 +259,17 @@ def check_trainable(*, n_train: int, num_classes: int, batch_size: int, num_work
 
 def train_arch(
     p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path,
-    best_path: str | Path | None = "tune/best.json",
+    best_path: str | Path | None = "tune/best.json", grad_stats: GradStats | None = None,
 ) -> dict[str, Any]:
     """The train@ARCH stage: train `arch` with Ray Train, resume a killed run of the same params and
     data, export models/ARCH/, write final metrics and the per-epoch curve. Returns the final metrics.
+    `grad_stats`: the measurement train.log_grad_stats logs (see make_job).
 
     Refuses (TrainingRefused) a run that would train nothing, before MLflow or Ray start, and (OutputLocked)
     a second run on the same model folder or the same trajectory (Ray run folder and MLflow resume key)."""
     p = with_absolute_paths(p)
     pretrained_weights(p, arch)  # missing weights fail here, before an MLflow run or Ray starts
+    check_grad_stats(p, grad_stats)  # so does a measurement switched on and not given
     lr, warmup, lr_source = tuned_hparams(p, best_path, arch)
     epochs = p.train.epochs_for(arch)
     warmup = min(warmup, max(epochs - 1, 0))
@@ -293,18 +287,14 @@ def train_arch(
         clean_stale_temps(out_dir)  # a killed export's temp folder
         return _train_arch_locked(p, arch, out_dir=out_dir, metrics_path=metrics_path, curve_path=curve_path,
                                   lr=lr, warmup=warmup, lr_source=lr_source, epochs=epochs, manifest=manifest,
-                                  name=name)
+                                  name=name, grad_stats=grad_stats)
 
 
 def _train_arch_locked(
     p: Params, arch: str, *, out_dir: str | Path, metrics_path: str | Path, curve_path: str | Path, lr: float,
     warmup: int, lr_source: dict[str, Any], epochs: int, manifest: dict[str, Any], name: str,
+    grad_stats: GradStats | None = None,
 ) -> dict[str, Any]:
-    import time
-
-    from pipeline import tracking
-    from pipeline.training.checkpoint import export_model_dir
-
     fingerprint = str(manifest["fingerprint"])
     run_id = tracking.start_run(
         p.tracking.experiment, f"train-{arch}",
@@ -317,7 +307,7 @@ def _train_arch_locked(
     tracking.log_shards_input(run_id, manifest, p.data.shards_dir, "train")
     # A local Ray gets the workers' CPUs plus LOCAL_DATA_CPUS for Ray Data, whatever the worker layout.
     init_ray(min_cpus=p.train.num_workers * p.train.cpus_per_worker + LOCAL_DATA_CPUS)
-    job = make_job(p, arch, lr, warmup, epochs, run_id)
+    job = make_job(p, arch, lr, warmup, epochs, run_id, grad_stats=grad_stats)
     t0 = time.perf_counter()
     try:
         with tracking.system_metrics(run_id):
@@ -327,8 +317,6 @@ def _train_arch_locked(
         tracking.end_run(run_id, "FAILED")
         raise
     finally:
-        from pipeline.cluster import release_request
-
         release_request()
     wall = time.perf_counter() - t0
     for epoch in outcome.state.get("resumed_at", []):
