@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.data.shards import ManifestError, ShardChecksumError, ShardUnreadable
+from pipeline.data.shards import ManifestError, ShardChecksumError
 from pipeline.data.sources import DataError
 from pipeline.training.errors import DeterministicFailure, TrainingDiverged, deterministic_cause
 
@@ -60,6 +60,8 @@ def test_plain_deterministic_errors_are_their_own_cause() -> None:
 
 def test_losses_and_io_errors_are_not_deterministic() -> None:
     from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from pipeline.data.shards import ShardUnreadable
 
     assert deterministic_cause(None) is None
     assert deterministic_cause(RuntimeError("gloo: connection reset by peer")) is None
