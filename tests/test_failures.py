@@ -202,3 +202,40 @@ def test_diverging_run_is_not_retried(synthetic_shards, tmp_path) -> None:
     msg = str(info.value)
     assert "\n" not in msg and "non-finite training loss at epoch 0" in msg
     assert "arch resnet18, lr " in msg
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_diverging_worker_group_trial_fails_once(minival_shards, tmp_path, monkeypatch) -> None:
+    """tune.workers_per_trial >= 1 drives the same TorchTrainer: a trial whose lr diverges fails once with
+    TrainingDiverged (Tune keeps max_failures=0 for trials), its worker group not restarted train.max_failures
+    times. Attempts are counted by the train shards' verified reads (every process records them): each attempt's
+    first epoch reads every train shard once."""
+    from collections import Counter
+
+    import ray
+
+    from pipeline.config import load_params
+    from pipeline.data.shards import shard_files
+    from pipeline.tuning import run_tune
+    from tests.test_tuning import _reads, _start_ray
+
+    p = load_params(ROOT / "params.yaml", [
+        f"data.shards_dir={minival_shards}", f"train.storage_path={tmp_path / 'ray'}", "model.archs=[resnet18]",
+        "tune.archs=[resnet18]", "train.batch_size=16", "train.cpus_per_worker=0.5", "train.max_failures=2",
+        "train.amp=none", "train.momentum=0.0", "tune.num_samples=1", "tune.epochs=1", "tune.grace_period=1",
+        "tune.lr_per_256_low=1e13", "tune.lr_per_256_high=2e13", "tune.lr_warmup_epochs=[0]",
+        "tune.workers_per_trial=1", "tune.time_budget_s=600",
+    ])
+    log = _start_ray(monkeypatch, tmp_path, num_cpus=4)
+    try:
+        with pytest.raises(RuntimeError, match="no tune trial of resnet18 reported a result"):
+            run_tune(p, tmp_path / "tune")
+    finally:
+        ray.shutdown()
+    train = set(shard_files(minival_shards, "train", verify=False))
+    per_shard = Counter(loc for kind, loc in _reads(log) if kind == "bytes" and loc in train)
+    errors = [f.read_text(errors="replace") for f in (tmp_path / "ray").rglob("error.txt")]
+    print(f"train shard reads per shard: {sorted(per_shard.values())}; trial errors: {len(errors)}")
+    assert per_shard and max(per_shard.values()) == 1, f"the trial's worker group ran more than once: {per_shard}"
+    assert len(errors) == 1 and "TrainingDiverged" in errors[0], errors
