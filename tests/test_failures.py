@@ -174,11 +174,8 @@ def _params(shards: Path, storage: Path, **train: object) -> Any:
     return load_params(ROOT / "params.yaml", sets)
 
 
-@pytest.mark.ray
-def test_diverging_run_is_not_retried(synthetic_shards, tmp_path) -> None:
-    """lr 1e12 diverges in the first epoch, and would again after every restart (same weights, same RNG
-    streams from the checkpoint): with train.max_failures=3 the worker function runs once, not four times,
-    and the driver gets TrainingDiverged with arch, lr and epoch in one line."""
+def _attempts_of(p: Any, lr: float, tmp_path: Path) -> tuple[int, BaseException]:
+    """Run a 1-worker Ray Train job of `p` at `lr` that must fail; (worker function runs, what run() raised)."""
     import ray
 
     from pipeline.runtime import init_ray
@@ -186,22 +183,51 @@ def test_diverging_run_is_not_retried(synthetic_shards, tmp_path) -> None:
 
     init_ray()
     try:
-        p = _params(synthetic_shards, tmp_path / "ckpt", num_workers=1, cpus_per_worker=1, max_failures=3)
-        job = make_job(p, "resnet18", 1e12, 0, p.train.epochs, None)
-        trainer = build_trainer(job, p, name="diverge", num_workers=1, storage_path=str(tmp_path / "ckpt"))
+        job = make_job(p, "resnet18", lr, 0, p.train.epochs, None)
+        trainer = build_trainer(job, p, name="fails", num_workers=1, storage_path=str(tmp_path / "ckpt"))
         log = tmp_path / "attempts.log"
         trainer.train_loop_per_worker = functools.partial(_counted_train_fn, str(log))
-        with pytest.raises(Exception) as info:  # noqa: B017 - the type is asserted below, after the count
+        with pytest.raises(Exception) as info:  # noqa: B017 - the callers assert the type, after the count
             run(trainer)
     finally:
         ray.shutdown()
-    attempts = log.read_text().splitlines() if log.exists() else []
-    print(f"attempts: {len(attempts)}; raised {type(info.value).__name__}: {str(info.value)[:200]}")
-    assert len(attempts) == 1, f"{len(attempts)} attempts of a run that diverges every time: {attempts}"
-    assert isinstance(info.value, TrainingDiverged), repr(info.value)[:2000]
-    msg = str(info.value)
+    attempts = len(log.read_text().splitlines()) if log.exists() else 0
+    print(f"attempts: {attempts}; raised {type(info.value).__name__}: {str(info.value)[:300]}")
+    return attempts, info.value
+
+
+@pytest.mark.ray
+def test_diverging_run_is_not_retried(synthetic_shards, tmp_path) -> None:
+    """lr 1e12 diverges in the first epoch, and would again after every restart (same weights, same RNG
+    streams from the checkpoint): with train.max_failures=3 the worker function runs once, not four times,
+    and the driver gets TrainingDiverged with arch, lr and epoch in one line."""
+    p = _params(synthetic_shards, tmp_path / "ckpt", num_workers=1, cpus_per_worker=1, max_failures=3)
+    attempts, raised = _attempts_of(p, 1e12, tmp_path)
+    assert attempts == 1, f"{attempts} attempts of a run that diverges every time"
+    assert isinstance(raised, TrainingDiverged), repr(raised)[:2000]
+    msg = str(raised)
     assert "\n" not in msg and "non-finite training loss at epoch 0" in msg
     assert "arch resnet18, lr " in msg
+
+
+@pytest.mark.ray
+def test_a_corrupted_shard_is_not_retried(synthetic_shards, tmp_path) -> None:
+    """A shard whose bytes differ from the manifest (same size, intact footer: start-up passes) fails the Ray
+    Data read task inside the worker; that error reaches the controller inside Ray Data's wrappers and is still
+    recognised: one attempt, ShardChecksumError naming the shard."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    bad = shards / "train" / "00002.parquet"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    p = _params(shards, tmp_path / "ckpt", num_workers=1, cpus_per_worker=1, max_failures=3)
+    attempts, raised = _attempts_of(p, 0.05, tmp_path)
+    assert attempts == 1, f"{attempts} attempts of a run that reads a corrupted shard every time"
+    assert isinstance(raised, ShardChecksumError), repr(raised)[:2000]
+    assert f"shard {bad.resolve()} has sha256" in str(raised) and "\n" not in str(raised)
 
 
 @pytest.mark.ray
