@@ -248,7 +248,8 @@ class TrainParams(_Section):
         "needs 1-2: decoding runs in Ray Data tasks on the node's other CPUs."
     )
     use_gpu: bool = Field(False, description="One GPU per training worker (NCCL); evaluation then uses GPUs too.")
-    max_failures: int = Field(2, ge=-1, description="Worker-group restarts; -1 = forever.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts after a worker or node loss; -1 = forever. "
+                              "Divergence and refused data are never retried.")
     storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
     pretrained: str | None = Field(
         None, description="Fine-tune from torchvision's ImageNet weights: 'torchvision' (looked up in torch.hub's "

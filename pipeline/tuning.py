@@ -86,7 +86,7 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.analysis.measure import gradient_stats
     from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.training.loop import TuneTrialSession, run_loop
-    from pipeline.training.trainer import build_trainer, make_job
+    from pipeline.training.trainer import build_trainer, fit, make_job
 
     p = Params.model_validate(config["params"])
     # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
@@ -118,7 +118,9 @@ def _trial(config: dict[str, Any]) -> None:
         job, p, name=f"{config['run_name']}-{tune.get_context().get_trial_id()}",
         num_workers=p.tune.workers_per_trial, storage_path=config["storage_path"], callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    # A trial that diverges (or reads refused data) fails once, as itself: its worker group is not restarted
+    # (pipeline.training.retry) and Tune does not retry a failed trial (its RunConfig keeps max_failures=0).
+    fit(trainer)
 
 
 def selection_split(manifest: dict[str, Any], where: str) -> dict[str, Any]:

@@ -98,6 +98,16 @@ class ShardChecksumError(DataError):
     """A shard differs from the manifest (bytes, size, footer) or is missing; the message names it."""
 
 
+class ManifestUnreadable(ManifestError):
+    """The store failed to deliver the manifest (an I/O error other than "not found"): may pass on a retry, so
+    Ray Train's `train.max_failures` still retries it (pipeline.training.errors)."""
+
+
+class ShardUnreadable(ShardChecksumError):
+    """Reading a shard failed with an I/O error (a network or object-store error): may pass on a retry, unlike a
+    shard whose bytes differ from the manifest."""
+
+
 def _root(shards_dir: str | os.PathLike[str]) -> str:
     """Local folders as absolute, symlink-free paths (what readers on any working directory need)."""
     loc = os.fspath(shards_dir)
@@ -207,7 +217,7 @@ def read_manifest_bytes(shards_dir: str | os.PathLike[str]) -> bytes:
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
     except OSError as exc:  # pyarrow reports a missing object, a denied bucket, ... as OSError
         if runtime.is_uri(where) and "not found" not in str(exc).lower() and "nosuch" not in str(exc).lower():
-            raise ManifestError(f"cannot read the shard manifest at {where}: {exc}") from None
+            raise ManifestUnreadable(f"cannot read the shard manifest at {where}: {exc}") from None
         raise ManifestError(f"no shard manifest at {where}: run the prepare stage (python -m stages.prepare)") from None
 
 
@@ -363,8 +373,10 @@ def read_shard(loc: str, columns: list[str] | None = None, expected: tuple[int, 
     nbytes, sha = expected or expected_digests([loc])[loc]
     try:
         data = runtime.read_bytes(loc)
-    except (FileNotFoundError, OSError) as exc:
+    except FileNotFoundError as exc:
         raise ShardChecksumError(f"shard {loc} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise ShardUnreadable(f"shard {loc} cannot be read: {exc}") from None
     check_shard_bytes(loc, data, nbytes, sha)
     return parse_shard(data, loc, columns)
 
@@ -475,24 +487,3 @@ def check_nodes_see(shards_dir: str | os.PathLike[str], fingerprint: str, timeou
                 f"dataset {fingerprint[:12]}: every node that runs a training worker or a read task must see the "
                 "same shards (a shared filesystem mounted at the same path, or the same object store and endpoint)"
             )
-
-
-def data_error_in(exc: BaseException | None) -> DataError | None:
-    """The DataError (e.g. a refused shard) behind a failed Ray run, if any: Ray Train reports worker errors as
-    a truncated snippet, so the driver digs out the original to say which shard (worker_failures, Ray task
-    errors' `cause`, exception chains)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc] if exc is not None else []
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DataError) and isinstance(e.args[0] if e.args else None, str) and "Traceback" not in e.args[0]:
-            return e
-        nested = [getattr(e, "cause", None), e.__cause__, e.__context__]
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            nested += list(failures.values())
-        todo += [n for n in nested if isinstance(n, BaseException)]
-    return None

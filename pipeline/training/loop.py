@@ -31,6 +31,7 @@ from pipeline.models.pretrained import init_from_pretrained, load_state_dict
 from pipeline.training import dist, probe
 from pipeline.training.checkpoint import load_train_state, save_train_state
 from pipeline.training.ema import EMA, update_decay
+from pipeline.training.errors import TrainingDiverged
 from pipeline.training.local import InMemoryValShard
 from pipeline.training.optim import build_optimizer, mix_batch
 from pipeline.training.schedule import lr_at
@@ -294,8 +295,10 @@ class DivergenceWatch:
         self.raise_if_diverged(worst, first, epoch, where)
 
     def raise_if_diverged(self, worst: float, first_bad: float, epoch: int, where: str) -> None:
+        """TrainingDiverged, which Ray Train does not retry: the checkpoint restores the same weights and RNG
+        streams, so a retry would diverge again (pipeline.training.errors)."""
         if worst > self.allowed:
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"non-finite training loss at epoch {epoch} step {int(first_bad)} ({where}; {int(worst)} in a row): "
                 "lower train.lr, raise lr_warmup_epochs or set train.clip_grad_norm"
             )
@@ -652,7 +655,8 @@ def _epoch_metrics(run: _Run, epoch: int, sums: dict[str, Any], val_counts: torc
         "val_time_s": mean_val,
     }
     if not math.isfinite(metrics["train_loss"]):
-        raise FloatingPointError(f"non-finite mean training loss at epoch {epoch} (arch {job.arch})")
+        raise TrainingDiverged(
+            f"non-finite mean training loss at epoch {epoch} (arch {job.arch}, lr {metrics['lr']:.4g})")
     return metrics
 
 

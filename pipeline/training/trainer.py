@@ -14,7 +14,7 @@ from pipeline import tracking
 from pipeline.cluster import release_request, wait_for_resources
 from pipeline.config import Params, with_absolute_paths
 from pipeline.data.ingest import TASK_CPUS, train_dataset, val_dataset
-from pipeline.data.shards import check_nodes_see, data_error_in, read_manifest, shard_files
+from pipeline.data.shards import check_nodes_see, read_manifest, shard_files
 from pipeline.models.pretrained import require_weights
 from pipeline.runtime import (
     LOCAL_DATA_CPUS,
@@ -29,6 +29,7 @@ from pipeline.runtime import (
     write_json,
 )
 from pipeline.training.checkpoint import export_model_dir, load_train_state
+from pipeline.training.errors import DeterministicFailure, TrainingDiverged, deterministic_cause
 from pipeline.training.identity import train_run_name
 from pipeline.training.loop import GradStats, Job, check_grad_stats, train_loop_per_worker
 from pipeline.training.tuned import tuned_lr_for
@@ -57,6 +58,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.training.retry import StopOnDeterministicFailure  # imports Ray
+
     tp = p.train
     if num_workers == 0:  # in-process: nothing persists a reported checkpoint, the loop rewrites one in place
         job.checkpoint_dir = job.checkpoint_dir or tempfile.mkdtemp(prefix="resnet-ckpt-")
@@ -84,10 +87,12 @@ def build_trainer(
         name=name,
         storage_path=ray_path,
         storage_filesystem=ray_fs,
+        # max_failures counts worker and node losses: a failure that a retry cannot fix (divergence, refused
+        # data) stops the run at once (pipeline.training.retry).
         failure_config=FailureConfig(max_failures=tp.max_failures),
         # Keep the last two: the newest can be half-uploaded when a node dies.
         checkpoint_config=CheckpointConfig(num_to_keep=2),
-        callbacks=callbacks,
+        callbacks=[StopOnDeterministicFailure(), *(callbacks or [])],
         worker_runtime_env=_worker_env(),
     )
     return TorchTrainer(
@@ -143,16 +148,41 @@ def _worker_env() -> dict[str, Any]:
     return {"env_vars": {"MLFLOW_TRACKING_URI": uri}} if uri.startswith("sqlite:") else {}
 
 
-def run(trainer: Any) -> Outcome:
+def fit(trainer: Any) -> Any:
+    """`trainer.fit()`, with a failure that a retry cannot fix (pipeline.training.errors) raised as itself, in one
+    line naming the arch and lr, not as Ray Train's ControllerError/WorkerGroupError around a remote traceback
+    (Ray Train's controller log keeps that); any other failure propagates as Ray raised it."""
     try:
         result = trainer.fit()
     except Exception as exc:
-        refused = data_error_in(exc)  # a refused shard by name, not Ray Train's truncated snippet of it
-        if refused is None:
+        cause = deterministic_cause(exc)
+        if cause is None:
             raise
-        raise refused from exc
+        raise _one_line(cause, getattr(trainer, "train_loop_config", None) or {}) from None
     if result.error is not None:
-        raise data_error_in(result.error) or result.error
+        cause = deterministic_cause(result.error)
+        if cause is None:
+            raise result.error
+        raise _one_line(cause, getattr(trainer, "train_loop_config", None) or {}) from None
+    return result
+
+
+def _one_line(cause: BaseException, config: dict[str, Any]) -> BaseException:
+    """`cause` with its first line only, prefixed with the arch and lr unless it names them (the divergence
+    watch's does, with the epoch); the same type, so callers catch what they caught before."""
+    text = str(cause).strip().splitlines()
+    msg = text[0] if text else type(cause).__name__
+    if not isinstance(cause, TrainingDiverged) and "arch" in config:
+        msg = f"training {config['arch']} at lr {float(config.get('lr', math.nan)):.4g} stopped, not retried: {msg}"
+    try:
+        out = type(cause)(msg)
+    except Exception:  # noqa: BLE001 - a type whose constructor wants more than a message: raise it as it came
+        return cause.with_traceback(None)
+    return out
+
+
+def run(trainer: Any) -> Outcome:
+    result = fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -233,7 +263,7 @@ def tuned_hparams(p: Params, best_path: str | Path | None, arch: str) -> tuple[f
                                                   "batch_size": p.train.batch_size}
 
 
-class TrainingRefused(ValueError):
+class TrainingRefused(DeterministicFailure, ValueError):
     """A run that would train nothing, or nothing meaningful, refused before it starts."""
 
 
