@@ -14,6 +14,7 @@ callers print with `print_line`, flushed, so a line shows up in a log the moment
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -87,8 +88,12 @@ def trials_line(arch: str, *, total: int, finished: int, stopped: int, failed: i
 
 
 def print_line(line: str) -> None:
-    """Print one progress line, flushed: it reaches a log (`ray job logs`, `dvc repro`) at once."""
-    print(line, flush=True)
+    """Write one progress line to stdout, flushed: it reaches a log (`ray job logs`, `dvc repro`) at once.
+    Written, not `print`ed: Ray Train replaces `print` in its workers with one that both prints (when stdout is
+    wrapped, as in a Ray worker) and logs the message, which showed every epoch line twice in the driver's
+    console."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class Progress:
