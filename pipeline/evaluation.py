@@ -250,9 +250,14 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Man
         batches = _ray_predictions(files, tf, ten_crop, batch_size, predictor_kwargs, concurrency, layout)
     else:
         batches = _local_predictions(files, tf, ten_crop, predictor_kwargs)
+    from pipeline.progress import Progress
+
+    # A line every 10% of the images (or minute), on the console and in `dvc repro` / `ray job logs` output.
+    counted = Progress(f"evaluate {meta['arch']} {split}", expected, "img")
     keys, labels, top5 = [], [], []
     for batch in batches:
         keys.extend(batch["key"].tolist())
+        counted.advance(len(batch["key"]))
         labels.append(batch["label"])
         top5.append(batch["top5"])
     if len(keys) != expected or len(set(keys)) != len(keys):

@@ -236,6 +236,59 @@ def run_tune(p: Params, out_dir: str | Path, *, experiment_name: str | None = No
     return result
 
 
+def trial_outcome(trial: Any, epochs: int, failed: bool) -> str:
+    """How an ended trial ended: "failed", "finished" (ran all `epochs` iterations) or "stopped" (early: ASHA,
+    or the time budget)."""
+    if failed:
+        return "failed"
+    ran = int((trial.last_result or {}).get("training_iteration", 0))
+    return "finished" if ran >= epochs else "stopped"
+
+
+def trials_progress(arch: str, total: int, trials: list[Any], ended: dict[str, str], best: float | None) -> str:
+    """The tune console line: `ended` maps trial id -> `trial_outcome`; of the other trials in Tune's list
+    (`.trial_id`, `.status`), RUNNING and PAUSED ones run, the rest (and those not created yet) are pending."""
+    from pipeline.progress import trials_line
+
+    outcomes = list(ended.values())
+    running = sum(t.status in ("RUNNING", "PAUSED") for t in trials if t.trial_id not in ended)
+    total = max(total, len(trials))
+    return trials_line(arch, total=total, finished=outcomes.count("finished"), stopped=outcomes.count("stopped"),
+                       failed=outcomes.count("failed"), running=running, pending=total - len(ended) - running,
+                       best=best)
+
+
+def _trials_callback(arch: str, total: int, epochs: int) -> Any:
+    """A Tune callback that prints `trials_progress` each time a trial ends (finished, stopped or failed), with
+    the best minival top-1 error any trial has reported so far. (Tune calls on_trial_complete while the trial's
+    status still says RUNNING: the callback keeps its own record of which trials ended, and how.)"""
+    from ray import tune
+
+    from pipeline.progress import print_line
+
+    class TrialsProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.best: float | None = None
+            self.ended: dict[str, str] = {}
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            err = result.get("val_top1_err")
+            if isinstance(err, (int, float)) and math.isfinite(err):
+                self.best = err if self.best is None else min(self.best, err)
+
+        def _ended(self, trials: list, trial: Any, failed: bool) -> None:
+            self.ended[trial.trial_id] = trial_outcome(trial, epochs, failed)
+            print_line(trials_progress(arch, total, trials, self.ended, self.best))
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended(trials, trial, failed=False)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended(trials, trial, failed=True)
+
+    return TrialsProgress()
+
+
 def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any], name: str | None,
             concurrent: int, trial_request: float, gpu: dict[str, float],
             recipe_warmup: int) -> tuple[list[dict[str, Any]], str, str]:
@@ -281,7 +334,8 @@ def _search(p: Params, trial_params: Params, arch: str, manifest: dict[str, Any]
     # An S3 endpoint from AWS_ENDPOINT_URL reaches Ray only as an explicit filesystem (pipeline.runtime),
     # with the path inside it.
     ray_path, ray_fs = ray_storage(storage)
-    run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs)
+    run_config = tune.RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,
+                                callbacks=[_trials_callback(arch, t.num_samples, t.epochs)])
     path = f"{storage}/{name}" if ray_fs is None else f"{ray_path}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=ray_fs):
         # An interrupted search resumes: finished trials are kept, unfinished ones continue.

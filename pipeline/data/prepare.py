@@ -59,6 +59,7 @@ from pipeline.data.shards import (
     write_manifest,
 )
 from pipeline.data.sources import DataError, Rejection, Sample, SourceListing, list_source
+from pipeline.progress import Progress, print_line
 
 REJECTED = "rejected.csv"
 PLAN = ".plan.json"
@@ -457,6 +458,30 @@ def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, 
             ray.cancel(ref)
 
 
+class _ShardProgress:
+    """prepare's progress, told once per finished shard (`update(images in it)`): a tqdm bar on an interactive
+    terminal, else plain lines (pipeline.progress: every 10% of the shards or minute, and at the end) that stay
+    readable in `dvc repro` and `ray job logs` output. Nothing when `enabled` is false."""
+
+    def __init__(self, shards: int, shards_done: int, images: int, images_done: int, enabled: bool) -> None:
+        import sys
+
+        tty = enabled and sys.stderr.isatty()
+        self._bar = tqdm(total=images, initial=images_done, unit="img", desc="prepare", disable=not tty)
+        self._lines = Progress("prepare", shards, "shards", done=shards_done, images=images_done,
+                               out=print_line if enabled and not tty else None)
+
+    def update(self, images: int) -> None:
+        self._bar.update(images)
+        self._lines.advance(1, images=images)
+
+    def __enter__(self) -> _ShardProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+
 def prepare_shards(
     raw_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -577,7 +602,7 @@ def prepare_shards(
         results[result.path] = result
         runtime.write_json(_done_path(out, result.split, result.index), asdict(result))
 
-    with tqdm(total=n_images, initial=done_images, unit="img", desc="prepare", disable=not progress) as bar:
+    with _ShardProgress(len(tasks), len(results), n_images, done_images, progress) as bar:
         if todo and _use_ray(prepare_on):
             _run_ray(todo, out, max_side, jpeg_quality, record, bar, max_pixels)
         elif workers == 1 or len(todo) <= 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import tracking
+from pipeline import progress, tracking
 from pipeline.config import Params
 from pipeline.data.augment import progressive_sizes, resize_batch, size_for_epoch
 from pipeline.data.transforms import normalize
@@ -355,6 +355,7 @@ def _run_loop(job: Job, session: Session) -> None:
     train_shard = run.session.train_shard()
     next_batches = _epoch_batches(run, train_shard, run.start_epoch) if run.start_epoch < job.epochs else None
     last_val: tuple[float, float, int] = (math.nan, math.nan, 0)
+    t_start = time.perf_counter()  # the ETA: this process's pace over the epochs it ran (a resumed run's too)
     for epoch in range(run.start_epoch, job.epochs):
         assert next_batches is not None
         t0 = time.perf_counter()
@@ -372,6 +373,8 @@ def _run_loop(job: Job, session: Session) -> None:
         if validate_now:
             last_val = (metrics["val_top1_err"], metrics["val_top5_err"], metrics["val_images"])
         run.history.append(metrics)
+        if run.rank == 0:  # before the report: a Tune trial that ASHA stops there still prints its last epoch
+            _print_epoch(run, epoch, metrics, validate_now, time.perf_counter() - t_start)
         # Gradient statistics travel with the epoch's metrics to MLflow and Ray, but stay out of `history`: the
         # per-epoch curve keeps its columns (and epochs without a measurement would lack them).
         _checkpoint_and_report(run, epoch + 1, {**metrics, **grad_stats})
@@ -384,6 +387,16 @@ def check_grad_stats(p: Params, grad_stats: GradStats | None) -> None:
     if p.train.log_grad_stats and grad_stats is None:
         raise ValueError("train.log_grad_stats is true but this run was given no gradient statistics to call "
                          "(Job.grad_stats: pass grad_stats=pipeline.analysis.measure.gradient_stats)")
+
+
+def _print_epoch(run: _Run, epoch: int, metrics: dict[str, Any], validated: bool, elapsed_s: float) -> None:
+    """The epoch's console line (rank 0), from the metrics the epoch-end all-reduce already brought to the host:
+    no extra synchronisation."""
+    job = run.job
+    eta = progress.eta_s(epoch + 1 - run.start_epoch, job.epochs - run.start_epoch, elapsed_s)
+    progress.print_line(progress.epoch_line(
+        job.arch, epoch + 1, job.epochs, loss=metrics["train_loss"], images_per_s=metrics["images_per_s"],
+        epoch_s=metrics["epoch_time_s"], eta=eta, val_top1_err=metrics["val_top1_err"] if validated else None))
 
 
 def _setup(job: Job, session: Session) -> _Run:
