@@ -240,7 +240,7 @@ class RestartIndex:
 
 def add_restart_markers(data: bytes, restart_rows: int = 1, restart_mcus: int = 0, strict: bool = True) -> bytes:
     """Losslessly transcode a JPEG with a restart marker every `restart_rows` MCU rows (or, restart_mcus > 0,
-    every `restart_mcus` MCUs): the DCT coefficients, quantisation tables and sampling are kept (decoding it gives
+    every `restart_mcus` MCUs; both 0: none, only the Huffman tables optimised): the DCT coefficients, quantisation tables and sampling are kept (decoding it gives
     exactly the original's pixels), Huffman tables are optimised, a progressive input becomes baseline, and only
     the markers decoding needs are written (APPn such as EXIF and ICC, and COM, are dropped). strict: a file
     libjpeg can only decode with a corrupt-data warning (truncated, bad Huffman data) raises JpegError instead of

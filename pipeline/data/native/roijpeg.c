@@ -300,7 +300,7 @@ struct rst_ctx {
 void rst_free(void *p) { free(p); }
 
 /* Lossless transcode with restart markers: every restart_rows MCU rows (restart_mcus == 0) or every
- * restart_mcus MCUs. The coefficients, quantisation tables, sampling factors and colour space are the source's;
+ * restart_mcus MCUs (both 0: no restart markers, an optimising transcode only). The coefficients, quantisation tables, sampling factors and colour space are the source's;
  * Huffman tables are optimised; progressive or arithmetic-coded input is written as one baseline (sequential,
  * Huffman) scan. Only the markers decoding needs are written (JFIF for YCbCr/grey, Adobe for RGB/CMYK/YCCK, which
  * is how libjpeg tells the colour space); APPn (EXIF, ICC) and COM are dropped: they do not change decoded
@@ -312,8 +312,8 @@ int rst_transcode(const unsigned char *data, unsigned long size, int restart_row
     jvirt_barray_ptr *coefs;
     *out = NULL;
     *out_size = 0;
-    if (restart_mcus < 0 || restart_mcus > 65535 || (restart_mcus == 0 && (restart_rows <= 0 || restart_rows > 65535))) {
-        set_error(err, err_len, "restart interval must be 1..65535 MCU rows or MCUs");
+    if (restart_mcus < 0 || restart_mcus > 65535 || restart_rows < 0 || restart_rows > 65535) {
+        set_error(err, err_len, "restart interval must be 0..65535 MCU rows or MCUs");
         return -1;
     }
     ctx = (struct rst_ctx *)calloc(1, sizeof(*ctx));
