@@ -107,7 +107,7 @@ def test_marker_scan_finds_one_marker_per_mcu_row(case: tuple[str, bytes, bytes]
     two = jpeg.restart_index(jpeg.add_restart_markers(data, restart_rows=2))
     assert len(two.offsets) == -(-ix.mcu_rows // 2) - 1 and two.row_addressable
     each = jpeg.restart_index(jpeg.add_restart_markers(data, restart_mcus=1))
-    assert len(each.offsets) == ix.mcus_per_row * ix.mcu_rows - 1 and not each.row_addressable
+    assert len(each.offsets) == ix.mcus_per_row * ix.mcu_rows - 1 and each.column_addressable
 
 
 def _boxes(w: int, h: int, seed: int) -> list[tuple[int, int, int, int]]:
@@ -121,27 +121,39 @@ def _boxes(w: int, h: int, seed: int) -> list[tuple[int, int, int, int]]:
     ]
 
 
+SPACINGS = ({"restart_rows": 1}, {"restart_mcus": 1}, {"restart_rows": 2}, {"restart_mcus": 7})
+
+
 def test_surgery_crop_equals_the_full_decode(case: tuple[str, bytes, bytes]) -> None:
-    name, data, rst = case
+    """Rows (one interval per MCU row, or two rows), rectangles (one per MCU), and a spacing that is neither
+    (7 MCUs: not addressable, decoded whole): the box's pixels are the full decode's."""
+    name, data, _ = case
     full = _full_rgb(data)
     h, w = full.shape[:2]
-    for left, top, bw, bh in _boxes(w, h, seed=len(name)):
-        (x, y, rw, rh), _ = jpeg.region_for_box(w, h, left, top, bw, bh, 1)
-        window, x0 = jpeg.decode_region_restart(rst, x, y, rw, rh)
-        assert window.shape[0] == rh and x0 <= x and x0 + window.shape[1] >= x + rw
-        got = window[top - y : top - y + bh, left - x0 : left - x0 + bw]
-        assert np.array_equal(got, full[top : top + bh, left : left + bw]), (name, left, top, bw, bh)
-        # The band it decoded is a JPEG any decoder reads; its rows are the full decode's.
-        band, band_top = jpeg.restart_band(rst, y, rh)
-        rows = _full_rgb(band)[y - band_top : y - band_top + rh]
-        assert np.array_equal(rows[:, x : x + rw], full[y : y + rh, x : x + rw]), (name, left, top, bw, bh)
+    for kw in SPACINGS:
+        rst = jpeg.add_restart_markers(data, **kw)
+        ix = jpeg.restart_index(rst)
+        assert ix.row_addressable == ("restart_rows" in kw or kw["restart_mcus"] == 1 or ix.mcus_per_row % 7 == 0)
+        assert ix.column_addressable == (kw.get("restart_mcus") == 1 or (kw.get("restart_mcus") == 7
+                                                                         and ix.mcus_per_row % 7 == 0))
+        for left, top, bw, bh in _boxes(w, h, seed=len(name)):
+            (x, y, rw, rh), _ = jpeg.region_for_box(w, h, left, top, bw, bh, 1)
+            window, x0 = jpeg.decode_region_restart(rst, x, y, rw, rh)
+            assert window.shape[0] == rh and x0 <= x and x0 + window.shape[1] >= x + rw
+            got = window[top - y : top - y + bh, left - x0 : left - x0 + bw]
+            assert np.array_equal(got, full[top : top + bh, left : left + bw]), (name, kw, left, top, bw, bh)
+            # The sub-image it decoded is a JPEG any decoder reads; its pixels of the region are the full decode's.
+            sub, sx, sy = jpeg.restart_band(rst, x, y, rw, rh)
+            part = _full_rgb(sub)[y - sy : y - sy + rh, x - sx : x - sx + rw]
+            assert np.array_equal(part, full[y : y + rh, x : x + rw]), (name, kw, left, top, bw, bh)
 
 
 def test_surgery_crop_at_dct_scale_equals_the_region_decode() -> None:
     data = photo((1200, 900), seed=5, subsampling=2)
-    rst = jpeg.add_restart_markers(data)
     rng = np.random.default_rng(0)
-    for denom in (2, 4, 8):
+    for denom, kw in ((2, {"restart_rows": 1}), (4, {"restart_mcus": 1}), (8, {"restart_rows": 1}),
+                      (2, {"restart_mcus": 1})):
+        rst = jpeg.add_restart_markers(data, **kw)
         for _ in range(8):
             left, top, bw, bh = tf.random_resized_crop_box(1200, 900, rng, (0.08, 1.0), (3 / 4, 4 / 3))
             (x, y, rw, rh), _ = jpeg.region_for_box(1200, 900, left, top, bw, bh, denom)
@@ -149,22 +161,29 @@ def test_surgery_crop_at_dct_scale_equals_the_region_decode() -> None:
             ref, rx = jpeg.decode_region(data, x, y, rw, rh, denom)
             inner = (slice(1, rh - 1), slice(1, rw - 1))  # the box's pixels: the region less its 1 px margin
             a, b = ours[:, x - ox : x - ox + rw][inner], ref[:, x - rx : x - rx + rw][inner]
-            assert np.array_equal(a, b), (denom, left, top, bw, bh)
+            assert np.array_equal(a, b), (denom, kw, left, top, bw, bh)
 
 
 def test_surgery_skips_the_rows_above_the_box() -> None:
-    """The band for a box low in the image holds only a few MCU rows: far fewer bytes than the file."""
+    """A box low in the image: the band holds only its few MCU rows; with one interval per MCU, only the
+    box's MCUs (plus context): far fewer bytes than the file."""
     data = photo((500, 375), seed=2, subsampling=2)
     rst = jpeg.add_restart_markers(data)
-    band, top = jpeg.restart_band(rst, 300, 20)
+    band, left, top = jpeg.restart_band(rst, 40, 300, 100, 20)
     ix = jpeg.restart_index(band)
-    assert top == 288 and ix.height == 48 and len(band) < len(rst) / 4  # MCU rows 18..20 of 24
+    assert (left, top) == (0, 288) and (ix.width, ix.height) == (500, 48)  # MCU rows 18..20 of 24, full width
+    assert len(band) < len(rst) / 4
     assert len(ix.offsets) == ix.mcu_rows - 1 and ix.row_addressable  # renumbered RST0.. from the band's start
+    per_mcu = jpeg.add_restart_markers(data, restart_mcus=1)
+    rect, left, top = jpeg.restart_band(per_mcu, 40, 300, 100, 20)
+    ix = jpeg.restart_index(rect)
+    assert (left, top) == (32, 288) and (ix.width, ix.height) == (112, 48)  # MCU columns 2..8: [38, 142) + context
+    assert len(rect) < len(per_mcu) / 12 and ix.column_addressable and len(ix.offsets) == 7 * 3 - 1
     # An untranscoded file (no restart markers) decodes whole, with the same result as decode_region.
     a, ax = jpeg.decode_region_restart(data, 40, 300, 100, 20)
     b, bx = jpeg.decode_region(data, 40, 300, 100, 20)
     assert ax == bx and np.array_equal(a, b)
-    assert jpeg.restart_band(data, 300, 20) == (data, 0)
+    assert jpeg.restart_band(data, 40, 300, 100, 20) == (data, 0, 0)
 
 
 def test_corrupt_or_truncated_input_raises_naming_the_problem() -> None:
@@ -187,6 +206,8 @@ def test_corrupt_or_truncated_input_raises_naming_the_problem() -> None:
         jpeg.decode_region_restart(rst[:100], 0, 0, 10, 10)
     with pytest.raises(jpeg.JpegError, match="outside"):
         jpeg.decode_region_restart(rst, 0, 190, 10, 20)  # below the image
+    with pytest.raises(jpeg.JpegError, match="outside"):
+        jpeg.restart_band(jpeg.add_restart_markers(data, restart_mcus=1), 295, 0, 10, 20)  # right of it
     broken = bytearray(rst)
     sof = broken.index(b"\xff\xc0")
     broken[sof + 11] = 0x00  # the first component's sampling factors: 0x0

@@ -95,8 +95,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rst_free.restype = None
     lib.rst_scan.argtypes = [u8p, ctypes.c_ulong, lp, ctypes.c_void_p, ctypes.c_long, cp, ctypes.c_int]
     lib.rst_scan.restype = ctypes.c_long
-    lib.rst_band.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                             ctypes.c_ulong, lp, cp, ctypes.c_int]
+    lib.rst_band.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, lp, cp, ctypes.c_int]
     lib.rst_band.restype = ctypes.c_int
     lib.rst_decode.argtypes = lib.roi_decode.argtypes
     lib.rst_decode.restype = ctypes.c_int
@@ -232,7 +232,8 @@ class RestartIndex:
     restart_interval: int  # MCUs an interval; 0: no restart markers
     sequential: bool  # baseline/extended sequential Huffman (not progressive, not arithmetic)
     single_scan: bool
-    row_addressable: bool  # every restart interval is whole MCU rows: `decode_region_restart` cuts the stream
+    row_addressable: bool  # a crop's MCU rows can be cut out of the stream (`decode_region_restart`)
+    column_addressable: bool  # and its columns too: every MCU row is a whole number of shorter intervals
     scan_start: int  # first byte of the entropy-coded data
     scan_end: int  # offset of the marker ending it (EOI)
     offsets: np.ndarray  # int64 offsets of each RSTn marker's 0xFF byte, in stream order
@@ -240,11 +241,12 @@ class RestartIndex:
 
 def add_restart_markers(data: bytes, restart_rows: int = 1, restart_mcus: int = 0, strict: bool = True) -> bytes:
     """Losslessly transcode a JPEG with a restart marker every `restart_rows` MCU rows (or, restart_mcus > 0,
-    every `restart_mcus` MCUs; both 0: none, only the Huffman tables optimised): the DCT coefficients, quantisation tables and sampling are kept (decoding it gives
-    exactly the original's pixels), Huffman tables are optimised, a progressive input becomes baseline, and only
-    the markers decoding needs are written (APPn such as EXIF and ICC, and COM, are dropped). strict: a file
-    libjpeg can only decode with a corrupt-data warning (truncated, bad Huffman data) raises JpegError instead of
-    being transcoded with the damage baked in."""
+    every `restart_mcus` MCUs; both 0: none, only the Huffman tables optimised): the DCT coefficients,
+    quantisation tables and sampling are kept (decoding it gives exactly the original's pixels), Huffman tables
+    are optimised, a progressive input becomes baseline, and only the markers decoding needs are written (APPn
+    such as EXIF and ICC, and COM, are dropped). strict: a file libjpeg can only decode with a corrupt-data
+    warning (truncated, bad Huffman data) raises JpegError instead of being transcoded with the damage baked
+    in."""
     lib = _lib_or_raise()
     data = _as_bytes(data)
     out = ctypes.c_void_p()
@@ -278,31 +280,34 @@ def restart_index(data: bytes) -> RestartIndex:
     return RestartIndex(
         width=g[0], height=g[1], components=g[2], mcu_width=g[5], mcu_height=g[6], mcus_per_row=g[7],
         mcu_rows=g[8], restart_interval=g[9], sequential=bool(g[10]), single_scan=bool(g[12]),
-        row_addressable=bool(g[13]), scan_start=g[14], scan_end=g[15], offsets=offs[:n].astype(np.int64),
+        row_addressable=g[13] > 0, column_addressable=g[13] == 2, scan_start=g[14], scan_end=g[15],
+        offsets=offs[:n].astype(np.int64),
     )
 
 
-def restart_band(data: bytes, y: int, h: int, denom: int = 1) -> tuple[bytes, int]:
-    """The band JPEG `decode_region_restart` decodes for scaled rows [y, y+h) (plus a few rows of context,
-    rounded out to whole restart intervals) -> (its bytes, its first scaled row). A stream that is not
-    row-addressable, or a band that is the whole image, gives the original bytes and 0. Any JPEG decoder (nvJPEG
-    too) decodes the band; its rows [y - top, y - top + h) are the full decode's rows [y, y + h)."""
+def restart_band(data: bytes, x: int, y: int, w: int, h: int, denom: int = 1) -> tuple[bytes, int, int]:
+    """The sub-image JPEG `decode_region_restart` decodes for the scaled region (x, y, w, h) -> (its bytes, its
+    first scaled column, its first scaled row): the region plus a few pixels of context, rounded out to whole
+    restart intervals (full width for one interval per MCU row; a rectangle for one per MCU). A stream that is not
+    addressable, or a sub-image that would be the whole image, gives the original bytes and (0, 0). Any JPEG
+    decoder (nvJPEG too) decodes it; its pixels of the region are the full decode's."""
     lib = _lib_or_raise()
     data = _as_bytes(data)
-    buf = np.empty(len(data) + 2, dtype=np.uint8)
-    info = (ctypes.c_long * 3)()
+    buf = np.empty(len(data) + 2 * 8192 + 4, dtype=np.uint8)  # room for a marker between rows (<= 8192 rows)
+    info = (ctypes.c_long * 4)()
     err = ctypes.create_string_buffer(_ERR_LEN)
-    if lib.rst_band(data, len(data), denom, y, h, buf.ctypes.data, buf.nbytes, info, err, _ERR_LEN) != 0:
-        raise JpegError(f"JPEG band rows [{y}, {y + h}) at 1/{denom}: {err.value.decode(errors='replace')}")
-    return buf[: info[0]].tobytes(), int(info[1])
+    if lib.rst_band(data, len(data), denom, x, y, w, h, buf.ctypes.data, buf.nbytes, info, err, _ERR_LEN) != 0:
+        raise JpegError(f"JPEG sub-image ({x}, {y}, {w}, {h}) at 1/{denom}: {err.value.decode(errors='replace')}")
+    return buf[: info[0]].tobytes(), int(info[1]), int(info[2])
 
 
 def decode_region_restart(
     data: bytes, x: int, y: int, w: int, h: int, denom: int = 1, channels: int = 3
 ) -> tuple[np.ndarray, int]:
     """`decode_region`'s contract (same window, same pixels) by stream surgery: only the restart intervals of
-    the region's MCU rows are entropy-decoded. A JPEG without row-aligned restart markers (not transcoded by
-    `add_restart_markers`) decodes as `decode_region` does. Raises JpegError on corrupt data."""
+    the region's MCU rows (with one interval per MCU: of its MCUs) are entropy-decoded. A JPEG without usable
+    restart markers (not transcoded by `add_restart_markers`) decodes as `decode_region` does. Raises JpegError
+    on corrupt data."""
     lib = _lib_or_raise()
     data = _as_bytes(data)
     buf = np.empty((w + _WIDEN) * h * channels, dtype=np.uint8)

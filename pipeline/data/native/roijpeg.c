@@ -508,17 +508,25 @@ static int rst_parse(const unsigned char *d, unsigned long n, struct rst_geom *g
     return 0;
 }
 
-/* Whether a crop's rows can be cut out of the stream: one interleaved baseline scan whose restart intervals
- * are whole MCU rows, with the marker count and numbering the geometry implies. */
+/* How a crop can be cut out of the stream (one interleaved baseline scan, the marker count and numbering its
+ * geometry implies): 1 (RST_ROWS) when every restart interval is whole MCU rows (the crop's rows are cut out,
+ * full width), 2 (RST_RECT) when every MCU row is a whole number of intervals of fewer MCUs (the crop's rows and
+ * columns are cut out: a rectangle), else 0. */
+#define RST_ROWS 1
+#define RST_RECT 2
 static int rst_addressable(const struct rst_geom *g) {
     long total, intervals;
     if (!g->sequential || !g->interleaved || !g->single_scan || !g->numbered || g->restart_interval <= 0)
         return 0;
-    if (g->restart_interval % g->mcus_per_row != 0)
-        return 0;
     total = (long)g->mcus_per_row * g->mcu_rows;
     intervals = (total + g->restart_interval - 1) / g->restart_interval;
-    return g->n_markers == intervals - 1;
+    if (g->n_markers != intervals - 1)
+        return 0;
+    if (g->restart_interval % g->mcus_per_row == 0)
+        return RST_ROWS;
+    if (g->mcus_per_row % g->restart_interval == 0)
+        return RST_RECT;
+    return 0;
 }
 
 /* geom[0..15] = width, height, components, max_h, max_v, mcu_w, mcu_h, mcus_per_row, mcu_rows,
@@ -551,26 +559,31 @@ long rst_scan(const unsigned char *data, unsigned long size, long *geom, unsigne
 
 #define RST_STACK_OFFSETS 1024
 
-/* Builds the band JPEG holding scaled rows [y, y + h) at scale 1/denom (coordinates of the scaled image) plus
- * max_v_samp_factor rows of context on each side (fancy chroma upsampling reads a neighbouring chroma row; with
- * that context the band's pixels of [y, y + h) are the full decode's), rounded out to whole restart intervals.
- * The band starts at scaled row *top. *band is malloc'ed (rst_free) unless the band is the whole image, in which
- * case *band is NULL and the caller decodes the original. Returns 0 (band built or whole image), 1 (the stream is
- * not row-addressable: decode the original), -1 on error. */
-static int rst_make_band(const unsigned char *data, unsigned long size, int denom, int y, int h,
-                         unsigned char **band, unsigned long *band_size, int *top, char *err, int err_len) {
+/* Builds the sub-image JPEG holding scaled rows [y, y + h) and columns [x, x + w) at scale 1/denom (coordinates
+ * of the scaled image), plus max_v_samp_factor rows and max_h_samp_factor columns of context on each side (fancy
+ * chroma upsampling reads the neighbouring chroma sample; with that context the sub-image's pixels of the region
+ * are the full decode's), rounded out to whole restart intervals: the headers with the sub-image's size in SOF,
+ * the entropy-coded data of only those intervals, RST markers renumbered from 0, EOI. Row-interval streams give
+ * a full-width band. The sub-image starts at scaled column *left and row *top. *sub is malloc'ed (rst_free)
+ * unless it would be the whole image, in which case *sub is NULL and the caller decodes the original. Returns 0
+ * (sub-image built, or whole image), 1 (the stream is not addressable: decode the original), -1 on error. */
+static int rst_make_sub(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h,
+                        unsigned char **sub, unsigned long *sub_size, int *left, int *top, char *err, int err_len) {
     struct rst_geom g;
     unsigned long stack_offs[RST_STACK_OFFSETS], *offs = stack_offs;
-    long cap = RST_STACK_OFFSETS, k, n_int, i0, i1, m0, m1, j;
-    long y0, y1, band_top, band_bot;
-    unsigned long start, end, len, pos;
+    long cap = RST_STACK_OFFSETS, mode, k, gc, per_row, n_int, r0, r1, c0, c1, r, j, seq = 0;
+    long x0, x1, y0, y1, top_px, bot_px, left_px, right_px;
+    unsigned long pos, alloc;
     unsigned char *b;
-    *band = NULL;
-    *band_size = 0;
-    *top = 0;
+    *sub = NULL;
+    *sub_size = 0;
+    *left = *top = 0;
     if (rst_parse(data, size, &g, offs, cap, err, err_len) != 0)
         return -1;
-    if (!rst_addressable(&g))
+    if ((long)x + w > (g.width + denom - 1) / denom || (long)y + h > (g.height + denom - 1) / denom)
+        RST_ERR("region lies outside the (scaled) image");
+    mode = rst_addressable(&g);
+    if (!mode)
         return 1;
     if (g.n_markers > cap) {
         cap = g.n_markers;
@@ -582,104 +595,88 @@ static int rst_make_band(const unsigned char *data, unsigned long size, int deno
             return -1;
         }
     }
-    k = g.restart_interval / g.mcus_per_row; /* MCU rows an interval */
-    n_int = (g.mcu_rows + k - 1) / k;
+    /* An interval spans k MCU rows and gc MCU columns; a row holds per_row intervals. */
+    k = mode == RST_ROWS ? g.restart_interval / g.mcus_per_row : 1;
+    gc = mode == RST_ROWS ? g.mcus_per_row : g.restart_interval;
+    per_row = mode == RST_ROWS ? 1 : g.mcus_per_row / g.restart_interval;
+    n_int = g.n_markers + 1;
     y0 = ((long)y - g.max_v) * denom;
     y1 = ((long)y + h + g.max_v) * denom;
-    if (y0 < 0)
-        y0 = 0;
-    if (y1 > g.height)
-        y1 = g.height;
-    m0 = y0 / g.mcu_h;
-    m1 = (y1 + g.mcu_h - 1) / g.mcu_h;
-    i0 = m0 / k;
-    i1 = (m1 + k - 1) / k;
-    if (i1 > n_int)
-        i1 = n_int;
-    if (i0 == 0 && i1 == n_int) {
+    x0 = ((long)x - g.max_h) * denom;
+    x1 = ((long)x + w + g.max_h) * denom;
+    y0 = y0 < 0 ? 0 : y0;
+    x0 = x0 < 0 ? 0 : x0;
+    y1 = y1 > g.height ? g.height : y1;
+    x1 = x1 > g.width ? g.width : x1;
+    r0 = (y0 / g.mcu_h) / k * k;
+    r1 = ((y1 + g.mcu_h - 1) / g.mcu_h + k - 1) / k * k;
+    r1 = r1 > g.mcu_rows ? g.mcu_rows : r1;
+    c0 = (x0 / g.mcu_w) / gc * gc;
+    c1 = ((x1 + g.mcu_w - 1) / g.mcu_w + gc - 1) / gc * gc;
+    c1 = c1 > g.mcus_per_row ? g.mcus_per_row : c1;
+    /* libjpeg upsamples chroma with the fancy (triangle) filter only where a component is more than 2 samples
+     * wide, else by replication: a sub-image ending in the image's last, partial MCU column must be wider than
+     * that MCU, or its pixels would differ from the full decode's. */
+    if (c0 > 0 && c1 == g.mcus_per_row && (long)g.width - c0 * g.mcu_w < g.mcu_w)
+        c0 -= gc;
+    if (r0 == 0 && r1 == g.mcu_rows && c0 == 0 && c1 == g.mcus_per_row) {
         if (offs != stack_offs)
             free(offs);
         return 0;
     }
-    band_top = i0 * k * g.mcu_h;
-    band_bot = i1 * k * g.mcu_h;
-    if (band_bot > g.height)
-        band_bot = g.height;
-    start = i0 == 0 ? g.scan_start : offs[i0 - 1] + 2;
-    end = i1 == n_int ? g.scan_end : offs[i1 - 1];
-    len = g.scan_start + (end - start) + 2;
-    b = (unsigned char *)malloc(len);
+    top_px = r0 * g.mcu_h;
+    bot_px = r1 * g.mcu_h > g.height ? g.height : r1 * g.mcu_h;
+    left_px = c0 * g.mcu_w;
+    right_px = c1 * g.mcu_w > g.width ? g.width : c1 * g.mcu_w;
+    /* The selected intervals' bytes, plus a marker between rows (each replaces one of the dropped ones). */
+    alloc = size + 2 * (unsigned long)(r1 - r0) + 4;
+    b = (unsigned char *)malloc(alloc);
     if (b == NULL) {
         if (offs != stack_offs)
             free(offs);
         RST_ERR("out of memory");
     }
     memcpy(b, data, g.scan_start);
-    b[g.sof_pos + 1] = (unsigned char)((band_bot - band_top) >> 8);
-    b[g.sof_pos + 2] = (unsigned char)((band_bot - band_top) & 0xFF);
-    memcpy(b + g.scan_start, data + start, end - start);
-    if (i0 & 7) /* the band's j-th marker must read RST(j mod 8) */
-        for (j = i0; j < i1 - 1; j++) {
-            pos = g.scan_start + (offs[j] - start);
-            b[pos + 1] = (unsigned char)(0xD0 + ((j - i0) & 7));
+    b[g.sof_pos + 1] = (unsigned char)((bot_px - top_px) >> 8);
+    b[g.sof_pos + 2] = (unsigned char)((bot_px - top_px) & 0xFF);
+    b[g.sof_pos + 3] = (unsigned char)((right_px - left_px) >> 8);
+    b[g.sof_pos + 4] = (unsigned char)((right_px - left_px) & 0xFF);
+    pos = g.scan_start;
+    /* Row intervals: one contiguous run of intervals. Otherwise one run a MCU row: the intervals of [c0, c1). */
+    for (r = (mode == RST_ROWS ? r0 / k : r0); r < (mode == RST_ROWS ? r0 / k + 1 : r1); r++) {
+        long j0 = mode == RST_ROWS ? r0 / k : r * per_row + c0 / gc;
+        long j1 = mode == RST_ROWS ? (r1 + k - 1) / k : r * per_row + c1 / gc;
+        unsigned long start = j0 == 0 ? g.scan_start : offs[j0 - 1] + 2;
+        unsigned long end = j1 >= n_int ? g.scan_end : offs[j1 - 1];
+        if (pos != g.scan_start) {
+            b[pos++] = 0xFF;
+            b[pos++] = (unsigned char)(0xD0 + (seq++ & 7));
         }
-    b[len - 2] = 0xFF;
-    b[len - 1] = 0xD9;
+        memcpy(b + pos, data + start, end - start);
+        for (j = j0; j < j1 - 1; j++) /* the run's own markers, renumbered in the new stream's sequence */
+            b[pos + (offs[j] - start) + 1] = (unsigned char)(0xD0 + (seq++ & 7));
+        pos += end - start;
+    }
+    b[pos++] = 0xFF;
+    b[pos++] = 0xD9;
     if (offs != stack_offs)
         free(offs);
-    *band = b;
-    *band_size = len;
-    *top = (int)(band_top / denom);
+    *sub = b;
+    *sub_size = pos;
+    *left = (int)(left_px / denom);
+    *top = (int)(top_px / denom);
     return 0;
 }
 
-/* The band JPEG of rst_make_band into caller memory (`out`, `cap` bytes; the band is never larger than the
- * source + 2 bytes): info[0] = its size in bytes, info[1] = its first row (scaled), info[2] = 1 when the stream is
- * not row-addressable or the band is the whole image (then `out` holds a copy of the source). Returns 0 or -1. */
-int rst_band(const unsigned char *data, unsigned long size, int denom, int y, int h, unsigned char *out,
-             unsigned long cap, long *info, char *err, int err_len) {
-    unsigned char *band;
-    unsigned long band_size;
-    int top, rc;
-    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
-        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
-        return -1;
-    }
-    if (y < 0 || h <= 0) {
-        set_error(err, err_len, "band must have y >= 0 and h > 0");
-        return -1;
-    }
-    rc = rst_make_band(data, size, denom, y, h, &band, &band_size, &top, err, err_len);
-    if (rc < 0)
-        return -1;
-    if (band == NULL) {
-        band = (unsigned char *)data;
-        band_size = size;
-        top = 0;
-    }
-    if (band_size > cap) {
-        if (band != data)
-            free(band);
-        set_error(err, err_len, "output buffer too small for the band");
-        return -1;
-    }
-    memcpy(out, band, band_size);
-    info[0] = (long)band_size;
-    info[1] = top;
-    info[2] = band == data;
-    if (band != data)
-        free(band);
-    return 0;
-}
-
-/* roi_decode's contract (window, win[0..3] in the whole image's scaled coordinates) by stream surgery: decodes
- * only the restart intervals of the band holding rows [y, y + h); a stream without row-aligned restart markers is
- * decoded whole by roi_decode. Returns 0 (band decoded), 1 (whole stream decoded), or -1. */
-int rst_decode(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h, int channels,
-               unsigned char *out, unsigned long cap, int *win, char *err, int err_len) {
-    unsigned char *band;
-    unsigned long band_size;
-    int top, rc;
+/* The sub-image JPEG of rst_make_sub into caller memory (`out`, `cap` >= size + 2 * MCU rows + 4 bytes):
+ * info[0] = its size in bytes, info[1] = its first column, info[2] = its first row (scaled), info[3] = 1 when the
+ * stream is not addressable or the sub-image is the whole image (then `out` holds a copy of the source).
+ * Returns 0 or -1. */
+int rst_band(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h,
+             unsigned char *out, unsigned long cap, long *info, char *err, int err_len) {
+    unsigned char *sub;
+    unsigned long sub_size;
+    int left, top, rc;
     if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
         set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
         return -1;
@@ -688,15 +685,56 @@ int rst_decode(const unsigned char *data, unsigned long size, int denom, int x, 
         set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
         return -1;
     }
-    rc = rst_make_band(data, size, denom, y, h, &band, &band_size, &top, err, err_len);
+    rc = rst_make_sub(data, size, denom, x, y, w, h, &sub, &sub_size, &left, &top, err, err_len);
     if (rc < 0)
         return -1;
-    if (band == NULL)
+    if (sub == NULL) {
+        sub = (unsigned char *)data;
+        sub_size = size;
+        left = top = 0;
+    }
+    if (sub_size > cap) {
+        if (sub != data)
+            free(sub);
+        set_error(err, err_len, "output buffer too small for the sub-image");
+        return -1;
+    }
+    memcpy(out, sub, sub_size);
+    info[0] = (long)sub_size;
+    info[1] = left;
+    info[2] = top;
+    info[3] = sub == data;
+    if (sub != data)
+        free(sub);
+    return 0;
+}
+
+/* roi_decode's contract (window, win[0..3] in the whole image's scaled coordinates) by stream surgery: decodes
+ * only the restart intervals of the sub-image holding the region; a stream without usable restart markers is
+ * decoded whole by roi_decode. Returns 0 (sub-image decoded), 1 (whole stream decoded), or -1. */
+int rst_decode(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h, int channels,
+               unsigned char *out, unsigned long cap, int *win, char *err, int err_len) {
+    unsigned char *sub;
+    unsigned long sub_size;
+    int left, top, rc;
+    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
+        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+        return -1;
+    }
+    if (x < 0 || y < 0 || w <= 0 || h <= 0) {
+        set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
+        return -1;
+    }
+    rc = rst_make_sub(data, size, denom, x, y, w, h, &sub, &sub_size, &left, &top, err, err_len);
+    if (rc < 0)
+        return -1;
+    if (sub == NULL)
         return roi_decode(data, size, denom, x, y, w, h, channels, out, cap, win, err, err_len) == 0 ? 1 : -1;
-    rc = roi_decode(band, band_size, denom, x, y - top, w, h, channels, out, cap, win, err, err_len);
-    free(band);
+    rc = roi_decode(sub, sub_size, denom, x - left, y - top, w, h, channels, out, cap, win, err, err_len);
+    free(sub);
     if (rc != 0)
         return -1;
+    win[0] += left;
     win[1] += top;
     return 0;
 }
