@@ -400,9 +400,10 @@ struct rst_geom {
 
 /* Parses the markers up to the first SOS, then scans its entropy-coded data for RSTn markers (memchr for 0xFF;
  * 0xFF00 is a stuffed data byte, 0xFFFF fill), storing up to `cap` marker offsets (the offset of their 0xFF).
+ * headers_if_no_dri: stop after the headers when the scan cannot be addressable (no DRI, or not sequential).
  * Returns 0, or -1 with the reason in err (not a JPEG, truncated headers or data). */
 static int rst_parse(const unsigned char *d, unsigned long n, struct rst_geom *g, unsigned long *offs, long cap,
-                     char *err, int err_len) {
+                     int headers_if_no_dri, char *err, int err_len) {
     unsigned long p = 2;
     int saw_sof = 0, comps_in_scan = 0, ci;
     memset(g, 0, sizeof(*g));
@@ -478,6 +479,8 @@ static int rst_parse(const unsigned char *d, unsigned long n, struct rst_geom *g
     g->mcus_per_row = (g->width + g->mcu_w - 1) / g->mcu_w;
     g->mcu_rows = (g->height + g->mcu_h - 1) / g->mcu_h;
     g->numbered = 1;
+    if (headers_if_no_dri && (g->restart_interval == 0 || !g->sequential))
+        return 0; /* not addressable whatever the scan holds: a decode need not pay for scanning it */
     p = g->scan_start;
     for (;;) {
         const unsigned char *f = p < n ? (const unsigned char *)memchr(d + p, 0xFF, n - p) : NULL;
@@ -536,7 +539,7 @@ static int rst_addressable(const struct rst_geom *g) {
 long rst_scan(const unsigned char *data, unsigned long size, long *geom, unsigned long *offsets, long cap,
               char *err, int err_len) {
     struct rst_geom g;
-    if (rst_parse(data, size, &g, offsets, cap, err, err_len) != 0)
+    if (rst_parse(data, size, &g, offsets, cap, 0, err, err_len) != 0)
         return -1;
     geom[0] = g.width;
     geom[1] = g.height;
@@ -578,7 +581,7 @@ static int rst_make_sub(const unsigned char *data, unsigned long size, int denom
     *sub = NULL;
     *sub_size = 0;
     *left = *top = 0;
-    if (rst_parse(data, size, &g, offs, cap, err, err_len) != 0)
+    if (rst_parse(data, size, &g, offs, cap, 1, err, err_len) != 0)
         return -1;
     if ((long)x + w > (g.width + denom - 1) / denom || (long)y + h > (g.height + denom - 1) / denom)
         RST_ERR("region lies outside the (scaled) image");
@@ -590,7 +593,7 @@ static int rst_make_sub(const unsigned char *data, unsigned long size, int denom
         offs = (unsigned long *)malloc((size_t)cap * sizeof(*offs));
         if (offs == NULL)
             RST_ERR("out of memory");
-        if (rst_parse(data, size, &g, offs, cap, err, err_len) != 0) {
+        if (rst_parse(data, size, &g, offs, cap, 1, err, err_len) != 0) {
             free(offs);
             return -1;
         }
