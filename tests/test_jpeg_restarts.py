@@ -203,6 +203,9 @@ def test_corrupt_or_truncated_input_raises_naming_the_problem() -> None:
     with pytest.raises(jpeg.JpegError, match="no SOI marker"):
         jpeg.restart_index(b"\x00\x01garbage")
     with pytest.raises(jpeg.JpegError, match="truncated JPEG header"):
+        jpeg.restart_index(rst[:100])
+    # Headers the marker parser refuses go to libjpeg, as decode_region's would (same recovery or message).
+    with pytest.raises(jpeg.JpegError, match="contains no image"):
         jpeg.decode_region_restart(rst[:100], 0, 0, 10, 10)
     with pytest.raises(jpeg.JpegError, match="outside"):
         jpeg.decode_region_restart(rst, 0, 190, 10, 20)  # below the image

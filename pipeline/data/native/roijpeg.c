@@ -391,6 +391,13 @@ struct rst_geom {
     int numbered;          /* the k-th marker is RST(k mod 8) */
 };
 
+#define RST_SCAN_ERR(...)                                                                                          \
+    do {                                                                                                           \
+        if (err && err_len > 0)                                                                                    \
+            snprintf(err, (size_t)err_len, __VA_ARGS__);                                                           \
+        return -2;                                                                                                 \
+    } while (0)
+
 #define RST_ERR(...)                                                                                               \
     do {                                                                                                           \
         if (err && err_len > 0)                                                                                    \
@@ -401,7 +408,8 @@ struct rst_geom {
 /* Parses the markers up to the first SOS, then scans its entropy-coded data for RSTn markers (memchr for 0xFF;
  * 0xFF00 is a stuffed data byte, 0xFFFF fill), storing up to `cap` marker offsets (the offset of their 0xFF).
  * headers_if_no_dri: stop after the headers when the scan cannot be addressable (no DRI, or not sequential).
- * Returns 0, or -1 with the reason in err (not a JPEG, truncated headers or data). */
+ * Returns 0, -1 with the reason in err for headers this parser refuses (not a JPEG, truncated or malformed
+ * segments), -2 for truncated entropy-coded data. */
 static int rst_parse(const unsigned char *d, unsigned long n, struct rst_geom *g, unsigned long *offs, long cap,
                      int headers_if_no_dri, char *err, int err_len) {
     unsigned long p = 2;
@@ -486,10 +494,10 @@ static int rst_parse(const unsigned char *d, unsigned long n, struct rst_geom *g
         const unsigned char *f = p < n ? (const unsigned char *)memchr(d + p, 0xFF, n - p) : NULL;
         unsigned int b;
         if (f == NULL)
-            RST_ERR("truncated JPEG: entropy-coded data ends without an EOI marker");
+            RST_SCAN_ERR("truncated JPEG: entropy-coded data ends without an EOI marker");
         p = (unsigned long)(f - d);
         if (p + 1 >= n)
-            RST_ERR("truncated JPEG: entropy-coded data ends without an EOI marker");
+            RST_SCAN_ERR("truncated JPEG: entropy-coded data ends without an EOI marker");
         b = d[p + 1];
         if (b == 0x00) {
             p += 2;
@@ -539,7 +547,7 @@ static int rst_addressable(const struct rst_geom *g) {
 long rst_scan(const unsigned char *data, unsigned long size, long *geom, unsigned long *offsets, long cap,
               char *err, int err_len) {
     struct rst_geom g;
-    if (rst_parse(data, size, &g, offsets, cap, 0, err, err_len) != 0)
+    if (rst_parse(data, size, &g, offsets, cap, 0, err, err_len) < 0)
         return -1;
     geom[0] = g.width;
     geom[1] = g.height;
@@ -569,11 +577,13 @@ long rst_scan(const unsigned char *data, unsigned long size, long *geom, unsigne
  * the entropy-coded data of only those intervals, RST markers renumbered from 0, EOI. Row-interval streams give
  * a full-width band. The sub-image starts at scaled column *left and row *top. *sub is malloc'ed (rst_free)
  * unless it would be the whole image, in which case *sub is NULL and the caller decodes the original. Returns 0
- * (sub-image built, or whole image), 1 (the stream is not addressable: decode the original), -1 on error. */
+ * (sub-image built, or whole image), 1 (the stream is not addressable: decode the original), -1 on an error in
+ * the headers or the region, -2 on truncated entropy-coded data. */
 static int rst_make_sub(const unsigned char *data, unsigned long size, int denom, int x, int y, int w, int h,
                         unsigned char **sub, unsigned long *sub_size, int *left, int *top, char *err, int err_len) {
     struct rst_geom g;
     unsigned long stack_offs[RST_STACK_OFFSETS], *offs = stack_offs;
+    int rc;
     long cap = RST_STACK_OFFSETS, mode, k, gc, per_row, n_int, r0, r1, c0, c1, r, j, seq = 0;
     long x0, x1, y0, y1, top_px, bot_px, left_px, right_px;
     unsigned long pos, alloc;
@@ -581,8 +591,9 @@ static int rst_make_sub(const unsigned char *data, unsigned long size, int denom
     *sub = NULL;
     *sub_size = 0;
     *left = *top = 0;
-    if (rst_parse(data, size, &g, offs, cap, 1, err, err_len) != 0)
-        return -1;
+    rc = rst_parse(data, size, &g, offs, cap, 1, err, err_len);
+    if (rc < 0)
+        return rc;
     if ((long)x + w > (g.width + denom - 1) / denom || (long)y + h > (g.height + denom - 1) / denom)
         RST_ERR("region lies outside the (scaled) image");
     mode = rst_addressable(&g);
@@ -593,9 +604,10 @@ static int rst_make_sub(const unsigned char *data, unsigned long size, int denom
         offs = (unsigned long *)malloc((size_t)cap * sizeof(*offs));
         if (offs == NULL)
             RST_ERR("out of memory");
-        if (rst_parse(data, size, &g, offs, cap, 1, err, err_len) != 0) {
+        rc = rst_parse(data, size, &g, offs, cap, 1, err, err_len);
+        if (rc < 0) {
             free(offs);
-            return -1;
+            return rc;
         }
     }
     /* An interval spans k MCU rows and gc MCU columns; a row holds per_row intervals. */
@@ -729,8 +741,9 @@ int rst_decode(const unsigned char *data, unsigned long size, int denom, int x, 
         return -1;
     }
     rc = rst_make_sub(data, size, denom, x, y, w, h, &sub, &sub_size, &left, &top, err, err_len);
-    if (rc < 0)
+    if (rc == -2)
         return -1;
+    /* Headers our parser refuses (rc -1) go to libjpeg, whose recovery (or message) decode_region also gives. */
     if (sub == NULL)
         return roi_decode(data, size, denom, x, y, w, h, channels, out, cap, win, err, err_len) == 0 ? 1 : -1;
     rc = roi_decode(sub, sub_size, denom, x - left, y - top, w, h, channels, out, cap, win, err, err_len);
