@@ -216,3 +216,33 @@ def test_corrupt_or_truncated_input_raises_naming_the_problem() -> None:
     broken[sof + 11] = 0x00  # the first component's sampling factors: 0x0
     with pytest.raises(jpeg.JpegError, match="sampling"):
         jpeg.restart_index(bytes(broken))
+
+
+def test_prepare_adds_restart_markers_to_train_images_only(tiny_folders_tree, tmp_path) -> None:
+    """data.restart_markers: mcu: every train image is the same picture with one restart interval per MCU; val
+    and minival keep their bytes; the default (none) leaves the plan's fingerprint as it was."""
+    from pipeline.data.prepare import prepare_shards
+    from pipeline.data.shards import read_shard, shard_files
+
+    def images(out, split: str) -> dict[str, bytes]:
+        rows: dict[str, bytes] = {}
+        for loc in shard_files(out, split):
+            t = read_shard(loc, ["key", "image"]).to_pydict()
+            rows.update(zip(t["key"], t["image"], strict=True))
+        return rows
+
+    opts = {"max_side": 128, "rows_per_shard": 8, "workers": 1, "progress": False, "minival_per_class": 1}
+    plain = prepare_shards(tiny_folders_tree.root, tmp_path / "plain", **opts)
+    rst = prepare_shards(tiny_folders_tree.root, tmp_path / "rst", restart_markers="mcu", **opts)
+    assert "restart_markers" not in plain["options"] and rst["options"]["restart_markers"] == "mcu"
+    assert plain["fingerprint"] != rst["fingerprint"]
+    n_train = rst["splits"]["train"]["n_images"]
+    assert rst["splits"]["train"]["n_restart_transcoded"] == n_train > 0
+    assert rst["splits"]["val"]["n_restart_transcoded"] == rst["splits"]["minival"]["n_restart_transcoded"] == 0
+    before, after = images(tmp_path / "plain", "train"), images(tmp_path / "rst", "train")
+    assert before.keys() == after.keys() and len(after) == n_train
+    for key, data in after.items():
+        assert data != before[key] and jpeg.restart_index(data).column_addressable, key
+        assert np.array_equal(_pil(data), _pil(before[key])), key
+    for split in ("val", "minival"):
+        assert images(tmp_path / "plain", split) == images(tmp_path / "rst", split)
