@@ -244,5 +244,9 @@ def test_prepare_adds_restart_markers_to_train_images_only(tiny_folders_tree, tm
     for key, data in after.items():
         assert data != before[key] and jpeg.restart_index(data).column_addressable, key
         assert np.array_equal(_pil(data), _pil(before[key])), key
+        # The train transform (stream surgery on these bytes) gives the crops it gives the original bytes.
+        for seed in range(3):
+            ours = tf.train_image(data, 32, np.random.default_rng(seed), 0.08)
+            assert np.array_equal(ours, tf.train_image(before[key], 32, np.random.default_rng(seed), 0.08)), key
     for split in ("val", "minival"):
         assert images(tmp_path / "plain", split) == images(tmp_path / "rst", split)
