@@ -69,6 +69,12 @@ class DataParams(_Section):
         "hence the bound."
     )
     jpeg_quality: int = Field(90, ge=50, le=100, description="Quality used when re-encoding.")
+    restart_markers: Literal["none", "rows", "mcu"] = Field(
+        "none", description="Losslessly transcode each train JPEG with restart markers (same DCT coefficients, "
+        "same decoded pixels; optimised Huffman tables): `mcu` one restart interval per MCU, so a crop's "
+        "Huffman decoding follows the box's area (stream surgery, pipeline.data.jpeg.decode_region_restart); "
+        "`rows` one per MCU row; `none` keeps the bytes. val and minival always keep theirs."
+    )
     rows_per_shard: int = Field(256, ge=1, le=1_000_000, description="Images per Parquet shard.")
     workers: int = Field(2, ge=1, le=512, description="Prepare processes.")
     prepare_on: Literal["auto", "local", "ray"] = Field(

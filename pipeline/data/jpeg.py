@@ -20,6 +20,7 @@ import ctypes
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,19 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.roi_stage.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, cp,
                               ctypes.c_int]
     lib.roi_stage.restype = ctypes.c_int
+    ulp, lp = ctypes.POINTER(ctypes.c_ulong), ctypes.POINTER(ctypes.c_long)
+    lib.rst_transcode.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.POINTER(ctypes.c_void_p), ulp, cp, ctypes.c_int]
+    lib.rst_transcode.restype = ctypes.c_int
+    lib.rst_free.argtypes = [ctypes.c_void_p]
+    lib.rst_free.restype = None
+    lib.rst_scan.argtypes = [u8p, ctypes.c_ulong, lp, ctypes.c_void_p, ctypes.c_long, cp, ctypes.c_int]
+    lib.rst_scan.restype = ctypes.c_long
+    lib.rst_band.argtypes = [u8p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, lp, cp, ctypes.c_int]
+    lib.rst_band.restype = ctypes.c_int
+    lib.rst_decode.argtypes = lib.roi_decode.argtypes
+    lib.rst_decode.restype = ctypes.c_int
 
 
 def available() -> bool:
@@ -95,6 +109,13 @@ def available() -> bool:
 
 def _as_bytes(data: bytes | bytearray | memoryview | np.ndarray) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("ROI JPEG decoder not loaded (pipeline.data.jpeg.available() is False)")
+    return lib
 
 
 def header(data: bytes) -> tuple[int, int, int, int]:
@@ -187,3 +208,115 @@ def decode_stage(data: bytes, stage: int, width: int) -> None:
     err = ctypes.create_string_buffer(_ERR_LEN)
     if lib.roi_stage(data, len(data), stage, row.ctypes.data, row.nbytes, err, _ERR_LEN) != 0:
         raise JpegError(f"JPEG stage {stage}: {err.value.decode(errors='replace')}")
+
+
+# ------------------------------------------------------------------------------------------ restart markers
+# A baseline JPEG without restart markers can only be entropy-decoded from the start of its scan, so a region
+# decode still Huffman-decodes every row above the region (the floor docs/performance.md measures). The functions
+# below add restart markers losslessly (same DCT coefficients, so the same decoded pixels) and cut a crop's rows
+# out of such a stream ("stream surgery": headers + only the restart intervals of the crop's MCU rows), which
+# libjpeg then decodes as a small JPEG: rows above the crop are never entropy-decoded.
+
+
+@dataclass(frozen=True)
+class RestartIndex:
+    """What `restart_index` finds: the MCU geometry of the first scan and its RSTn markers' byte offsets."""
+
+    width: int
+    height: int
+    components: int
+    mcu_width: int
+    mcu_height: int
+    mcus_per_row: int
+    mcu_rows: int
+    restart_interval: int  # MCUs an interval; 0: no restart markers
+    sequential: bool  # baseline/extended sequential Huffman (not progressive, not arithmetic)
+    single_scan: bool
+    row_addressable: bool  # a crop's MCU rows can be cut out of the stream (`decode_region_restart`)
+    column_addressable: bool  # and its columns too: every MCU row is a whole number of shorter intervals
+    scan_start: int  # first byte of the entropy-coded data
+    scan_end: int  # offset of the marker ending it (EOI)
+    offsets: np.ndarray  # int64 offsets of each RSTn marker's 0xFF byte, in stream order
+
+
+def add_restart_markers(data: bytes, restart_rows: int = 1, restart_mcus: int = 0, strict: bool = True) -> bytes:
+    """Losslessly transcode a JPEG with a restart marker every `restart_rows` MCU rows (or, restart_mcus > 0,
+    every `restart_mcus` MCUs; both 0: none, only the Huffman tables optimised): the DCT coefficients,
+    quantisation tables and sampling are kept (decoding it gives exactly the original's pixels), Huffman tables
+    are optimised, a progressive input becomes baseline, and only the markers decoding needs are written (APPn
+    such as EXIF and ICC, and COM, are dropped). strict: a file libjpeg can only decode with a corrupt-data
+    warning (truncated, bad Huffman data) raises JpegError instead of being transcoded with the damage baked
+    in."""
+    lib = _lib_or_raise()
+    data = _as_bytes(data)
+    out = ctypes.c_void_p()
+    out_size = ctypes.c_ulong()
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if lib.rst_transcode(data, len(data), restart_rows, restart_mcus, int(strict), ctypes.byref(out),
+                         ctypes.byref(out_size), err, _ERR_LEN) != 0:
+        raise JpegError(f"JPEG restart transcode: {err.value.decode(errors='replace')}")
+    try:
+        return ctypes.string_at(out.value, out_size.value)
+    finally:
+        lib.rst_free(out)
+
+
+def restart_index(data: bytes) -> RestartIndex:
+    """Scan a JPEG's markers and first scan (C, memchr over the entropy-coded data) -> its RestartIndex."""
+    lib = _lib_or_raise()
+    data = _as_bytes(data)
+    geom = (ctypes.c_long * 16)()
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    cap = 256
+    while True:
+        offs = np.zeros(cap, dtype=np.uint64)
+        n = lib.rst_scan(data, len(data), geom, offs.ctypes.data, cap, err, _ERR_LEN)
+        if n < 0:
+            raise JpegError(f"JPEG marker scan: {err.value.decode(errors='replace')}")
+        if n <= cap:
+            break
+        cap = int(n)
+    g = list(geom)
+    return RestartIndex(
+        width=g[0], height=g[1], components=g[2], mcu_width=g[5], mcu_height=g[6], mcus_per_row=g[7],
+        mcu_rows=g[8], restart_interval=g[9], sequential=bool(g[10]), single_scan=bool(g[12]),
+        row_addressable=g[13] > 0, column_addressable=g[13] == 2, scan_start=g[14], scan_end=g[15],
+        offsets=offs[:n].astype(np.int64),
+    )
+
+
+def restart_band(data: bytes, x: int, y: int, w: int, h: int, denom: int = 1) -> tuple[bytes, int, int]:
+    """The sub-image JPEG `decode_region_restart` decodes for the scaled region (x, y, w, h) -> (its bytes, its
+    first scaled column, its first scaled row): the region plus a few pixels of context, rounded out to whole
+    restart intervals (full width for one interval per MCU row; a rectangle for one per MCU). A stream that is not
+    addressable, or a sub-image that would be the whole image, gives the original bytes and (0, 0). Any JPEG
+    decoder (nvJPEG too) decodes it; its pixels of the region are the full decode's."""
+    lib = _lib_or_raise()
+    data = _as_bytes(data)
+    buf = np.empty(len(data) + 2 * 8192 + 4, dtype=np.uint8)  # room for a marker between rows (<= 8192 rows)
+    info = (ctypes.c_long * 4)()
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if lib.rst_band(data, len(data), denom, x, y, w, h, buf.ctypes.data, buf.nbytes, info, err, _ERR_LEN) != 0:
+        raise JpegError(f"JPEG sub-image ({x}, {y}, {w}, {h}) at 1/{denom}: {err.value.decode(errors='replace')}")
+    return buf[: info[0]].tobytes(), int(info[1]), int(info[2])
+
+
+def decode_region_restart(
+    data: bytes, x: int, y: int, w: int, h: int, denom: int = 1, channels: int = 3
+) -> tuple[np.ndarray, int]:
+    """`decode_region`'s contract (same window, same pixels) by stream surgery: only the restart intervals of
+    the region's MCU rows (with one interval per MCU: of its MCUs) are entropy-decoded. A JPEG without usable
+    restart markers (not transcoded by `add_restart_markers`) decodes as `decode_region` does. Raises JpegError
+    on corrupt data."""
+    lib = _lib_or_raise()
+    data = _as_bytes(data)
+    buf = np.empty((w + _WIDEN) * h * channels, dtype=np.uint8)
+    win = (ctypes.c_int * 4)()
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    rc = lib.rst_decode(data, len(data), denom, x, y, w, h, channels, buf.ctypes.data, buf.nbytes, win, err,
+                        _ERR_LEN)
+    if rc < 0:
+        raise JpegError(f"JPEG region ({x}, {y}, {w}, {h}) at 1/{denom} (restart surgery): "
+                        f"{err.value.decode(errors='replace')}")
+    x0, width, height = win[0], win[2], win[3]
+    return buf[: width * height * channels].reshape(height, width, channels), x0

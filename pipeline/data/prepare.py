@@ -24,6 +24,11 @@ Guarantees, and how they are kept:
   raw dataset stops with a message naming both, unless `replace=True` (`python -m stages.prepare --replace`).
 - Nothing dropped silently: every input that cannot become an RGB JPEG is listed in rejected.csv with a
   reason, and more rejections than `max_rejected` fail the run (after rejected.csv is written).
+
+`restart_markers` ("mcu" or "rows"; default "none"): each train image is then transcoded losslessly with restart
+markers (pipeline.data.jpeg.add_restart_markers: the same DCT coefficients, so the same decoded pixels), which
+lets the train transform decode only a crop's restart intervals (docs/performance.md). val and minival keep
+their bytes: what is evaluated is what users evaluate on.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ PREPARED_SPLITS: tuple[str, ...] = ("train", MINIVAL, VAL)
 
 # data.max_pixels' default: 50 Mpx is 200 MB as RGBA, 150 MB as RGB, per decode.
 DEFAULT_MAX_PIXELS = 50_000_000
+RESTART_MARKERS = ("none", "rows", "mcu")
 
 
 class RejectedImage(Exception):
@@ -187,10 +193,24 @@ class ShardResult:
     class_counts: dict[str, int]
     reencoded: int
     rejected: list[list[str]] = field(default_factory=list)  # [key, split, reason]
+    restart_transcoded: int = 0  # images written with restart markers (data.restart_markers)
+
+
+def add_restarts(image: bytes, restart_markers: str) -> tuple[bytes, bool]:
+    """A train image's JPEG bytes with restart markers ("mcu": one interval per MCU, "rows": per MCU row), added
+    losslessly -> (bytes, transcoded?). A file libjpeg decodes only with a corrupt-data warning keeps its bytes
+    (decoders then read it whole, as before), so no damage is baked into the copy."""
+    from pipeline.data import jpeg
+
+    spacing = {"restart_mcus": 1} if restart_markers == "mcu" else {"restart_rows": 1}
+    try:
+        return jpeg.add_restart_markers(image, **spacing), True
+    except jpeg.JpegError:
+        return image, False
 
 
 def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> ShardResult:
+                max_pixels: int = DEFAULT_MAX_PIXELS, restart_markers: str = "none") -> ShardResult:
     """Read, check and (if needed) re-encode the task's samples, then write its shard atomically.
 
     `max_side` applies to the train and minival splits only: the val split keeps its images as they are (their
@@ -202,6 +222,8 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
     columns: dict[str, list[Any]] = {name: [] for name in shard_schema().names}
     rejected: list[list[str]] = []
     reencoded = 0
+    transcoded = 0
+    restarts = restart_markers != "none" and task.split == "train"
     for sample, label in zip(task.samples, task.labels, strict=True):
         try:
             try:
@@ -217,6 +239,9 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
             rejected.append([sample.key, sample.split, str(exc)])
             continue
         reencoded += changed
+        if restarts:
+            image, done = add_restarts(image, restart_markers)
+            transcoded += done
         columns["image"].append(image)
         columns["label"].append(label)
         columns["wnid"].append(sample.wnid)
@@ -238,6 +263,7 @@ def build_shard(task: ShardTask, out_dir: str, max_side: int, jpeg_quality: int,
         class_counts=dict(sorted(Counter(columns["wnid"]).items())),
         reencoded=reencoded,
         rejected=rejected,
+        restart_transcoded=transcoded,
     )
 
 
@@ -432,7 +458,7 @@ def _use_ray(prepare_on: str) -> bool:
 
 
 def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, record: Any, bar: Any,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+             max_pixels: int = DEFAULT_MAX_PIXELS, restart_markers: str = "none") -> None:
     """One Ray task per shard, anywhere in the cluster (raw_dir and out_dir must be reachable from every node:
     a shared filesystem or a URI). Each task's output is a pure function of its samples, so where and in which
     order tasks run never changes the bytes; results are recorded as they finish, so a killed run resumes."""
@@ -445,7 +471,8 @@ def _run_ray(todo: list[ShardTask], out: str, max_side: int, jpeg_quality: int, 
             repo = str(Path(__file__).resolve().parents[2])  # tasks import `pipeline` from the repository root
             ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
-    pending = {remote.remote(task, out, max_side, jpeg_quality, max_pixels): task for task in todo}
+    pending = {remote.remote(task, out, max_side, jpeg_quality, max_pixels, restart_markers): task
+               for task in todo}
     try:
         while pending:
             finished, _ = ray.wait(list(pending), num_returns=1)
@@ -502,6 +529,7 @@ def prepare_shards(
     prepare_on: str = "auto",
     minival_per_class: int = 0,
     minival_seed: int = 0,
+    restart_markers: str = "none",
 ) -> Manifest:
     """Prepare `raw_dir` into Parquet shards under `out_dir` (a path or a URI); returns the manifest (also
     written there, last).
@@ -512,6 +540,7 @@ def prepare_shards(
     and `progress` never change the output. `replace`: allow deleting another raw dataset's complete shards.
     `minival_per_class` > 0: hold that many train images of every class out as the minival split
     (`carve_minival`, drawn with `minival_seed`); the manifest's train split is then train minus minival.
+    `restart_markers` "mcu" / "rows": train images get restart markers, losslessly (`add_restarts`).
     """
     if rows_per_shard < 1 or workers < 1 or max_side < 1 or not 1 <= jpeg_quality <= 100:
         raise DataError("rows_per_shard, workers, max_side must be >= 1 and jpeg_quality in [1, 100]")
@@ -519,6 +548,14 @@ def prepare_shards(
         raise DataError(f"minival_per_class and minival_seed must be >= 0, not {minival_per_class}, {minival_seed}")
     if prepare_on not in ("auto", "local", "ray"):
         raise DataError(f"prepare_on must be auto, local or ray, not {prepare_on!r}")
+    if restart_markers not in RESTART_MARKERS:
+        raise DataError(f"restart_markers must be one of {', '.join(RESTART_MARKERS)}, not {restart_markers!r}")
+    if restart_markers != "none":
+        from pipeline.data import jpeg
+
+        if not jpeg.available():
+            raise DataError("data.restart_markers needs the native JPEG library (pipeline/data/native/roijpeg.c): "
+                            "build it with `make setup`, or set data.restart_markers: none")
     # Listed from an absolute path: the samples' openers then work in any process, including Ray tasks, whose
     # working directory is not this one (the manifest still records raw_dir as given).
     local_raw = raw_dir if "://" in os.fspath(raw_dir) else os.path.abspath(raw_dir)
@@ -539,6 +576,7 @@ def prepare_shards(
         "minival_seed": minival_seed,
         # Only when not the default: datasets prepared before the budget existed keep their fingerprint.
         **({"max_pixels": max_pixels} if max_pixels != DEFAULT_MAX_PIXELS else {}),
+        **({"restart_markers": restart_markers} if restart_markers != "none" else {}),
         "row_group_rows": ROW_GROUP_ROWS,
         "pyarrow": pa.__version__,  # Parquet bytes may differ across pyarrow versions
         "manifest_version": MANIFEST_VERSION,
@@ -604,17 +642,18 @@ def prepare_shards(
 
     with _ShardProgress(len(tasks), len(results), n_images, done_images, progress) as bar:
         if todo and _use_ray(prepare_on):
-            _run_ray(todo, out, max_side, jpeg_quality, record, bar, max_pixels)
+            _run_ray(todo, out, max_side, jpeg_quality, record, bar, max_pixels, restart_markers)
         elif workers == 1 or len(todo) <= 1:
             for task in todo:
-                record(build_shard(task, out, max_side, jpeg_quality, max_pixels))
+                record(build_shard(task, out, max_side, jpeg_quality, max_pixels, restart_markers))
                 bar.update(len(task.samples))
         else:
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_mp_context(),
                                        initializer=runtime.exit_with, initargs=(os.getpid(),))
             try:
                 pending: dict[Future[ShardResult], ShardTask] = {
-                    pool.submit(build_shard, task, out, max_side, jpeg_quality, max_pixels): task for task in todo
+                    pool.submit(build_shard, task, out, max_side, jpeg_quality, max_pixels, restart_markers): task
+                    for task in todo
                 }
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -648,6 +687,8 @@ def prepare_shards(
             "class_counts": {c.wnid: counts.get(c.wnid, 0) for c in listing.classes},
             "shards": [{"path": r.path, "rows": r.rows, "nbytes": r.nbytes, "sha256": r.sha256} for r in mine],
         }
+        if restart_markers != "none":
+            splits[split]["n_restart_transcoded"] = sum(r.restart_transcoded for r in mine)
     check_imagenet_val(listing.layout, splits[VAL]["class_counts"], runtime.join(out, REJECTED))
     # How minival was drawn, and a digest of exactly which keys (the shards hold the keys themselves): enough
     # to check that two runs held out the same images without listing 10,000 keys here.
@@ -682,6 +723,7 @@ def prepare_from_params(d: Any, *, replace: bool = False, record: str | None = N
             jpeg_quality=d.jpeg_quality, rows_per_shard=d.rows_per_shard, workers=d.workers,
             max_rejected=d.max_rejected, replace=replace, prepare_on=d.prepare_on,
             minival_per_class=d.minival_per_class, minival_seed=d.minival_seed,
+            restart_markers=d.restart_markers,
         )
         if record:
             from pipeline.data.shards import read_manifest_bytes

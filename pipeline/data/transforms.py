@@ -231,7 +231,9 @@ def crop_jpeg_roi(
 
     denom, (x, y, rw, rh), (top, left, h, w) = crop_window_box(width, height, box, crop)
     # RGBX: 4-byte pixels, the layout torch's vectorised uint8 resize works in (it would repack RGB into it).
-    window, x0 = jpeg.decode_region(data, x, y, rw, rh, denom, channels=4)
+    # Shards prepared with data.restart_markers decode only the box's restart intervals (stream surgery); any
+    # other JPEG decodes as decode_region does (the same pixels either way).
+    window, x0 = jpeg.decode_region_restart(data, x, y, rw, rh, denom, channels=4)
     pixels = torch.from_numpy(window).permute(2, 0, 1)  # (4, H, W) view of channels-last memory
     return resized_crop_window(pixels, (top, left + x - x0, h, w), crop, flip)
 
