@@ -21,8 +21,10 @@ PACKAGE = "pipeline"
 # higher one). Derived from what the code imports; a new subpackage or top-level module needs a floor here.
 FLOORS: list[tuple[str, ...]] = [
     # 0. No other unit of ours: arch names, filesystem and Ray helpers, the published reference numbers, the
-    #    networks; `pipeline` is the package's own __init__ (a docstring and __version__).
-    ("pipeline", "pipeline.archs", "pipeline.runtime", "pipeline.cluster", "pipeline.references", "pipeline.models"),
+    #    networks, the console's progress lines; `pipeline` is the package's own __init__ (a docstring and
+    #    __version__).
+    ("pipeline", "pipeline.archs", "pipeline.runtime", "pipeline.cluster", "pipeline.references", "pipeline.models",
+     "pipeline.progress"),
     # 1. The params schema (archs) and the data: sources, shards, decoding (runtime).
     ("pipeline.config", "pipeline.data"),
     # 2. What training and evaluation share: metrics (top-k counts, the evaluation forward pass, the AMP
