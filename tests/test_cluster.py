@@ -222,8 +222,9 @@ def _submit(head: Head, repo: Path, submission_id: str, token: str | None) -> su
 
 
 @pytest.mark.ray
-# Slow (~1.5 min) and off the default run: tests/test_fault_tolerance.py::test_killed_driver_resumes_on_rerun
-# resumes from a `file://` storage_path too (after killing the driver), in every `make test`.
+# Slow (~1.5 min) and off the default run: the fault-tolerance drill
+# (tests/test_fault_tolerance.py::test_killed_worker_then_killed_driver_resume_one_run) resumes from a `file://`
+# storage_path too (after killing the driver), in every `make test`.
 @pytest.mark.slow
 def test_file_uri_storage_resumes_a_run_from_its_checkpoint(synthetic_shards: Path, tmp_path: Path) -> None:
     import ray
