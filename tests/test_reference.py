@@ -367,3 +367,12 @@ def test_report_states_the_precision_and_flags_a_mix() -> None:
     assert "not comparable" in mixed and "resnet50 (torchvision weights): bf16" in mixed
     assert "not comparable" in precision_note([row, {"arch": "resnet50", "torchvision_top1_err": None}])
     assert "not recorded" in precision_note([{"arch": "resnet18"}])
+
+
+def test_model_card_states_the_evaluation_precision() -> None:
+    from pipeline.publish import model_card
+
+    meta = {"eval_transform": {"resize": 36, "crop": 32}, "num_classes": 4, "config": {"train": {"amp": "bf16"}}}
+    ev = {"top1_err": 10.0, "top5_err": 0.0, "n_images": 16, "num_classes": 4, "protocol": "1-crop",
+          "precision": "fp32"}
+    assert "protocol: 1-crop, precision: fp32 (eval.precision)." in model_card("resnet18", meta, ev, "synthetic")
