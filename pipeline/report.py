@@ -44,17 +44,22 @@ def precision_note(rows: list[dict[str, Any]]) -> str:
     """The precision the table's numbers were computed at (eval.precision), ours and the torchvision rows: one
     for all of them, or a warning naming each row's where they differ (metrics from before a change of
     eval.precision), since bf16 logits flip ~1% of top-1 predictions against fp32."""
-    used = {f"{r['arch']}": r.get("precision") for r in rows}
-    used |= {f"{r['arch']} (torchvision weights)": r.get("torchvision_precision") for r in rows
-             if r.get("torchvision_top1_err") is not None}
+    used = {r["arch"]: r.get("precision") for r in rows}
+    refs = {f"{r['arch']} (torchvision weights)": r.get("torchvision_precision") for r in rows
+            if r.get("torchvision_top1_err") is not None}
+    used |= refs
     known = {v for v in used.values() if v}
     if not known:
         return "precision not recorded (evaluated before eval.precision was kept)"
-    if len(known) == 1 and all(used.values()):
-        return f"evaluated in {known.pop()} (eval.precision), ours and the torchvision row alike"
-    each = ", ".join(f"{k}: {v or 'not recorded'}" for k, v in used.items())
-    return (f"**rows evaluated at different precisions, not comparable** ({each}); rerun "
-            "`dvc repro --force evaluate@ARCH report`")
+    if len(known) > 1 or not all(used.values()):
+        each = ", ".join(f"{k}: {v or 'not recorded'}" for k, v in used.items())
+        return (f"**rows evaluated at different precisions, not comparable** ({each}); rerun "
+                "`dvc repro --force evaluate@ARCH report`")
+    precision = known.pop()
+    note = f"evaluated in {precision} (eval.precision)" + (", ours and the torchvision row alike" if refs else "")
+    if precision != "fp32":  # the published columns are torchvision's and the paper's own, fp32 numbers
+        note += " (the published references are fp32: a Δ against them also measures the precision)"
+    return note
 
 
 def lr_cell(source: dict[str, Any] | None) -> str:

@@ -367,6 +367,10 @@ def test_report_states_the_precision_and_flags_a_mix() -> None:
     assert "not comparable" in mixed and "resnet50 (torchvision weights): bf16" in mixed
     assert "not comparable" in precision_note([row, {"arch": "resnet50", "torchvision_top1_err": None}])
     assert "not recorded" in precision_note([{"arch": "resnet18"}])
+    assert precision_note([{"arch": "resnet18", "precision": "fp32"}]) == "evaluated in fp32 (eval.precision)"
+    bf16 = precision_note([{**row, "precision": "bf16", "torchvision_precision": "bf16"}])
+    assert bf16.startswith("evaluated in bf16 (eval.precision), ours and the torchvision row alike")
+    assert "published references are fp32" in bf16
 
 
 def test_model_card_states_the_evaluation_precision() -> None:
