@@ -300,9 +300,9 @@ def _run(args: argparse.Namespace) -> None:
     if uses_ray(shards, p.eval.ray_min_images):
         init_ray()
     res = evaluate_model(args.model, shards, batch_size=p.eval.batch_size, ten_crop=args.ten_crop,
-                         ray_min_images=p.eval.ray_min_images, same_data=not args.data)
+                         ray_min_images=p.eval.ray_min_images, same_data=not args.data, precision=p.eval.precision)
     print(f"{res['arch']}: top-1 err {res['top1_err']:.2f}%, top-5 err {res['top5_err']:.2f}% "
-          f"on {res['n_images']} images ({res['protocol']})")
+          f"on {res['n_images']} images ({res['protocol']}, {res['precision']})")
 
 
 if __name__ == "__main__":

@@ -146,8 +146,9 @@ class TrainParams(_Section):
         5.0, gt=0, description="Clip the global gradient L2 norm to this; null = no clipping."
     )
     amp: Literal["none", "bf16", "fp16"] = Field(
-        "none", description="Autocast dtype for training and evaluation: none (fp32), bf16, or fp16 (adds a "
-        "GradScaler). Never `off`: YAML 1.1 (PyYAML) reads it as false, YAML 1.2 (DVC) as the string \"off\"."
+        "none", description="Autocast dtype for training and its validation: none (fp32), bf16, or fp16 (adds a "
+        "GradScaler); the evaluate stage uses eval.precision. Never `off`: YAML 1.1 (PyYAML) reads it as false, "
+        "YAML 1.2 (DVC) as the string \"off\"."
     )
     channels_last: bool = Field(
         True, description="NHWC memory format for model and batches (faster convolutions on GPUs)."
@@ -324,6 +325,12 @@ class EvalParams(_Section):
         128, ge=1, le=1 << 20, description="Images per inference batch (a runtime knob: reruns nothing)."
     )
     ten_crop: bool = Field(False, description="The paper's 10-crop test (sec. 3.4) instead of 1 center crop.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="The evaluate stage's precision, for every row of the table alike: ours and the "
+        "torchvision reference row (their published numbers are fp32). The rows are comparable only at one "
+        "precision: bf16 logits flip ~1% of top-1 predictions against fp32. bf16/fp16 = autocast (faster on "
+        "GPUs). Validation during training keeps train.amp."
+    )
     ray_min_images: int = Field(
         5000, ge=0, description="Val sets of at least this many images run as Ray Data batch inference over the "
         "cluster; smaller ones in the stage's own process (Ray's start-up and actor pool cost ~15 s, more than "

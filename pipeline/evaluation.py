@@ -8,15 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.metrics import error_pct, eval_logits
+from pipeline.metrics import error_pct, eval_dtype_of, eval_logits
 from pipeline.training.checkpoint import load_model_dir, model_from_blob, read_model_meta
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Manifest
-
-
-# The evaluate stage's precision, ours and the reference rows alike (None = fp32).
-EVAL_AMP_DTYPE: torch.dtype | None = None
 
 
 # --- the evaluate@ARCH stage: batch inference over the val shards with Ray Data ---------------------------
@@ -26,14 +22,18 @@ class _Predictor:
     """Ray Data actor: loads the model once (models/ARCH, or a weights blob sent through Ray's object store)
     onto its device, returns the top-5 class ids per image. The device is the GPU Ray gave this actor
     (`num_gpus` > 0 sets CUDA_VISIBLE_DEVICES to it), else the CPU. The forward pass is `eval_logits`, with the
-    run's memory format (meta config) and the evaluation precision EVAL_AMP_DTYPE (fp32) for every row."""
+    run's memory format (meta config) and `precision` (eval.precision; fp32 by default) for every row."""
 
     def __init__(self, threads: int, model_dir: str | None = None, blob: dict | None = None,
-                 model_uri: str | None = None) -> None:
+                 model_uri: str | None = None, precision: str = "fp32") -> None:
         torch.set_num_threads(threads)
+        # One precision for every row of the table: eval.precision, whatever train.amp the run trained with, so
+        # our rows and the torchvision reference row (no train config) are computed alike; bf16 logits flip ~1%
+        # of top-1 predictions against fp32.
+        self.amp_dtype = eval_dtype_of(precision)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A registered model (models:/NAME@ALIAS) is the published program: 0-255 float pixels -> probabilities,
-        # normalisation inside; it runs as stored, on the CPU.
+        # normalisation inside; it runs as stored (fp32), on the CPU: `precision` does not apply to it.
         self.registered = None
         if model_uri is not None:
             from pipeline import tracking
@@ -43,15 +43,16 @@ class _Predictor:
             return
         model, meta = load_model_dir(model_dir) if blob is None else model_from_blob(blob)
         train = (meta.get("config") or {}).get("train") or {}
-        # One precision for every row of the table: fp32 (EVAL_AMP_DTYPE), whatever train.amp the run trained
-        # with, so our rows and the torchvision reference row (no train config) are computed alike; bf16 logits
-        # flip ~1% of top-1 predictions against fp32.
-        self.amp_dtype = EVAL_AMP_DTYPE
         self.channels_last = bool(train.get("channels_last", False))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one batch shape: pick the fastest kernels once
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits (N, C) of uint8 (N, 3, H, W) images on this predictor's device: the one forward pass
+        of every row (tests compare the trained-model and reference paths through it)."""
+        return eval_logits(self.model, images, channels_last=self.channels_last, amp_dtype=self.amp_dtype)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -68,8 +69,7 @@ class _Predictor:
             with torch.no_grad():
                 probs = self.registered(x.float())
         else:
-            probs = eval_logits(self.model, x, channels_last=self.channels_last,
-                                amp_dtype=self.amp_dtype).softmax(dim=1)
+            probs = self.logits(x).softmax(dim=1)
         if ten:
             probs = probs.view(n, crops, -1).mean(dim=1)  # average the 10 crops' probabilities (sec. 3.4)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
@@ -116,12 +116,14 @@ def check_model_data(model: str, meta: dict, shards_dir: str, manifest: Manifest
 
 def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop: bool = False,
                    concurrency: int | None = None, ray_min_images: int = 0, layout: dict | None = None,
-                   split: str = "val", same_data: bool = True) -> dict:
+                   split: str = "val", same_data: bool = True, precision: str = "fp32") -> dict:
     """Exact top-1/top-5 error of models/ARCH (or a registered `models:/NAME@ALIAS`) over every image of `split`
     (val: the table; minival: the registry's selection), exactly once (checked against the manifest: no
     duplicates from distributed padding, none skipped). Splits of `ray_min_images` or more go through Ray Data
     batch inference (Ray must be initialised); smaller ones are evaluated in this process with the same decode
-    and predictor code. `same_data=False`: data other than the model's own (same classes) is allowed."""
+    and predictor code. `same_data=False`: data other than the model's own (same classes) is allowed.
+    `precision` (eval.precision: fp32 | bf16 | fp16) is the forward pass's, the same as `evaluate_reference`'s
+    for the table's reference row; a registered model runs as stored (fp32). The result records it."""
     import os
 
     from pipeline.data.shards import read_manifest
@@ -131,6 +133,7 @@ def evaluate_model(model_dir: str, shards_dir: str, *, batch_size: int, ten_crop
     manifest = read_manifest(shards_dir)
     check_model_data(model_dir, meta, shards_dir, manifest, same_data=same_data)
     kwargs = {"model_uri": model_dir} if is_model_uri(model_dir) else {"model_dir": os.path.abspath(model_dir)}
+    kwargs["precision"] = "fp32" if is_model_uri(model_dir) else precision
     return _evaluate(meta, kwargs, shards_dir, manifest,
                      batch_size=batch_size, ten_crop=ten_crop, concurrency=concurrency, ray_min_images=ray_min_images,
                      layout=layout, split=split)
@@ -145,9 +148,10 @@ def uses_ray(shards_dir: str, ray_min_images: int) -> bool:
 
 def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batch_size: int,
                        ten_crop: bool = False, weights: str | None = None, ray_min_images: int = 0,
-                       layout: dict | None = None) -> dict | None:
+                       layout: dict | None = None, precision: str = "fp32") -> dict | None:
     """torchvision's pretrained `arch` (found locally, pipeline.models.pretrained) evaluated with the code and
-    precision our own models get and with that weight's own published transform (pipeline.references; V1:
+    precision our own models get (`precision`, eval.precision: pass the same as to `evaluate_model`) and with
+    that weight's own published transform (pipeline.references; V1:
     resize 256, V2: resize 232, crop 224; `eval_transform` only where the file is not a known torchvision
     one): the report's reference row. None when the weights are not on this
     machine; {"skipped": why} when the dataset is not 1000-class ImageNet (the weights' classes are
@@ -168,9 +172,10 @@ def evaluate_reference(arch: str, shards_dir: str, *, eval_transform: dict, batc
     meta = {"arch": arch, "num_classes": IMAGENET_CLASSES, "model_kwargs": {},
             "eval_transform": {**eval_transform, **{k: own[k] for k in ("resize", "crop")}}}
     blob = {"state_dict": load_state_dict(path), **meta}
-    res = _evaluate(meta, {"blob": blob}, shards_dir, manifest, batch_size=batch_size, ten_crop=ten_crop,
-                    ray_min_images=ray_min_images, layout=layout)
-    return {"weights": path.name, **{k: res[k] for k in ("top1_err", "top5_err", "n_images", "protocol")}}
+    res = _evaluate(meta, {"blob": blob, "precision": precision}, shards_dir, manifest, batch_size=batch_size,
+                    ten_crop=ten_crop, ray_min_images=ray_min_images, layout=layout)
+    return {"weights": path.name,
+            **{k: res[k] for k in ("top1_err", "top5_err", "n_images", "protocol", "precision")}}
 
 
 def predictor_layout(resources: dict, *, use_gpu: bool, gpus_per_actor: float, max_actors: int | None,
@@ -286,6 +291,7 @@ def _evaluate(meta: dict, predictor_kwargs: dict, shards_dir: str, manifest: Man
         "n_images": len(y),
         "num_classes": num_classes,
         "protocol": f"{'10-crop' if ten_crop else '1-crop'} resize {tf['resize']} crop {tf['crop']}",
+        "precision": predictor_kwargs.get("precision", "fp32"),  # the forward pass's (eval.precision)
         "per_class_top1_err": per_class,
         "confusion": confusion.tolist() if confusion is not None else None,
         "data_fingerprint": manifest["fingerprint"],
@@ -330,6 +336,9 @@ def table_rows(evals: list[dict], trains: dict[str, dict], params_count: dict[st
             "torchvision_top1_err": _round_or_none(tv.get("top1_err")),
             "torchvision_top5_err": _round_or_none(tv.get("top5_err")),
             "torchvision_protocol": tv.get("protocol"),
+            # The forward pass's precision (eval.precision), ours and the reference's: comparable only if equal.
+            "precision": ev.get("precision"),
+            "torchvision_precision": tv.get("precision") if "top1_err" in tv else None,
             "n_val_images": ev["n_images"],
             "num_classes": ev["num_classes"],
             "protocol": ev["protocol"],

@@ -44,7 +44,8 @@ def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: 
                 amp_dtype: torch.dtype | None) -> torch.Tensor:
     """THE evaluation forward pass, shared by validation in the training loop and the evaluate stage, so both
     give the same numbers: uint8 (N, 3, H, W) on the model's device -> normalise (ImageNet mean/std) -> the
-    model in eval mode under the run's autocast dtype (train.amp; None = fp32) -> float32 logits (N, C)."""
+    model in eval mode under `amp_dtype` (validation: the run's train.amp; the evaluate stage: eval.precision;
+    None = fp32) -> float32 logits (N, C)."""
     x = normalize(images, channels_last)
     with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return model(x).float()
@@ -53,3 +54,13 @@ def eval_logits(model: torch.nn.Module, images: torch.Tensor, *, channels_last: 
 def amp_dtype_of(amp: str | None) -> torch.dtype | None:
     """train.amp -> the autocast dtype (None: fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")
+
+
+EVAL_PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eval_dtype_of(precision: str) -> torch.dtype | None:
+    """eval.precision (fp32 | bf16 | fp16) -> the autocast dtype of the evaluate stage (None: fp32)."""
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"eval.precision {precision!r}: expected one of {sorted(EVAL_PRECISIONS)}")
+    return EVAL_PRECISIONS[precision]

@@ -79,7 +79,8 @@ def model_card(
     lines = [title, "", f"{arch} (ResNet family, {PAPER}) trained and evaluated by resnet-pipeline.", "",
              "## Metrics",
              f"- top-1 error {_pct(ev['top1_err'])}, top-5 error {_pct(ev['top5_err'])} on {ev['n_images']} val "
-             f"images, {num_classes} classes, protocol: {ev.get('protocol', 'n/a')}.",
+             f"images, {num_classes} classes, protocol: {ev.get('protocol', 'n/a')}, precision: "
+             f"{ev.get('precision', 'not recorded')} (eval.precision).",
              f"- chance-level top-1 error: {_pct(chance)}.", "", "## Data"]
     if manifest is not None:
         n_train = manifest.get("splits", {}).get("train", {}).get("n_images", "?")
@@ -242,6 +243,7 @@ def _register(
     version_tags = {"arch": arch, "dataset": dataset, "top1_err": repr(float(ev["top1_err"])),
                     "top5_err": repr(float(ev["top5_err"])), "n_val_images": str(ev["n_images"]),
                     "num_classes": str(meta["num_classes"]), "eval_protocol": str(ev.get("protocol", "")),
+                    "eval_precision": str(ev.get("precision", "")),
                     "data_fingerprint": fp, "train_data_fingerprint": str(meta.get("data_fingerprint")),
                     "git_commit": str(meta.get("git_commit")), "params_digest": p.digest(),
                     "train_run_id": train_run_id, "epochs_trained": str(meta.get("epochs_trained"))}

@@ -40,6 +40,28 @@ def reference_weights_note(rows: list[dict[str, Any]], references: dict[str, dic
     return "Reference weights: " + " ".join(parts)
 
 
+def precision_note(rows: list[dict[str, Any]]) -> str:
+    """The precision the table's numbers were computed at (eval.precision), ours and the torchvision rows: one
+    for all of them, or a warning naming each row's where they differ (metrics from before a change of
+    eval.precision), since bf16 logits flip ~1% of top-1 predictions against fp32."""
+    used = {r["arch"]: r.get("precision") for r in rows}
+    refs = {f"{r['arch']} (torchvision weights)": r.get("torchvision_precision") for r in rows
+            if r.get("torchvision_top1_err") is not None}
+    used |= refs
+    known = {v for v in used.values() if v}
+    if not known:
+        return "precision not recorded (evaluated before eval.precision was kept)"
+    if len(known) > 1 or not all(used.values()):
+        each = ", ".join(f"{k}: {v or 'not recorded'}" for k, v in used.items())
+        return (f"**rows evaluated at different precisions, not comparable** ({each}); rerun "
+                "`dvc repro --force evaluate@ARCH report`")
+    precision = known.pop()
+    note = f"evaluated in {precision} (eval.precision)" + (", ours and the torchvision row alike" if refs else "")
+    if precision != "fp32":  # the published columns are torchvision's and the paper's own, fp32 numbers
+        note += " (the published references are fp32: a Δ against them also measures the precision)"
+    return note
+
+
 def lr_cell(source: dict[str, Any] | None) -> str:
     """The table's short "lr (from)" cell: the lr trained with and the search or params it came from."""
     if not source:
@@ -120,7 +142,7 @@ def render_markdown(rows: list[dict[str, Any]], dataset: dict[str, Any], figures
         lines += ["", "Where each row's learning rate came from (the val set above chose none of them):", "",
                   *lr_provenance_lines(trains, [r["arch"] for r in rows])]
     proto = rows[0]["protocol"] if rows else ""
-    lines += ["", f"Protocol (ours): {proto}; evaluated in fp32, as is the torchvision row. A Δ is taken only "
+    lines += ["", f"Protocol (ours): {proto}; {precision_note(rows)}. A Δ is taken only "
               "against a reference of the same protocol (1-crop: torchvision V1 weights, resize 256, center crop "
               "224; 10-crop: He et al. 2015, Table 3, ResNet-18 from Table 2, top-1 only); the other columns are "
               "labelled with their source and protocol and never subtracted (torchvision V2: resize 232 crop "

@@ -39,6 +39,8 @@ def test_override_parses_yaml_values() -> None:
 def test_set_applies_and_validates() -> None:
     p = load_params(ROOT / "params.yaml", ["train.lr=0.3", "tune.num_samples=2"])
     assert p.train.lr == 0.3 and p.tune.num_samples == 2
+    assert load_params(ROOT / "params.yaml").eval.precision == "fp32"  # one precision for every row, by default
+    assert load_params(ROOT / "params.yaml", ["eval.precision=bf16"]).eval.precision == "bf16"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +51,7 @@ def test_set_applies_and_validates() -> None:
         ("bogus.x=1", "bogus"),  # unknown section
         ("model.archs=[resnet19]", "model.archs"),  # unknown arch
         ("train.amp=fp8", "train.amp"),
+        ("eval.precision=none", "eval.precision"),  # eval.precision spells fp32 as fp32 (train.amp: none)
     ],
 )
 def test_bad_override_names_key_and_file(override: str, key: str) -> None:

@@ -60,7 +60,7 @@ def _name(p: Params, arch: str = "resnet18", lr: float = 0.1, warmup: int = 1, f
     "eval.batch_size=7", "eval.ray_min_images=0", "train.max_failures=5", "train.storage_path=s3://b/x",
     "train.cpus_per_worker=3", "train.channels_last=false", "tune.num_samples=9", "tracking.experiment=other",
     "registry.alias=best", "degradation.epochs=9", "train.epochs_by_arch.resnet152=7", "data.workers=1",
-    "model.archs=[resnet18]", "train.log_grad_stats=true",
+    "model.archs=[resnet18]", "train.log_grad_stats=true", "eval.precision=bf16",
     # the tuned lr is used (it reaches the name as `lr`), so the params' lr is not this run's
     "train.lr=0.05", "train.lr_warmup_epochs=0",
 ])
@@ -165,6 +165,7 @@ def committed_dag(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ({"tracking.experiment": "other"}, {"register"}),  # the registry is written to that experiment
     ({"tune.num_samples": 4}, {"tune"}),  # train@ARCH follows only if tune/best.json then changes
     ({"eval.ten_crop": True}, {f"evaluate@{a}" for a in Params().model.archs}),
+    ({"eval.precision": "bf16"}, {f"evaluate@{a}" for a in Params().model.archs}),  # every row, one precision
     ({"train.lr": 0.05}, {f"train@{a}" for a in Params().model.archs}),
     ({"train.batch_size": 32}, {"tune", *{f"train@{a}" for a in Params().model.archs}}),  # degradation: its own
 ])

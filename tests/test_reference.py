@@ -247,28 +247,136 @@ def test_paper_and_fb_references_match_the_docs_transcription() -> None:
 # --- one precision for every row --------------------------------------------------------------------------
 
 
-def test_trained_model_and_reference_paths_predict_identically(tmp_path: Path) -> None:
-    """The same weights through the trained-model path (models/ARCH, trained with train.amp bf16) and through
-    the reference path (a weights blob without a train config) give the same top-5 on the same images: both
-    run at the evaluation precision (fp32), not each at its own."""
-    from pipeline.evaluation import _Predictor
-    from pipeline.training.checkpoint import export_model_dir
-
+def _near_tied_resnet18() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=1000).eval()
     for m in model.modules():  # image-dependent, near-tied logits: where bf16 and fp32 disagree
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
-    state = {"model": model.state_dict(), "arch": "resnet18", "model_kwargs": {}, "num_classes": 1000,
-             "eval_transform": {"resize": 36, "crop": 32}, "epoch": 1,
-             "config": {"train": {"amp": "bf16", "channels_last": False}}}
-    export_model_dir(tmp_path / "resnet18", state)
+    return model
+
+
+def _both_paths(tmp_path: Path, model: torch.nn.Module, precision: str) -> tuple:
+    """The evaluate stage's two predictors on the same weights: ours (models/ARCH, exported by a run that
+    trained with train.amp bf16) and the reference row's (a weights blob, no train config)."""
+    from pipeline.evaluation import _Predictor
+    from pipeline.training.checkpoint import export_model_dir
+
+    model_dir = tmp_path / "resnet18"
+    if not model_dir.exists():
+        export_model_dir(model_dir, {"model": model.state_dict(), "arch": "resnet18", "model_kwargs": {},
+                                     "num_classes": 1000, "eval_transform": {"resize": 36, "crop": 32}, "epoch": 1,
+                                     "config": {"train": {"amp": "bf16", "channels_last": False}}})
     blob = {"state_dict": model.state_dict(), "arch": "resnet18", "num_classes": 1000, "model_kwargs": {},
             "eval_transform": {"resize": 36, "crop": 32}}
+    return (_Predictor(threads=1, model_dir=str(model_dir), precision=precision),
+            _Predictor(threads=1, blob=blob, precision=precision))
+
+
+def _val_batch(n: int = 64) -> dict:
     g = torch.Generator().manual_seed(1)
-    batch = {"image": torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
-             "key": np.arange(64), "label": np.zeros(64, dtype=np.int64)}
-    trained = _Predictor(threads=1, model_dir=str(tmp_path / "resnet18"))(batch)["top5"]
-    reference = _Predictor(threads=1, blob=blob)(batch)["top5"]
-    np.testing.assert_array_equal(trained, reference)
+    return {"image": torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
+            "key": np.arange(n), "label": np.zeros(n, dtype=np.int64)}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trained_model_and_reference_paths_predict_identically(tmp_path: Path, precision: str) -> None:
+    """The same weights through the trained-model path (trained with train.amp bf16) and through the reference
+    path give bitwise-equal logits and the same top-5 on the same images, at eval.precision fp32 and bf16
+    alike: both run at the evaluation precision, not each at its own."""
+    trained, reference = _both_paths(tmp_path, _near_tied_resnet18(), precision)
+    batch = _val_batch()
+    x = torch.from_numpy(batch["image"])
+    assert torch.equal(trained.logits(x), reference.logits(x))
+    np.testing.assert_array_equal(trained(batch)["top5"], reference(batch)["top5"])
+
+
+def test_both_paths_honour_eval_precision(tmp_path: Path) -> None:
+    """fp32 (the default) is plain fp32 on both paths, whatever train.amp the run trained with; bf16 is bf16
+    autocast on both (its logits differ from fp32's: the setting is not silently ignored)."""
+    from pipeline.data.transforms import normalize
+
+    model = _near_tied_resnet18()
+    x = torch.from_numpy(_val_batch()["image"])
+    with torch.no_grad():
+        plain = model(normalize(x, False)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(normalize(x, False)).float()
+    assert not torch.equal(plain, bf16), "the test needs logits that bf16 rounds"
+    for precision, expected in (("fp32", plain), ("bf16", bf16)):
+        for path in _both_paths(tmp_path, model, precision):
+            assert torch.equal(path.logits(x), expected), (precision, path.registered)
+
+
+def test_evaluate_records_one_precision_for_ours_and_the_reference(
+        torch_home: Path, synthetic_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate_model and evaluate_reference run their predictors at the `precision` given (the stage passes
+    eval.precision to both) and their results, the metrics JSON, record it; the table rows carry it."""
+    import pipeline.evaluation as ev
+    from pipeline.data.shards import read_manifest
+    from pipeline.evaluation import evaluate_model, evaluate_reference, table_rows
+    from pipeline.training.checkpoint import export_model_dir
+
+    manifest = read_manifest(synthetic_shards)
+    classes = [c["wnid"] for c in manifest["classes"]]
+    torch.manual_seed(0)
+    model_dir = export_model_dir(tmp_path / "resnet20", {
+        "model": build_model("resnet20", num_classes=len(classes)).state_dict(), "epoch": 1, "arch": "resnet20",
+        "model_kwargs": {}, "num_classes": len(classes), "classes": classes, "class_names": {},
+        "eval_transform": {"resize": 36, "crop": 32, "interpolation": "bilinear", "antialias": True},
+        "config": {"train": {"amp": "bf16"}}})
+    seen = []
+    real = ev._Predictor.__init__
+
+    def spy(self, *a, precision: str = "fp32", **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+        seen.append(precision)
+        real(self, *a, precision=precision, **kw)
+
+    monkeypatch.setattr(ev._Predictor, "__init__", spy)
+    ours = evaluate_model(str(model_dir), str(synthetic_shards), batch_size=8, ray_min_images=10**9,
+                          precision="bf16")
+    assert ours["precision"] == "bf16" and seen == ["bf16"]
+    assert evaluate_model(str(model_dir), str(synthetic_shards), batch_size=8, ray_min_images=10**9)[
+        "precision"] == "fp32"  # the default, not the run's train.amp
+
+    # The reference path, on a dataset taken for ImageNet-1k (its evaluation itself is stubbed: its predictor is
+    # the one tested above).
+    torch.save(torchvision.models.resnet18().state_dict(), torch_home / "resnet18-f37072fd.pth")
+    monkeypatch.setattr("pipeline.data.shards.read_manifest", lambda d: {**manifest, "num_classes": 1000})
+    calls = []
+
+    def fake_evaluate(meta, kwargs, *a, **kw) -> dict:  # noqa: ANN001, ANN002, ANN003
+        calls.append(kwargs["precision"])
+        return {"top1_err": 1.0, "top5_err": 0.5, "n_images": 16, "protocol": "p", "precision": kwargs["precision"]}
+
+    monkeypatch.setattr(ev, "_evaluate", fake_evaluate)
+    ref = evaluate_reference("resnet18", str(synthetic_shards), batch_size=8, precision="bf16",
+                             eval_transform={"resize": 36, "crop": 32})
+    assert calls == ["bf16"] and ref["precision"] == "bf16"
+    rows = table_rows([{**ours, "arch": "resnet18", "torchvision_reference": ref}], {}, {})
+    assert rows[0]["precision"] == rows[0]["torchvision_precision"] == "bf16"
+
+
+def test_report_states_the_precision_and_flags_a_mix() -> None:
+    from pipeline.report import precision_note
+
+    row = {"arch": "resnet18", "precision": "fp32", "torchvision_top1_err": 30.0, "torchvision_precision": "fp32"}
+    assert precision_note([row]) == "evaluated in fp32 (eval.precision), ours and the torchvision row alike"
+    mixed = precision_note([row, {**row, "arch": "resnet50", "torchvision_precision": "bf16"}])
+    assert "not comparable" in mixed and "resnet50 (torchvision weights): bf16" in mixed
+    assert "not comparable" in precision_note([row, {"arch": "resnet50", "torchvision_top1_err": None}])
+    assert "not recorded" in precision_note([{"arch": "resnet18"}])
+    assert precision_note([{"arch": "resnet18", "precision": "fp32"}]) == "evaluated in fp32 (eval.precision)"
+    bf16 = precision_note([{**row, "precision": "bf16", "torchvision_precision": "bf16"}])
+    assert bf16.startswith("evaluated in bf16 (eval.precision), ours and the torchvision row alike")
+    assert "published references are fp32" in bf16
+
+
+def test_model_card_states_the_evaluation_precision() -> None:
+    from pipeline.publish import model_card
+
+    meta = {"eval_transform": {"resize": 36, "crop": 32}, "num_classes": 4, "config": {"train": {"amp": "bf16"}}}
+    ev = {"top1_err": 10.0, "top5_err": 0.0, "n_images": 16, "num_classes": 4, "protocol": "1-crop",
+          "precision": "fp32"}
+    assert "protocol: 1-crop, precision: fp32 (eval.precision)." in model_card("resnet18", meta, ev, "synthetic")

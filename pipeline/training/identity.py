@@ -93,8 +93,9 @@ DEGRADATION = (
     "degradation.zero_init_residual", "degradation.grad_batch",
 )
 
-# The evaluation's result is the protocol; eval.batch_size and eval.ray_min_images (where it runs) are not.
-EVALUATE = ("eval.ten_crop",)
+# The evaluation's result is the protocol and its precision; eval.batch_size and eval.ray_min_images (where it
+# runs) are not.
+EVALUATE = ("eval.ten_crop", "eval.precision")
 
 STAGES: dict[str, tuple[str, ...]] = {"train": TRAIN, "tune": TUNE, "degradation": DEGRADATION,
                                       "evaluate": EVALUATE}
