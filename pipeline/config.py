@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +37,58 @@ def _check_archs(archs: list[str]) -> list[str]:
     if len(set(archs)) != len(archs):
         raise ValueError("archs must not repeat a model")
     return archs
+
+
+# Hosts (buckets) that documentation and examples write where the user's own goes: a run with one of them starts,
+# trains an epoch, and only then fails at its first checkpoint or shard write. Refused when params load instead.
+# Compared lower-cased with '_' read as '-'; RFC 2606's example domains (and their subdomains) too.
+PLACEHOLDER_HOSTS = frozenset({
+    "my-bucket", "your-bucket", "mybucket", "yourbucket", "my-bucket-name", "your-bucket-name", "bucket-name",
+    "example", "example-bucket", "changeme", "change-me", "replace-me", "todo", "xxx",
+})
+_EXAMPLE_DOMAINS = ("example.com", "example.org", "example.net")
+_ANGLE = re.compile(r"<[^<>]*>")  # `<bucket>`, `<your-bucket>`: a slot to fill in
+
+
+def placeholder_problem(value: str) -> str | None:
+    """Why `value` (a path or URI of a storage key) is a placeholder, or None for a real location.
+
+    A URI (`scheme://host/...`) is one when its host is empty (`s3:///x`; `file:///abs` is a real local path) or
+    one of PLACEHOLDER_HOSTS / an example domain; any value holding `<...>` or a host made of dots (`s3://...`)
+    is one too. Local paths are otherwise left alone (any name can be a real folder)."""
+    if _ANGLE.search(value):
+        return f"{_ANGLE.search(value).group(0)} is a slot to fill in"  # type: ignore[union-attr]
+    if "://" not in value:
+        return None
+    parts = urlsplit(value)
+    host = (parts.hostname or "").lower().replace("_", "-")
+    if not host:
+        return None if parts.scheme.lower() == "file" else "its host (bucket) is empty"
+    if host in PLACEHOLDER_HOSTS or set(host) == {"."}:
+        return f"{host!r} is a placeholder bucket"
+    if any(host == d or host.endswith("." + d) for d in _EXAMPLE_DOMAINS):
+        return f"{host!r} is a documentation example domain"
+    return None
+
+
+def _refuse_placeholder(key: str, value: str, what: str) -> str:
+    """`value` unchanged, or ValueError in one line naming the key, the value (credentials masked) and what to
+    put there instead."""
+    why = placeholder_problem(value)
+    if why is None:
+        return value
+    shown = re.sub(r"(://)[^/\s]*@", r"\1***@", value)
+    raise ValueError(f"{key}: {shown!r} is a placeholder ({why}): set it to {what}")
+
+
+_STORAGE_WHAT = {
+    "data.raw_dir": "the folder (or URI) of the raw dataset, e.g. /datasets/imagenet",
+    "data.shards_dir": "a local folder (data/shards) or a bucket you own that every node reaches, "
+                       "e.g. s3://<the real bucket>/resnet-pipeline/shards",
+    "train.storage_path": "a local folder (ray_results) on one machine, or a bucket you own that every node "
+                          "reaches, e.g. s3://<the real bucket>/resnet-pipeline/checkpoints (docs/cluster.md)",
+    "train.pretrained": "'torchvision', a .pth path, or null",
+}
 
 
 class _Section(BaseModel):
@@ -90,6 +144,12 @@ class DataParams(_Section):
     minival_seed: int = Field(
         0, ge=0, description="Seed of the minival draw (which train images of each class are held out)."
     )
+
+    @field_validator("raw_dir", "shards_dir")
+    @classmethod
+    def _no_placeholder(cls, v: str, info: Any) -> str:
+        key = f"data.{info.field_name}"
+        return _refuse_placeholder(key, v, _STORAGE_WHAT[key])
 
 
 class ModelParams(_Section):
@@ -256,7 +316,11 @@ class TrainParams(_Section):
     use_gpu: bool = Field(False, description="One GPU per training worker (NCCL); evaluation then uses GPUs too.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts after a worker or node loss; -1 = forever. "
                               "Divergence and refused data are never retried.")
-    storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
+    storage_path: str = Field(
+        "ray_results", description="Checkpoint root: a local path or a URI every node reaches (s3://, gs://). "
+        "Placeholders (my-bucket, your-bucket, example, example.com, <...>, an empty host) are refused when "
+        "params load (pipeline.config.placeholder_problem)."
+    )
     pretrained: str | None = Field(
         None, description="Fine-tune from torchvision's ImageNet weights: 'torchvision' (looked up in torch.hub's "
         "cache, never downloaded) or a .pth path; null = train from scratch."
@@ -269,6 +333,12 @@ class TrainParams(_Section):
     grad_stats_every_epochs: int = Field(
         1, ge=1, le=10_000, description="With log_grad_stats: measure in every N-th epoch (on its last batch)."
     )
+
+    @field_validator("storage_path", "pretrained")
+    @classmethod
+    def _no_placeholder(cls, v: str | None, info: Any) -> str | None:
+        key = f"train.{info.field_name}"
+        return v if v is None else _refuse_placeholder(key, v, _STORAGE_WHAT[key])
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -612,7 +682,9 @@ def _validate(tree: dict[str, Any], source: str) -> Params:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{key}: {msg}")
+            if err["type"] == "value_error":  # our validators' own messages: without pydantic's "Value error, "
+                msg = str(err.get("ctx", {}).get("error", msg))
+            problems.append(msg if msg.startswith(f"{key}: ") else f"{key}: {msg}")
         raise ParamsError(f"{source}: " + "; ".join(problems)) from None
 
 

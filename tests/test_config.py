@@ -74,6 +74,36 @@ def test_cross_field_rules() -> None:
         load_params(ROOT / "params.yaml", ["tune.lr_per_256_low=1", "tune.lr_per_256_high=0.1"])
 
 
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.storage_path=s3://my-bucket/resnet-pipeline/checkpoints", "train.storage_path"),
+    ("train.storage_path=s3://YOUR-BUCKET/resnet-pipeline/checkpoints", "train.storage_path"),  # docs/cluster.md
+    ("train.storage_path=s3:///checkpoints", "train.storage_path"),
+    ("train.storage_path=gs://<bucket>/ckpt", "train.storage_path"),
+    ("data.shards_dir=s3://example/shards", "data.shards_dir"),
+    ("data.shards_dir=https://data.example.com/shards", "data.shards_dir"),
+    ("data.raw_dir=s3://your_bucket/imagenet", "data.raw_dir"),
+])
+def test_placeholder_storage_is_refused_when_params_load(override: str, key: str) -> None:
+    """A placeholder bucket would start the run and fail at its first checkpoint (or shard write) after start-up:
+    refused at load, in one line naming the key and the value, saying what to put there."""
+    value = override.partition("=")[2]
+    with pytest.raises(ParamsError) as exc:
+        load_params(ROOT / "params.yaml", [override])
+    msg = str(exc.value)
+    assert "\n" not in msg and f"{key}: " in msg and repr(value) in msg and "placeholder" in msg
+    assert "set it to" in msg
+
+
+def test_placeholder_check_keeps_real_locations_and_masks_credentials() -> None:
+    for override in ("train.storage_path=s3://bucket/ckpt", "train.storage_path=file:///tmp/ckpt",
+                     "train.storage_path=ray_results", "data.shards_dir=s3://acme-ml/shards",
+                     "data.raw_dir=/datasets/imagenet"):
+        load_params(ROOT / "params.yaml", [override])
+    with pytest.raises(ParamsError, match=r"s3://\*\*\*@my-bucket/x") as exc:
+        load_params(ROOT / "params.yaml", ["train.storage_path=s3://AKIA:SECRET@my-bucket/x"])
+    assert "SECRET" not in str(exc.value)
+
+
 def test_absolute_paths_leave_uris_alone(tmp_path: Path) -> None:
     p = Params().model_copy()
     p = p.model_copy(update={"train": p.train.model_copy(update={"storage_path": "s3://bucket/ckpt"})})
