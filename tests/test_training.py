@@ -42,6 +42,40 @@ def test_param_groups_split_by_ndim() -> None:
     assert param_groups(model, 1e-4, None)[1]["weight_decay"] == 1e-4
 
 
+def test_optimizer_is_fused_exactly_on_cuda(monkeypatch) -> None:
+    """Fused SGD/AdamW (no per-step `.item()` in GradScaler.step under fp16) when the parameters are on CUDA; on a
+    CPU the optimizer is built exactly as before (torch's defaults). No GPU needed: the device is what
+    build_optimizer reads from the parameters, patched here, and fused kernels are only checked at the first step."""
+    from pipeline.training import optim
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    for opt in ("sgd", "adamw"):
+        tp = Params().train.model_copy(update={"opt": opt})
+        cls = torch.optim.SGD if opt == "sgd" else torch.optim.AdamW
+        assert optim._params_device_type(model) == "cpu"
+        on_cpu = optim.build_optimizer(model, tp, 0.1)
+        plain = (torch.optim.SGD(optim.param_groups(model, tp.weight_decay, tp.norm_weight_decay), lr=0.1,
+                                 momentum=tp.momentum, nesterov=tp.nesterov) if opt == "sgd" else
+                 torch.optim.AdamW(optim.param_groups(model, tp.weight_decay, tp.norm_weight_decay), lr=0.1))
+        assert on_cpu.defaults == plain.defaults and not on_cpu.defaults.get("fused")
+        assert not on_cpu.defaults.get("foreach")
+        with monkeypatch.context() as m:
+            m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+            on_cuda = optim.build_optimizer(model, tp, 0.1)
+        assert on_cuda.defaults["fused"] is True and not on_cuda.defaults.get("foreach")
+        assert getattr(on_cuda, "_step_supports_amp_scaling", False)  # what lets GradScaler.step skip .item()
+        assert {k: v for k, v in on_cuda.defaults.items() if k != "fused"} == \
+            {k: v for k, v in plain.defaults.items() if k != "fused"}
+        assert optim.step_kwargs(cls, "cuda") == {"fused": True} and optim.step_kwargs(cls, "cpu") == {}
+
+    class ForeachOnly(torch.optim.Optimizer):  # a torch whose optimizer has no fused kernel: foreach on CUDA
+        def __init__(self, params, lr=0.1, foreach=None):
+            super().__init__(params, {"lr": lr, "foreach": foreach})
+
+    assert optim.step_kwargs(ForeachOnly, "cuda") == {"foreach": True}
+    assert optim.step_kwargs(ForeachOnly, "cpu") == {}
+
+
 @pytest.mark.ray
 def test_in_process_training_exports_a_self_describing_model(ray_local, synthetic_shards, tmp_path) -> None:
     from pipeline.training.checkpoint import export_model_dir, load_model_dir
