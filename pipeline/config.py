@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -282,8 +283,11 @@ class TrainParams(_Section):
     train_crop_min_scale: float = Field(
         0.35, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
     )
-    decode: Literal["tasks", "worker"] = Field(
-        "tasks", description="Where train JPEGs are decoded: 'tasks' = Ray Data CPU tasks (region-of-interest "
+    decode: Literal["auto", "tasks", "worker"] = Field(
+        "tasks", description="Where train JPEGs are decoded: 'auto' = 'worker' on GPU workers whose CPUs left for "
+        "decoding fall below DECODE_CPUS_PER_GPU (derived from the measured CPU decode cost, docs/performance.md), "
+        "else 'tasks' (also on CPU-only runs and with a key the worker path does not apply), chosen at start-up "
+        "and printed in one line; 'tasks' = Ray Data CPU tasks (region-of-interest "
         "decoding when built) ship uint8 crops; 'worker' = Ray Data ships the JPEG bytes and drawn crop boxes and "
         "each training worker decodes its batches on its device (nvJPEG on a GPU, its own CPU threads otherwise), "
         "overlapped with the previous step (docs/performance.md). The worker path does not apply auto_augment, "
@@ -377,16 +381,55 @@ class TrainParams(_Section):
     def _worker_decode_applies_the_recipe(self) -> TrainParams:
         # The decode-on-worker path has no post-crop augmentations yet: refuse them rather than drop them.
         if self.decode == "worker":
-            on = [key for key, value in (("auto_augment", self.auto_augment), ("random_erase", self.random_erase),
-                                         ("pca_lighting", self.pca_lighting),
-                                         ("train_scale_range", self.train_scale_range),
-                                         ("ra_sampler", self.ra_sampler),
-                                         ("prog_resize_min_size", self.prog_resize_min_size),
-                                         ("deterministic", self.deterministic)) if value not in (None, False, 0, 0.0)]
+            on = worker_decode_blockers(self)
             if on:
-                raise ValueError(f"train.decode: worker does not apply {', '.join('train.' + k for k in on)} yet: "
-                                 "set train.decode: tasks, or turn them off")
+                raise ValueError(f"train.decode: worker does not apply {', '.join(on)} yet: "
+                                 "set train.decode: tasks (or auto), or turn them off")
         return self
+
+
+def worker_decode_blockers(tp: TrainParams) -> list[str]:
+    """The train keys switched on that the decode-on-worker path does not apply yet (train.decode: worker refuses
+    them; auto then keeps decoding in tasks)."""
+    return ["train." + key for key, value in (
+        ("auto_augment", tp.auto_augment), ("random_erase", tp.random_erase), ("pca_lighting", tp.pca_lighting),
+        ("train_scale_range", tp.train_scale_range), ("ra_sampler", tp.ra_sampler),
+        ("prog_resize_min_size", tp.prog_resize_min_size), ("deterministic", tp.deterministic),
+    ) if value not in (None, False, 0, 0.0)]
+
+
+# train.decode: auto. What one CPU core decodes for the `tasks` path, from docs/performance.md (224 px
+# RandomResizedCrop from ~500x375 ImageNet-like JPEGs, libjpeg-turbo 2.1.5): the `jpeg_decode_stages` table's
+# "ours, `train_image` end to end" (ROI decode + resize + flip, 2.229 ms of a core an image) plus the Ray Data
+# plumbing around it measured by `ingest_plumbing_vs_imagefolder_plumbing` (0.89 ms of CPU an image): ~3.12 ms, i.e.
+# ~320 images/s per core (the end-to-end `ingest_vs_imagefolder` record, 500-512 img/s on 2 CPUs, agrees).
+CPU_DECODE_MS_PER_IMAGE = 2.229 + 0.89
+# What one GPU consumes: a ResNet-50 bf16 training step on an H100, ~3,000 img/s (docs/performance.md's "What
+# runs where"; an estimate, not measured on this project: no GPU has been lent to it). Deeper nets eat fewer.
+GPU_IMAGES_PER_S = 3000.0
+# Below this many CPUs left for decoding per GPU worker, the CPU path cannot feed the GPU: 3,000 img/s x 3.12 ms =
+# 9.4 busy cores, rounded up.
+DECODE_CPUS_PER_GPU = math.ceil(GPU_IMAGES_PER_S * CPU_DECODE_MS_PER_IMAGE / 1000)
+
+
+def choose_decode(decode: str, *, use_gpu: bool, decode_cpus_per_gpu: float,
+                  blockers: Sequence[str] = ()) -> tuple[str, str]:
+    """(`tasks` | `worker`, why): train.decode resolved for a run. `auto` picks `worker` (nvJPEG on each GPU
+    worker) when the CPUs left for Ray Data's decode tasks per GPU worker are below DECODE_CPUS_PER_GPU, else
+    `tasks`; always `tasks` on CPU-only workers (there the worker's CPUs are the training's) and when a recipe key
+    the worker path does not apply is on. `tasks` and `worker` are kept as they are."""
+    if decode != "auto":
+        return decode, "set in train.decode"
+    rate = 1000 / CPU_DECODE_MS_PER_IMAGE
+    if not use_gpu:
+        return "tasks", "CPU-only workers: decoding in Ray Data tasks"
+    if blockers:
+        return "tasks", f"the worker path does not apply {', '.join(blockers)} yet"
+    have = f"{decode_cpus_per_gpu:g} CPUs per GPU left for decoding (~{decode_cpus_per_gpu * rate:,.0f} img/s)"
+    if decode_cpus_per_gpu < DECODE_CPUS_PER_GPU:
+        return "worker", (f"{have} < {DECODE_CPUS_PER_GPU} needed to feed ~{GPU_IMAGES_PER_S:,.0f} img/s at "
+                          f"{CPU_DECODE_MS_PER_IMAGE:.2f} ms of a core an image: nvJPEG on the GPU workers")
+    return "tasks", f"{have} >= {DECODE_CPUS_PER_GPU} needed: CPU decoding in Ray Data tasks"
 
 
 class EvalParams(_Section):

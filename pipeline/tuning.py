@@ -86,9 +86,12 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.analysis.measure import gradient_stats
     from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.training.loop import TuneTrialSession, run_loop
-    from pipeline.training.trainer import build_trainer, fit, make_job
+    from pipeline.training.trainer import build_trainer, fit, make_job, resolve_decode
 
+    # train.decode auto resolved for one trial (its own worker group, or this process): concurrent trials are
+    # not counted.
     p = Params.model_validate(config["params"])
+    p = resolve_decode(p, max(p.tune.workers_per_trial, 1))
     # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
     lr = lr_for_batch(float(config["lr_per_256"]), p.train.batch_size)
     job = make_job(p, config["arch"], lr, int(config["lr_warmup_epochs"]), p.tune.epochs, None,

@@ -76,6 +76,25 @@ def test_optimizer_is_fused_exactly_on_cuda(monkeypatch) -> None:
     assert optim.step_kwargs(ForeachOnly, "cpu") == {}
 
 
+def test_resolve_decode_counts_cpus_left_per_gpu_and_prints_the_choice(monkeypatch, capsys) -> None:
+    import ray
+
+    from pipeline.training.trainer import resolve_decode
+
+    p = load_params(ROOT / "configs" / "torchvision-v1.yaml")
+    assert p.train.decode == "auto" and p.train.use_gpu
+    tp = p.train.model_copy(update={"cpus_per_worker": 1.0})
+    p = p.model_copy(update={"train": tp})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})  # 16 cores, 8 GPUs
+    assert resolve_decode(p, 8).train.decode == "worker"  # (16 - 8 x 1) / 8 = 1 CPU per GPU left
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[train] train.decode: auto -> worker: 1 CPUs per GPU")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 192.0, "GPU": 8.0})
+    assert resolve_decode(p, 8).train.decode == "tasks"  # 23 CPUs per GPU left
+    fixed = p.model_copy(update={"train": tp.model_copy(update={"decode": "tasks"})})
+    assert resolve_decode(fixed, 8) is fixed
+
+
 @pytest.mark.ray
 def test_in_process_training_exports_a_self_describing_model(ray_local, synthetic_shards, tmp_path) -> None:
     from pipeline.training.checkpoint import export_model_dir, load_model_dir
