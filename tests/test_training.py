@@ -68,6 +68,20 @@ def test_optimizer_is_fused_exactly_on_cuda(monkeypatch) -> None:
             {k: v for k, v in plain.defaults.items() if k != "fused"}
         assert optim.step_kwargs(cls, "cuda") == {"fused": True} and optim.step_kwargs(cls, "cpu") == {}
 
+    # A resumed run steps as its device does, whatever the checkpoint's optimizer did.
+    tp = Params().train
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+        gpu_state = optim.build_optimizer(model, tp, 0.1).state_dict()
+    on_cpu = optim.build_optimizer(model, tp, 0.1)
+    optim.load_optimizer_state(on_cpu, gpu_state)
+    assert not any(g.get("fused") for g in on_cpu.param_groups)
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+        on_cuda = optim.build_optimizer(model, tp, 0.1)
+    optim.load_optimizer_state(on_cuda, on_cpu.state_dict())
+    assert all(g["fused"] is True for g in on_cuda.param_groups)
+
     class ForeachOnly(torch.optim.Optimizer):  # a torch whose optimizer has no fused kernel: foreach on CUDA
         def __init__(self, params, lr=0.1, foreach=None):
             super().__init__(params, {"lr": lr, "foreach": foreach})

@@ -33,7 +33,7 @@ from pipeline.training.checkpoint import load_train_state, save_train_state
 from pipeline.training.ema import EMA, update_decay
 from pipeline.training.errors import TrainingDiverged
 from pipeline.training.local import InMemoryValShard
-from pipeline.training.optim import build_optimizer, mix_batch
+from pipeline.training.optim import build_optimizer, load_optimizer_state, mix_batch
 from pipeline.training.schedule import lr_at
 
 # Ray stays a function-level import (TrainSession, TuneTrialSession): an in-process run never loads it.
@@ -465,7 +465,7 @@ def _restore(run: _Run) -> None:
     with checkpoint.as_directory() as ckpt_dir:
         state = load_train_state(ckpt_dir)
     run.core.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.optimizer, state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         if state.get("ema"):

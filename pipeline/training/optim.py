@@ -71,6 +71,17 @@ def build_optimizer(model: nn.Module, train: Any, lr: float) -> torch.optim.Opti
     raise ValueError(f"unknown optimizer {train.opt!r}")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)` keeping how this optimizer steps: torch restores every key of the saved
+    param groups, `fused`/`foreach` included, so a checkpoint written on a GPU would resume fused on a CPU (and
+    one from before fused stepping would resume unfused on a GPU). The step implementation is the device's
+    (step_kwargs), not the checkpoint's."""
+    kept = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, kept, strict=True):
+        group.update(keys)
+
+
 def mix_batch(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
     rng: np.random.Generator,
