@@ -57,8 +57,9 @@ def placeholder_problem(value: str) -> str | None:
     A URI (`scheme://host/...`) is one when its host is empty (`s3:///x`; `file:///abs` is a real local path) or
     one of PLACEHOLDER_HOSTS / an example domain; any value holding `<...>` or a host made of dots (`s3://...`)
     is one too. Local paths are otherwise left alone (any name can be a real folder)."""
-    if _ANGLE.search(value):
-        return f"{_ANGLE.search(value).group(0)} is a slot to fill in"  # type: ignore[union-attr]
+    slot = _ANGLE.search(value)
+    if slot:
+        return f"{slot.group(0)} is a slot to fill in"
     if "://" not in value:
         return None
     parts = urlsplit(value)
