@@ -88,10 +88,7 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.training.loop import TuneTrialSession, run_loop
     from pipeline.training.trainer import build_trainer, fit, make_job, resolve_decode
 
-    # train.decode auto resolved for one trial (its own worker group, or this process): concurrent trials are
-    # not counted.
     p = Params.model_validate(config["params"])
-    p = resolve_decode(p, max(p.tune.workers_per_trial, 1))
     # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
     lr = lr_for_batch(float(config["lr_per_256"]), p.train.batch_size)
     job = make_job(p, config["arch"], lr, int(config["lr_warmup_epochs"]), p.tune.epochs, None,
@@ -102,9 +99,12 @@ def _trial(config: dict[str, Any]) -> None:
         # Scratch: tune.report copies the directory into the trial's storage before it returns, so it is removed
         # when the trial ends, stopped by ASHA included (Tune stops a trial by raising SystemExit in its report).
         job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")
+        # train.decode auto resolved for this trial's process (concurrent trials are not counted); a worker group
+        # resolves it in build_trainer.
+        job.decode = resolve_decode(p, 1).train.decode
         try:
             ds = train_dataset(job.train_files, crop=p.train.train_crop_size,
-                               min_scale=p.train.train_crop_min_scale, seed=p.seed, decode=p.train.decode,
+                               min_scale=p.train.train_crop_min_scale, seed=p.seed, decode=job.decode,
                                recipe=p.train, epochs=job.epochs, n_rows=job.n_train)
             val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
                               keep_keys=False)

@@ -70,11 +70,10 @@ def build_trainer(
             timeout_s=p.cluster.wait_for_resources_s,
         )
     check_data_cpus(num_workers, tp.cpus_per_worker)
-    p = resolve_decode(p, num_workers)
-    tp = p.train
-    job.params["train"]["decode"] = tp.decode  # what the workers' loop reads (train.decode is a runtime key)
+    # job.params keep train.decode as written (auto): the run's recorded config; the workers read job.decode.
+    job.decode = resolve_decode(p, num_workers).train.decode
     ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed,
-                       decode=tp.decode, recipe=tp, epochs=job.epochs, n_rows=job.n_train)
+                       decode=job.decode, recipe=tp, epochs=job.epochs, n_rows=job.n_train)
     # Validation is decoded by Ray Data tasks too, not on the training thread; padded so every rank gets the
     # same number of rows (see val_dataset).
     val = val_dataset(job.val_files, resize=tp.val_resize_size, crop=tp.val_crop_size, n_images=job.n_val,
