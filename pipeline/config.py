@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +38,59 @@ def _check_archs(archs: list[str]) -> list[str]:
     if len(set(archs)) != len(archs):
         raise ValueError("archs must not repeat a model")
     return archs
+
+
+# Hosts (buckets) that documentation and examples write where the user's own goes: a run with one of them starts,
+# trains an epoch, and only then fails at its first checkpoint or shard write. Refused when params load instead.
+# Compared lower-cased with '_' read as '-'; RFC 2606's example domains (and their subdomains) too.
+PLACEHOLDER_HOSTS = frozenset({
+    "my-bucket", "your-bucket", "mybucket", "yourbucket", "my-bucket-name", "your-bucket-name", "bucket-name",
+    "example", "example-bucket", "changeme", "change-me", "replace-me", "todo", "xxx",
+})
+_EXAMPLE_DOMAINS = ("example.com", "example.org", "example.net")
+_ANGLE = re.compile(r"<[^<>]*>")  # `<bucket>`, `<your-bucket>`: a slot to fill in
+
+
+def placeholder_problem(value: str) -> str | None:
+    """Why `value` (a path or URI of a storage key) is a placeholder, or None for a real location.
+
+    A URI (`scheme://host/...`) is one when its host is empty (`s3:///x`; `file:///abs` is a real local path) or
+    one of PLACEHOLDER_HOSTS / an example domain; any value holding `<...>` or a host made of dots (`s3://...`)
+    is one too. Local paths are otherwise left alone (any name can be a real folder)."""
+    slot = _ANGLE.search(value)
+    if slot:
+        return f"{slot.group(0)} is a slot to fill in"
+    if "://" not in value:
+        return None
+    parts = urlsplit(value)
+    host = (parts.hostname or "").lower().replace("_", "-")
+    if not host:
+        return None if parts.scheme.lower() == "file" else "its host (bucket) is empty"
+    if host in PLACEHOLDER_HOSTS or set(host) == {"."}:
+        return f"{host!r} is a placeholder bucket"
+    if any(host == d or host.endswith("." + d) for d in _EXAMPLE_DOMAINS):
+        return f"{host!r} is a documentation example domain"
+    return None
+
+
+def _refuse_placeholder(key: str, value: str, what: str) -> str:
+    """`value` unchanged, or ValueError in one line naming the key, the value (credentials masked) and what to
+    put there instead."""
+    why = placeholder_problem(value)
+    if why is None:
+        return value
+    shown = re.sub(r"(://)[^/\s]*@", r"\1***@", value)
+    raise ValueError(f"{key}: {shown!r} is a placeholder ({why}): set it to {what}")
+
+
+_STORAGE_WHAT = {
+    "data.raw_dir": "the folder (or URI) of the raw dataset, e.g. /datasets/imagenet",
+    "data.shards_dir": "a local folder (data/shards) or a bucket you own that every node reaches, "
+                       "e.g. s3://<the real bucket>/resnet-pipeline/shards",
+    "train.storage_path": "a local folder (ray_results) on one machine, or a bucket you own that every node "
+                          "reaches, e.g. s3://<the real bucket>/resnet-pipeline/checkpoints (docs/cluster.md)",
+    "train.pretrained": "'torchvision', a .pth path, or null",
+}
 
 
 class _Section(BaseModel):
@@ -90,6 +146,12 @@ class DataParams(_Section):
     minival_seed: int = Field(
         0, ge=0, description="Seed of the minival draw (which train images of each class are held out)."
     )
+
+    @field_validator("raw_dir", "shards_dir")
+    @classmethod
+    def _no_placeholder(cls, v: str, info: Any) -> str:
+        key = f"data.{info.field_name}"
+        return _refuse_placeholder(key, v, _STORAGE_WHAT[key])
 
 
 class ModelParams(_Section):
@@ -223,8 +285,11 @@ class TrainParams(_Section):
     train_crop_min_scale: float = Field(
         0.35, gt=0, le=1, description="Smallest crop area as a fraction of the image (RandomResizedCrop's scale[0])."
     )
-    decode: Literal["tasks", "worker"] = Field(
-        "tasks", description="Where train JPEGs are decoded: 'tasks' = Ray Data CPU tasks (region-of-interest "
+    decode: Literal["auto", "tasks", "worker"] = Field(
+        "tasks", description="Where train JPEGs are decoded: 'auto' = 'worker' on GPU workers whose CPUs left for "
+        "decoding fall below DECODE_CPUS_PER_GPU (derived from the measured CPU decode cost, docs/performance.md), "
+        "else 'tasks' (also on CPU-only runs and with a key the worker path does not apply), chosen at start-up "
+        "and printed in one line; 'tasks' = Ray Data CPU tasks (region-of-interest "
         "decoding when built) ship uint8 crops; 'worker' = Ray Data ships the JPEG bytes and drawn crop boxes and "
         "each training worker decodes its batches on its device (nvJPEG on a GPU, its own CPU threads otherwise), "
         "overlapped with the previous step (docs/performance.md). The worker path does not apply auto_augment, "
@@ -257,7 +322,11 @@ class TrainParams(_Section):
     use_gpu: bool = Field(False, description="One GPU per training worker (NCCL); evaluation then uses GPUs too.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts after a worker or node loss; -1 = forever. "
                               "Divergence and refused data are never retried.")
-    storage_path: str = Field("ray_results", description="Checkpoint root: path or URI.")
+    storage_path: str = Field(
+        "ray_results", description="Checkpoint root: a local path or a URI every node reaches (s3://, gs://). "
+        "Placeholders (my-bucket, your-bucket, example, example.com, <...>, an empty host) are refused when "
+        "params load (pipeline.config.placeholder_problem)."
+    )
     pretrained: str | None = Field(
         None, description="Fine-tune from torchvision's ImageNet weights: 'torchvision' (looked up in torch.hub's "
         "cache, never downloaded) or a .pth path; null = train from scratch."
@@ -270,6 +339,12 @@ class TrainParams(_Section):
     grad_stats_every_epochs: int = Field(
         1, ge=1, le=10_000, description="With log_grad_stats: measure in every N-th epoch (on its last batch)."
     )
+
+    @field_validator("storage_path", "pretrained")
+    @classmethod
+    def _no_placeholder(cls, v: str | None, info: Any) -> str | None:
+        key = f"train.{info.field_name}"
+        return v if v is None else _refuse_placeholder(key, v, _STORAGE_WHAT[key])
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -308,16 +383,55 @@ class TrainParams(_Section):
     def _worker_decode_applies_the_recipe(self) -> TrainParams:
         # The decode-on-worker path has no post-crop augmentations yet: refuse them rather than drop them.
         if self.decode == "worker":
-            on = [key for key, value in (("auto_augment", self.auto_augment), ("random_erase", self.random_erase),
-                                         ("pca_lighting", self.pca_lighting),
-                                         ("train_scale_range", self.train_scale_range),
-                                         ("ra_sampler", self.ra_sampler),
-                                         ("prog_resize_min_size", self.prog_resize_min_size),
-                                         ("deterministic", self.deterministic)) if value not in (None, False, 0, 0.0)]
+            on = worker_decode_blockers(self)
             if on:
-                raise ValueError(f"train.decode: worker does not apply {', '.join('train.' + k for k in on)} yet: "
-                                 "set train.decode: tasks, or turn them off")
+                raise ValueError(f"train.decode: worker does not apply {', '.join(on)} yet: "
+                                 "set train.decode: tasks (or auto), or turn them off")
         return self
+
+
+def worker_decode_blockers(tp: TrainParams) -> list[str]:
+    """The train keys switched on that the decode-on-worker path does not apply yet (train.decode: worker refuses
+    them; auto then keeps decoding in tasks)."""
+    return ["train." + key for key, value in (
+        ("auto_augment", tp.auto_augment), ("random_erase", tp.random_erase), ("pca_lighting", tp.pca_lighting),
+        ("train_scale_range", tp.train_scale_range), ("ra_sampler", tp.ra_sampler),
+        ("prog_resize_min_size", tp.prog_resize_min_size), ("deterministic", tp.deterministic),
+    ) if value not in (None, False, 0, 0.0)]
+
+
+# train.decode: auto. What one CPU core decodes for the `tasks` path, from docs/performance.md (224 px
+# RandomResizedCrop from ~500x375 ImageNet-like JPEGs, libjpeg-turbo 2.1.5): the `jpeg_decode_stages` table's
+# "ours, `train_image` end to end" (ROI decode + resize + flip, 2.229 ms of a core an image) plus the Ray Data
+# plumbing around it measured by `ingest_plumbing_vs_imagefolder_plumbing` (0.89 ms of CPU an image): ~3.12 ms, i.e.
+# ~320 images/s per core (the end-to-end `ingest_vs_imagefolder` record, 500-512 img/s on 2 CPUs, agrees).
+CPU_DECODE_MS_PER_IMAGE = 2.229 + 0.89
+# What one GPU consumes: a ResNet-50 bf16 training step on an H100, ~3,000 img/s (docs/performance.md's "What
+# runs where"; an estimate, not measured on this project: no GPU has been lent to it). Deeper nets eat fewer.
+GPU_IMAGES_PER_S = 3000.0
+# Below this many CPUs left for decoding per GPU worker, the CPU path cannot feed the GPU: 3,000 img/s x 3.12 ms =
+# 9.4 busy cores, rounded up.
+DECODE_CPUS_PER_GPU = math.ceil(GPU_IMAGES_PER_S * CPU_DECODE_MS_PER_IMAGE / 1000)
+
+
+def choose_decode(decode: str, *, use_gpu: bool, decode_cpus_per_gpu: float,
+                  blockers: Sequence[str] = ()) -> tuple[str, str]:
+    """(`tasks` | `worker`, why): train.decode resolved for a run. `auto` picks `worker` (nvJPEG on each GPU
+    worker) when the CPUs left for Ray Data's decode tasks per GPU worker are below DECODE_CPUS_PER_GPU, else
+    `tasks`; always `tasks` on CPU-only workers (there the worker's CPUs are the training's) and when a recipe key
+    the worker path does not apply is on. `tasks` and `worker` are kept as they are."""
+    if decode != "auto":
+        return decode, "set in train.decode"
+    rate = 1000 / CPU_DECODE_MS_PER_IMAGE
+    if not use_gpu:
+        return "tasks", "CPU-only workers: decoding in Ray Data tasks"
+    if blockers:
+        return "tasks", f"the worker path does not apply {', '.join(blockers)} yet"
+    have = f"{decode_cpus_per_gpu:g} CPUs per GPU left for decoding (~{decode_cpus_per_gpu * rate:,.0f} img/s)"
+    if decode_cpus_per_gpu < DECODE_CPUS_PER_GPU:
+        return "worker", (f"{have} < {DECODE_CPUS_PER_GPU} needed to feed ~{GPU_IMAGES_PER_S:,.0f} img/s at "
+                          f"{CPU_DECODE_MS_PER_IMAGE:.2f} ms of a core an image: nvJPEG on the GPU workers")
+    return "tasks", f"{have} >= {DECODE_CPUS_PER_GPU} needed: CPU decoding in Ray Data tasks"
 
 
 class EvalParams(_Section):
@@ -619,7 +733,9 @@ def _validate(tree: dict[str, Any], source: str) -> Params:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{key}: {msg}")
+            if err["type"] == "value_error":  # our validators' own messages: without pydantic's "Value error, "
+                msg = str(err.get("ctx", {}).get("error", msg))
+            problems.append(msg if msg.startswith(f"{key}: ") else f"{key}: {msg}")
         raise ParamsError(f"{source}: " + "; ".join(problems)) from None
 
 

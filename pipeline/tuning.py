@@ -86,7 +86,7 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.analysis.measure import gradient_stats
     from pipeline.data.ingest import train_dataset, val_dataset
     from pipeline.training.loop import TuneTrialSession, run_loop
-    from pipeline.training.trainer import build_trainer, fit, make_job
+    from pipeline.training.trainer import build_trainer, fit, make_job, resolve_decode
 
     p = Params.model_validate(config["params"])
     # The rate at this trial's global batch (trial params carry it as train.batch_size) from the lr per 256.
@@ -99,9 +99,12 @@ def _trial(config: dict[str, Any]) -> None:
         # Scratch: tune.report copies the directory into the trial's storage before it returns, so it is removed
         # when the trial ends, stopped by ASHA included (Tune stops a trial by raising SystemExit in its report).
         job.checkpoint_dir = tempfile.mkdtemp(prefix="resnet-trial-")
+        # train.decode auto resolved for this trial's process (concurrent trials are not counted); a worker group
+        # resolves it in build_trainer.
+        job.decode = resolve_decode(p, 1).train.decode
         try:
             ds = train_dataset(job.train_files, crop=p.train.train_crop_size,
-                               min_scale=p.train.train_crop_min_scale, seed=p.seed, decode=p.train.decode,
+                               min_scale=p.train.train_crop_min_scale, seed=p.seed, decode=job.decode,
                                recipe=p.train, epochs=job.epochs, n_rows=job.n_train)
             val = val_dataset(job.val_files, resize=p.train.val_resize_size, crop=p.train.val_crop_size,
                               keep_keys=False)

@@ -77,6 +77,62 @@ def test_cross_field_rules() -> None:
         load_params(ROOT / "params.yaml", ["tune.lr_per_256_low=1", "tune.lr_per_256_high=0.1"])
 
 
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.storage_path=s3://my-bucket/resnet-pipeline/checkpoints", "train.storage_path"),
+    ("train.storage_path=s3://YOUR-BUCKET/resnet-pipeline/checkpoints", "train.storage_path"),  # docs/cluster.md
+    ("train.storage_path=s3:///checkpoints", "train.storage_path"),
+    ("train.storage_path=gs://<bucket>/ckpt", "train.storage_path"),
+    ("data.shards_dir=s3://example/shards", "data.shards_dir"),
+    ("data.shards_dir=https://data.example.com/shards", "data.shards_dir"),
+    ("data.raw_dir=s3://your_bucket/imagenet", "data.raw_dir"),
+])
+def test_placeholder_storage_is_refused_when_params_load(override: str, key: str) -> None:
+    """A placeholder bucket would start the run and fail at its first checkpoint (or shard write) after start-up:
+    refused at load, in one line naming the key and the value, saying what to put there."""
+    value = override.partition("=")[2]
+    with pytest.raises(ParamsError) as exc:
+        load_params(ROOT / "params.yaml", [override])
+    msg = str(exc.value)
+    assert "\n" not in msg and f"{key}: " in msg and repr(value) in msg and "placeholder" in msg
+    assert "set it to" in msg
+
+
+def test_placeholder_check_keeps_real_locations_and_masks_credentials() -> None:
+    for override in ("train.storage_path=s3://bucket/ckpt", "train.storage_path=file:///tmp/ckpt",
+                     "train.storage_path=ray_results", "data.shards_dir=s3://acme-ml/shards",
+                     "data.raw_dir=/datasets/imagenet"):
+        load_params(ROOT / "params.yaml", [override])
+    with pytest.raises(ParamsError, match=r"s3://\*\*\*@my-bucket/x") as exc:
+        load_params(ROOT / "params.yaml", ["train.storage_path=s3://AKIA:SECRET@my-bucket/x"])
+    assert "SECRET" not in str(exc.value)
+
+
+def test_decode_auto_choice() -> None:
+    """train.decode auto: nvJPEG on the GPU workers (`worker`) below the CPUs per GPU the CPU path needs to feed a
+    GPU, derived from the measured CPU decode cost; `tasks` otherwise, on CPU-only workers and with a recipe key
+    the worker path does not apply. An explicit value is kept."""
+    from pipeline.config import CPU_DECODE_MS_PER_IMAGE, DECODE_CPUS_PER_GPU, GPU_IMAGES_PER_S, choose_decode
+
+    assert DECODE_CPUS_PER_GPU == 10  # 3,000 img/s x (2.229 + 0.89) ms of a core an image = 9.4 cores
+    assert DECODE_CPUS_PER_GPU - 1 < GPU_IMAGES_PER_S * CPU_DECODE_MS_PER_IMAGE / 1000 <= DECODE_CPUS_PER_GPU
+    # A 16-core, 8-GPU node at 1 CPU per worker: 1 CPU per GPU left for decoding (~320 img/s) -> worker.
+    choice, why = choose_decode("auto", use_gpu=True, decode_cpus_per_gpu=1.0)
+    assert choice == "worker" and "\n" not in why and "10 needed" in why
+    assert choose_decode("auto", use_gpu=True, decode_cpus_per_gpu=DECODE_CPUS_PER_GPU - 0.5)[0] == "worker"
+    assert choose_decode("auto", use_gpu=True, decode_cpus_per_gpu=DECODE_CPUS_PER_GPU)[0] == "tasks"
+    assert choose_decode("auto", use_gpu=True, decode_cpus_per_gpu=22.0)[0] == "tasks"
+    assert choose_decode("auto", use_gpu=False, decode_cpus_per_gpu=0.5)[0] == "tasks"  # CPU-only
+    choice, why = choose_decode("auto", use_gpu=True, decode_cpus_per_gpu=1.0, blockers=["train.pca_lighting"])
+    assert choice == "tasks" and "train.pca_lighting" in why
+    for fixed in ("tasks", "worker"):
+        assert choose_decode(fixed, use_gpu=True, decode_cpus_per_gpu=1.0)[0] == fixed
+        assert choose_decode(fixed, use_gpu=False, decode_cpus_per_gpu=64.0)[0] == fixed
+    # auto passes the schema with the recipe keys worker refuses (it falls back to tasks); worker still refuses.
+    load_params(ROOT / "configs" / "paper.yaml", ["train.decode=auto"])
+    with pytest.raises(ParamsError, match="train.decode: worker does not apply train.pca_lighting"):
+        load_params(ROOT / "configs" / "paper.yaml", ["train.decode=worker"])
+
+
 def test_absolute_paths_leave_uris_alone(tmp_path: Path) -> None:
     p = Params().model_copy()
     p = p.model_copy(update={"train": p.train.model_copy(update={"storage_path": "s3://bucket/ckpt"})})

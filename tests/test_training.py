@@ -42,6 +42,73 @@ def test_param_groups_split_by_ndim() -> None:
     assert param_groups(model, 1e-4, None)[1]["weight_decay"] == 1e-4
 
 
+def test_optimizer_is_fused_exactly_on_cuda(monkeypatch) -> None:
+    """Fused SGD/AdamW (no per-step `.item()` in GradScaler.step under fp16) when the parameters are on CUDA; on a
+    CPU the optimizer is built exactly as before (torch's defaults). No GPU needed: the device is what
+    build_optimizer reads from the parameters, patched here, and fused kernels are only checked at the first step."""
+    from pipeline.training import optim
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    for opt in ("sgd", "adamw"):
+        tp = Params().train.model_copy(update={"opt": opt})
+        cls = torch.optim.SGD if opt == "sgd" else torch.optim.AdamW
+        assert optim._params_device_type(model) == "cpu"
+        on_cpu = optim.build_optimizer(model, tp, 0.1)
+        plain = (torch.optim.SGD(optim.param_groups(model, tp.weight_decay, tp.norm_weight_decay), lr=0.1,
+                                 momentum=tp.momentum, nesterov=tp.nesterov) if opt == "sgd" else
+                 torch.optim.AdamW(optim.param_groups(model, tp.weight_decay, tp.norm_weight_decay), lr=0.1))
+        assert on_cpu.defaults == plain.defaults and not on_cpu.defaults.get("fused")
+        assert not on_cpu.defaults.get("foreach")
+        with monkeypatch.context() as m:
+            m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+            on_cuda = optim.build_optimizer(model, tp, 0.1)
+        assert on_cuda.defaults["fused"] is True and not on_cuda.defaults.get("foreach")
+        assert getattr(on_cuda, "_step_supports_amp_scaling", False)  # what lets GradScaler.step skip .item()
+        assert {k: v for k, v in on_cuda.defaults.items() if k != "fused"} == \
+            {k: v for k, v in plain.defaults.items() if k != "fused"}
+        assert optim.step_kwargs(cls, "cuda") == {"fused": True} and optim.step_kwargs(cls, "cpu") == {}
+
+    # A resumed run steps as its device does, whatever the checkpoint's optimizer did.
+    tp = Params().train
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+        gpu_state = optim.build_optimizer(model, tp, 0.1).state_dict()
+    on_cpu = optim.build_optimizer(model, tp, 0.1)
+    optim.load_optimizer_state(on_cpu, gpu_state)
+    assert not any(g.get("fused") for g in on_cpu.param_groups)
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_params_device_type", lambda _model: "cuda")
+        on_cuda = optim.build_optimizer(model, tp, 0.1)
+    optim.load_optimizer_state(on_cuda, on_cpu.state_dict())
+    assert all(g["fused"] is True for g in on_cuda.param_groups)
+
+    class ForeachOnly(torch.optim.Optimizer):  # a torch whose optimizer has no fused kernel: foreach on CUDA
+        def __init__(self, params, lr=0.1, foreach=None):
+            super().__init__(params, {"lr": lr, "foreach": foreach})
+
+    assert optim.step_kwargs(ForeachOnly, "cuda") == {"foreach": True}
+    assert optim.step_kwargs(ForeachOnly, "cpu") == {}
+
+
+def test_resolve_decode_counts_cpus_left_per_gpu_and_prints_the_choice(monkeypatch, capsys) -> None:
+    import ray
+
+    from pipeline.training.trainer import resolve_decode
+
+    p = load_params(ROOT / "configs" / "torchvision-v1.yaml")
+    assert p.train.decode == "auto" and p.train.use_gpu
+    tp = p.train.model_copy(update={"cpus_per_worker": 1.0})
+    p = p.model_copy(update={"train": tp})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})  # 16 cores, 8 GPUs
+    assert resolve_decode(p, 8).train.decode == "worker"  # (16 - 8 x 1) / 8 = 1 CPU per GPU left
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[train] train.decode: auto -> worker: 1 CPUs per GPU")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 192.0, "GPU": 8.0})
+    assert resolve_decode(p, 8).train.decode == "tasks"  # 23 CPUs per GPU left
+    fixed = p.model_copy(update={"train": tp.model_copy(update={"decode": "tasks"})})
+    assert resolve_decode(fixed, 8) is fixed
+
+
 @pytest.mark.ray
 def test_in_process_training_exports_a_self_describing_model(ray_local, synthetic_shards, tmp_path) -> None:
     from pipeline.training.checkpoint import export_model_dir, load_model_dir

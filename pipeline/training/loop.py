@@ -33,7 +33,7 @@ from pipeline.training.checkpoint import load_train_state, save_train_state
 from pipeline.training.ema import EMA, update_decay
 from pipeline.training.errors import TrainingDiverged
 from pipeline.training.local import InMemoryValShard
-from pipeline.training.optim import build_optimizer, mix_batch
+from pipeline.training.optim import build_optimizer, load_optimizer_state, mix_batch
 from pipeline.training.schedule import lr_at
 
 # Ray stays a function-level import (TrainSession, TuneTrialSession): an in-process run never loads it.
@@ -111,6 +111,9 @@ class Job:
     # epoch. None: each epoch's checkpoint goes to a temporary directory that the session persists (Ray Train).
     checkpoint_dir: str | None = None
     grad_stats: GradStats | None = None  # required when train.log_grad_stats (see GradStats)
+    # train.decode as resolved for this cluster ("tasks" | "worker"; trainer.resolve_decode turns `auto` into
+    # one); "" = train.decode as written.
+    decode: str = ""
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -465,7 +468,7 @@ def _restore(run: _Run) -> None:
     with checkpoint.as_directory() as ckpt_dir:
         state = load_train_state(ckpt_dir)
     run.core.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.optimizer, state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         if state.get("ema"):
@@ -503,7 +506,7 @@ def _set_rng_state(run: _Run, saved: Any) -> None:
 
 
 def _epoch_batches(run: _Run, train_shard: Any, epoch: int) -> NextEpoch:
-    if run.p.train.decode == "worker":
+    if (run.job.decode or run.p.train.decode) == "worker":
         return _worker_decoded_batches(run, train_shard, epoch)
     return NextEpoch(lambda: train_shard.iter_torch_batches(
         batch_size=run.per_worker_batch, drop_last=True, dtypes={"image": torch.uint8, "label": torch.int64},

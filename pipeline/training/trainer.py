@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.cluster import release_request, wait_for_resources
-from pipeline.config import Params, with_absolute_paths
+from pipeline.config import Params, choose_decode, with_absolute_paths, worker_decode_blockers
 from pipeline.data.ingest import TASK_CPUS, train_dataset, val_dataset
 from pipeline.data.shards import check_nodes_see, read_manifest, shard_files
 from pipeline.models.pretrained import require_weights
@@ -70,8 +70,10 @@ def build_trainer(
             timeout_s=p.cluster.wait_for_resources_s,
         )
     check_data_cpus(num_workers, tp.cpus_per_worker)
+    # job.params keep train.decode as written (auto): the run's recorded config; the workers read job.decode.
+    job.decode = resolve_decode(p, num_workers).train.decode
     ds = train_dataset(job.train_files, crop=tp.train_crop_size, min_scale=tp.train_crop_min_scale, seed=p.seed,
-                       decode=tp.decode, recipe=tp, epochs=job.epochs, n_rows=job.n_train)
+                       decode=job.decode, recipe=tp, epochs=job.epochs, n_rows=job.n_train)
     # Validation is decoded by Ray Data tasks too, not on the training thread; padded so every rank gets the
     # same number of rows (see val_dataset).
     val = val_dataset(job.val_files, resize=tp.val_resize_size, crop=tp.val_crop_size, n_images=job.n_val,
@@ -137,6 +139,24 @@ def check_data_cpus(num_workers: int, cpus_per_worker: float) -> None:
             f"the cluster's {total:g} CPUs and leaves {left:g} for Ray Data's decode tasks (each needs {TASK_CPUS:g}): "
             "lower train.cpus_per_worker or train.num_workers, or add CPUs"
         )
+
+
+def resolve_decode(p: Params, num_workers: int) -> Params:
+    """`p` with train.decode `auto` resolved for this cluster (pipeline.config.choose_decode) and the choice
+    printed in one line; any other value as it is. The CPUs per GPU counted are those Ray Data's decode tasks can
+    have: the cluster's CPUs minus the training workers' reservations, per worker (after `wait_for_resources`)."""
+    tp = p.train
+    if tp.decode != "auto":
+        return p
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    workers = max(num_workers, 1)
+    left = max(total - num_workers * tp.cpus_per_worker, 0.0) / workers
+    choice, why = choose_decode("auto", use_gpu=tp.use_gpu, decode_cpus_per_gpu=round(left, 2),
+                                blockers=worker_decode_blockers(tp))
+    print(f"[train] train.decode: auto -> {choice}: {why}", flush=True)
+    return p.model_copy(update={"train": tp.model_copy(update={"decode": choice})})
 
 
 def _worker_env() -> dict[str, Any]:
