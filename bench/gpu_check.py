@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "imagenet-resnet50.yaml"
 DEFAULT_OUT = "reports/gpu_check.json"
-SECTIONS = ("synthetic", "train_loop", "decode", "gpu_decode", "eval", "compile")
+SECTIONS = ("synthetic", "train_loop", "ddp", "decode", "gpu_decode", "eval", "compile")
 # Not on the GPU acceptance machine: importing any of them there is a crash, so here it is refused too.
 FORBIDDEN_IMPORTS = ("ray", "mlflow", "dvc")
 # Test hook (like PIPELINE_KILL_WORKER): GPU_CHECK_INJECT_FAILURE=SECTION raises at that section's start, so a
@@ -876,6 +876,185 @@ def section_train_loop(ctx: Ctx) -> None:
         release_gpu()
 
 
+DDP_RECORD = "ddp_compiled_syncbn_vs_synthetic"
+# What run_loop's epoch end issues through pipeline.training.dist (and what the ddp section calls in turn).
+LOOP_COLLECTIVES = ("sum_tensor", "sum_across", "max_across", "all_gather_objects")
+
+
+class _RecordBuckets:
+    """A DDP comm hook: torch's own `default_hooks.allreduce_hook` (all-reduce each gradient bucket, divide by
+    the world size: what DDP does without a hook), counting the buckets and the devices of their tensors."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.devices: set[str] = set()
+
+    def hook(self) -> Callable[..., Any]:
+        """The function to register: DDP reads its name and refuses annotations other than torch's own (and
+        this module's are strings), so it has none."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def recording_allreduce_hook(process_group, bucket):  # noqa: ANN001, ANN202
+            self.calls += 1
+            self.devices.add(str(bucket.buffer().device))
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        return recording_allreduce_hook
+
+
+def _off_device(tensors: dict[str, Any], device: Any) -> list[str]:
+    return sorted(f"{name} on {t.device}" for name, t in tensors.items() if t.device != device)
+
+
+def section_ddp(ctx: Ctx) -> None:
+    with ctx.item(DDP_RECORD):  # a failure or a skip is this record's, under its own name
+        _ddp_check(ctx)
+    release_gpu()
+
+
+def _ddp_check(ctx: Ctx) -> None:
+    """The multi-GPU model as `run_loop` builds it at world size > 1, at world size 1 under a real process group
+    (NCCL on a GPU, gloo on CPU): channels_last on the device, SyncBatchNorm-converted (GPU), wrapped in
+    DistributedDataParallel as ray.train.torch.prepare_model wraps it, torch.compile'd around the DDP module;
+    a few bf16 training steps with our optimiser, then every collective the loop's epoch end issues (forced at
+    world size 1). Checked: every parameter, buffer, gradient, optimiser state, gradient bucket and collective
+    tensor is on the training device; losses finite; the collectives went through the group and return what a
+    one-rank sum, max and gather must."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.config import load_params
+    from pipeline.data.transforms import normalize
+    from pipeline.models import build_model
+    from pipeline.training import dist
+    from pipeline.training.optim import build_optimizer
+
+    s, device = ctx.sizes, ctx.device
+    estimate = s.compile_estimate_s
+    if not ctx.can_start(estimate):
+        raise SectionSkipped(f"time budget: {ctx.elapsed():.0f} s spent, ~{estimate:.0f} s more needed")
+    counter, buckets = _CountCollectives(), _RecordBuckets()
+    images, labels = synthetic_batch(ctx)
+    problems: list[str] = []
+    with single_rank_group(ctx) as backend, counter.installed(), forced_collectives() as forced:
+        torch.manual_seed(0)
+        model = build_model(s.arch, num_classes=s.num_classes).to(device=device, memory_format=torch.channels_last)
+        n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            n_sync = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+            sync_bn = (f"nn.SyncBatchNorm.convert_sync_batchnorm: {n_sync} layers; at world size 1 torch normalises "
+                       "locally (its statistics all-gather runs only with more than one rank)")
+        else:  # as run_loop: SyncBatchNorm refuses CPU tensors in a process group (and DDP, CPU modules with it)
+            n_sync = sum(isinstance(m, nn.SyncBatchNorm)
+                         for m in nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).modules())
+            sync_bn = (f"skipped on CPU: convert_sync_batchnorm gives {n_sync} SyncBatchNorm layers (checked on a "
+                       "copy), but torch's SyncBatchNorm refuses CPU tensors in a process group (and DDP "
+                       "refuses it in a CPU module), so run_loop trains with per-worker BatchNorm on CPU and so "
+                       "does this check")
+        if n_sync != n_bn or n_bn == 0:
+            problems.append(f"convert_sync_batchnorm converted {n_sync} of {n_bn} BatchNorm layers")
+        # ray.train.torch.prepare_model: DDP(model, device_ids=[the worker's GPU]) on a GPU, DDP(model) on CPU.
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        ddp.register_comm_hook(None, buckets.hook())
+        core = ddp.module
+        compiled = torch.compile(ddp, backend=s.compile_backend)
+        optimizer = build_optimizer(core, load_params(PRESET).train, LR)
+        criterion = nn.CrossEntropyLoss()
+        ctx.log(f"{s.arch} SyncBN + DDP(device_ids={device_ids}) + torch.compile(backend={s.compile_backend!r}) "
+                f"in a one-rank {backend} group; first step compiles")
+
+        def step() -> Any:
+            x = normalize(images, channels_last=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = criterion(compiled(x).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        losses = []
+        sync(device)
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync(device)
+        first_step_s = time.perf_counter() - t0
+        for _ in range(s.warmup):
+            losses.append(step())
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(s.steps):
+            losses.append(step())
+        sync(device)
+        rate = s.batch * s.steps / (time.perf_counter() - t0)
+        if not all(bool(torch.isfinite(loss)) for loss in losses):
+            problems.append(f"non-finite losses: {[float(loss) for loss in losses]}")
+        # The loop's epoch-end collectives, as run_loop issues them: one sum of device accumulators and numbers,
+        # a max, the RNG gather, and a bare all-reduce.
+        loss_sum = torch.stack(losses).double().sum()
+        calls_before = counter.calls
+        totals = dist.sum_across([loss_sum, len(losses) * s.batch, torch.ones((), dtype=torch.int64,
+                                                                                device=device)], device)
+        peak = dist.max_across([1.0, -2.0], device)
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
+                                                if device.type == "cuda" else {})}
+        gathered = dist.all_gather_objects(rng, device)
+        summed = dist.sum_tensor(torch.full((4,), 2.0, device=device))
+        loop_calls = counter.calls - calls_before
+        if not math.isclose(totals[0], float(loss_sum), rel_tol=1e-9) or totals[1:] != [len(losses) * s.batch, 1]:
+            problems.append(f"sum_across over one rank returned {totals}")
+        if peak != [1.0, -2.0] or summed.tolist() != [2.0] * 4 or summed.device != device:
+            problems.append(f"max_across / sum_tensor over one rank returned {peak} / {summed}")
+        if len(gathered) != 1 or not torch.equal(gathered[0]["cpu"], rng["cpu"]):
+            problems.append("all_gather_objects over one rank did not return this rank's object")
+        # Every tensor the step and the collectives touched, by name: on the training device or listed here.
+        tensors = {f"parameter {n}": t for n, t in core.named_parameters()}
+        tensors |= {f"buffer {n}": t for n, t in core.named_buffers()}
+        grads = {f"grad {n}": t.grad for n, t in core.named_parameters() if t.grad is not None}
+        state = {f"optimizer state {i}.{k}": v for i, st in enumerate(optimizer.state.values())
+                 for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        off = _off_device({**tensors, **grads, **state}, device)
+        if len(grads) != sum(1 for t in core.parameters() if t.requires_grad):
+            problems.append(f"{len(grads)} gradients for {sum(1 for _ in core.parameters())} parameters")
+        off += sorted(f"collective tensor on {d}" for d in counter.devices if d != str(device))
+        off += sorted(f"DDP gradient bucket on {d}" for d in buckets.devices if d != str(device))
+        if off:
+            problems.append(f"tensors off the training device {device}: {off[:8]}{' ...' if len(off) > 8 else ''}")
+        if buckets.calls == 0:
+            problems.append("DDP all-reduced no gradient bucket through the process group")
+        if loop_calls == 0:
+            problems.append("the loop's collectives did not go through torch.distributed (not forced?)")
+        world = dist.world()
+    if problems:
+        raise AssertionError("; ".join(problems))
+    base_name, base, found = ctx.baseline("synthetic_bf16", "the synthetic section")
+    ctx.add(
+        DDP_RECORD, rate, "img/s", base_name, base, 1, [rate / base, rate / base], amp="bf16", backend=backend,
+        world_size=world[1], init_method="tcp://127.0.0.1:<free port>", collectives_forced=forced,
+        sync_bn=sync_bn, sync_bn_layers=n_sync if device.type == "cuda" else 0,
+        ddp=f"torch.nn.parallel.DistributedDataParallel(model, device_ids={device_ids}) "
+            "(as ray.train.torch.prepare_model)",
+        compile=f"torch.compile(<the DDP module>, backend={s.compile_backend!r})"
+                + ("" if device.type == "cuda" else ": Dynamo's capture without codegen, as the compile section on "
+                   "CPU"),
+        first_step_s=round(first_step_s, 2), warmup_steps=s.warmup, steps=s.steps,
+        ddp_bucket_allreduces=buckets.calls, ddp_bucket_devices=sorted(buckets.devices),
+        loop_collectives=list(LOOP_COLLECTIVES), loop_collective_calls=loop_calls,
+        collective_calls=counter.calls, collective_devices=sorted(counter.devices),
+        devices_checked={"parameters": sum(k.startswith("parameter") for k in tensors),
+                         "buffers": sum(k.startswith("buffer") for k in tensors), "grads": len(grads),
+                         "optimizer_state": len(state), "training_device": str(device)},
+        off_device=[], baseline_found=found, peak_memory_gib=peak_gib(device),
+        note="a correctness run with a number attached: bf16 steps of the compiled DDP model (our optimiser, no "
+             "GradScaler) against the eager, unwrapped synthetic bound",
+    )
+    torch._dynamo.reset()  # the compiled graphs of this section are not reused by the others
+
+
 def _chunks_to_batches(loader: Any, batch: int, device: Any) -> Iterator[tuple[Any, Any, float]]:
     """(images, labels, seconds waited for data) per full batch, assembled on `device` from decoded chunks."""
     import torch
@@ -1182,6 +1361,7 @@ def section_compile(ctx: Ctx) -> None:
 SECTION_FNS: dict[str, Callable[[Ctx], None]] = {
     "synthetic": section_synthetic,
     "train_loop": section_train_loop,
+    "ddp": section_ddp,
     "decode": section_decode,
     "gpu_decode": section_gpu_decode,
     "eval": section_eval,
