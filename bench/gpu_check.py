@@ -1245,6 +1245,7 @@ def section_eval(ctx: Ctx) -> None:
     autocast forward; `topk_counts`: top-1/top-5 counts on the device, label -1 = padding) over the val shards:
     on batches already on the device (the core's bound) and end to end from an InMemoryValShard (decoded in
     this process, as run_loop validates in-process)."""
+    import pyarrow.parquet as pq
     import torch
 
     from pipeline.metrics import eval_logits, topk_correct, topk_counts
@@ -1274,6 +1275,11 @@ def section_eval(ctx: Ctx) -> None:
 
     ctx.log(f"{data.n_val} val images, batches of {s.eval_batch}: decoding once into device memory")
     resident = list(batches())  # also the end-to-end path's warm-up
+    # The record names its batch: each shard's rows in batches of eval_batch (the last one of a shard shorter),
+    # as the loop's validation asks for them; a decode that hands out its own slices instead is caught here.
+    batch_rows = [int(b["label"].shape[0]) for b in resident]
+    expected_rows = [min(s.eval_batch, n - start) for f in data.val_files
+                     for n in [pq.read_metadata(f).num_rows] for start in range(0, n, s.eval_batch)]
     results: dict[str, Any] = {}
 
     def timed(name: str, source: Callable[[], Any]) -> float:
@@ -1297,6 +1303,9 @@ def section_eval(ctx: Ctx) -> None:
     on_dev = topk_correct(logits, y, (1, 5))
     if on_cpu != on_dev:
         problems.append(f"topk_correct of the same logits: {on_dev} on {ctx.device}, {on_cpu} on the CPU")
+    if batch_rows != expected_rows:
+        problems.append(f"eval batches of {batch_rows} rows; batch {s.eval_batch} over shards of "
+                        f"{[pq.read_metadata(f).num_rows for f in data.val_files]} rows gives {expected_rows}")
     if e2e_counts[2] != data.n_val:
         problems.append(f"the InMemoryValShard pass counted {e2e_counts[2]} val images, the manifest has {data.n_val}")
     if problems:
@@ -1306,7 +1315,8 @@ def section_eval(ctx: Ctx) -> None:
     ratios = paired_ratios(rates["val_shard"], rates["core"])
     ctx.add(
         "eval_val_shard_vs_core", e2e_rate, "img/s", "eval_core_resident", core_rate, s.reps,
-        [min(ratios), max(ratios)], amp="bf16", eval_batch=s.eval_batch, n_val=n, top1_correct=c1,
+        [min(ratios), max(ratios)], amp="bf16", eval_batch=s.eval_batch, batch_rows=batch_rows, n_val=n,
+        top1_correct=c1,
         top5_correct=c5, val_shard_counts=e2e_counts, counts_agree=e2e_counts == [c1, c5, n],
         core_img_s=_rounded(rates["core"]), val_shard_img_s=_rounded(rates["val_shard"]),
         model=f"{s.arch}, random init (the counts check plumbing, not accuracy)",
@@ -1462,15 +1472,66 @@ def resolve_budget(args: argparse.Namespace, on_gpu: bool) -> None:
         args.hard_limit_s = max(hard, args.budget_s + 45)
 
 
+# What the check imports beyond the standard library (bench/gpu_check.sh checks the same before it starts):
+# the GPU machine's own torch, torchvision, numpy, Pillow, pyarrow and PyYAML, and the carried wheels' pydantic
+# and tqdm. pyarrow reads and writes every shard; without it only the synthetic, ddp and compile sections run.
+DEPENDENCIES = ("torch", "torchvision", "numpy", "PIL", "pyarrow", "pyarrow.parquet", "yaml", "pydantic", "tqdm")
+START = "start"  # the name under which a failure before the first section is recorded (and INJECT_ENV's value)
+
+
+def missing_dependencies(names: tuple[str, ...] = DEPENDENCIES) -> dict[str, str]:
+    """{module: why it does not import} for each of `names` that does not."""
+    import importlib
+
+    missing = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 (a broken install is as missing as an absent one)
+            missing[name] = f"{type(exc).__name__}: {exc}"
+    return missing
+
+
+def write_start_failure(out: str, exc: BaseException, load_before: float) -> None:
+    """The report of a run that failed before its first section (no torch, no GPU facts, ...): one error record
+    in the usual shape, stdlib only, so that even then there is a report to read."""
+    import json
+
+    try:
+        where = machine(load_before)
+    except Exception as inner:  # noqa: BLE001 (the report matters more than its machine line)
+        where = f"unknown ({type(inner).__name__}: {inner})"
+    rec: dict[str, Any] = {k: None for k in RECORD_KEYS}
+    rec.update(name=f"gpu_check_{START}", machine=where, n_runs=0, section=START, status="error",
+               error=f"{type(exc).__name__}: {exc}", traceback=_tail("".join(traceback.format_exception(exc))),
+               gpu=None, gpu_driver=None, measured_on_gpu=False, mode="unknown (failed before the first section)")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([rec], indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    guard = install_import_guard()
     t_start = time.perf_counter()
+    load_before = load1()
     print(f"[gpu-check] starting: sections {','.join(args.sections)}{' (quick)' if args.quick else ''}; "
           f"report {args.out}", flush=True)
-    import torch
+    try:
+        guard = install_import_guard()
+        if os.environ.get(INJECT_ENV) == START:
+            raise RuntimeError(f"failure injected by {INJECT_ENV}={START} (test hook)")
+        missing = missing_dependencies()
+        import torch
 
-    device, gpu, driver, suffix = gpu_facts(args.cpu)
+        device, gpu, driver, suffix = gpu_facts(args.cpu)
+    except Exception as exc:  # noqa: BLE001 (recorded: a report is written whatever fails)
+        traceback.print_exc()
+        write_start_failure(args.out, exc, load_before)
+        print(f"\n[gpu-check] FAILED before the first section: {type(exc).__name__}: {exc}; the error is in "
+              f"{args.out}; exit {EXIT_FAILED}", flush=True)
+        return EXIT_FAILED
     resolve_budget(args, gpu is not None)
     if gpu is not None:
         # run_loop turns cuDNN's autotuner on for CUDA (fixed input sizes), for the whole process: every section
@@ -1486,6 +1547,13 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Ctx(args=args, sizes=sizes, device=device, gpu=gpu, driver=driver, machine_suffix=suffix, guard=guard,
                   tmp=Path(tmp), t0=t_start)
         ctx.log(f"torch {torch.__version__}, {cores()} cores{suffix}")
+        if missing:  # recorded first; the sections that need a missing module fail on their own, recorded too
+            ctx.current = "dependencies"
+            ctx.log(f"MISSING: {missing}")
+            ctx.add_problem("gpu_check_dependencies", "error", "cannot import " + "; ".join(
+                f"{name} ({why})" for name, why in missing.items()), missing=sorted(missing),
+                checked=list(DEPENDENCIES))
+            ctx.write()
         timer = _watchdog(ctx)
         try:
             for name in args.sections:
