@@ -15,6 +15,10 @@ non-zero):
   on 16 GPUs. The Job comes from `make_job` over generated ImageNet-size JPEG shards (`prepare_shards`), the
   session is `InProcessSession` over an `InMemoryShard` and an `InMemoryValShard`; bf16 for two epochs, then
   fp16 + GradScaler for one.
+- `ddp`:        the model as run_loop builds it for several GPUs (channels_last, SyncBatchNorm-converted,
+  DistributedDataParallel as ray.train.torch.prepare_model wraps it, torch.compile around the DDP module), a
+  few bf16 steps in a single-rank group (NCCL / gloo), then the loop's collectives; every parameter, buffer,
+  gradient, optimiser state, gradient bucket and collective tensor checked to be on the training device.
 - `decode`:     our CPU decode (`pipeline.data.transforms.train_image`) in a process pool of all cores but one
   (a DataLoader, standing in for Ray Data's decode tasks), alone and feeding ResNet-50 training; both against
   the synthetic bound.
@@ -29,7 +33,9 @@ Without a GPU (CI, laptops) the same code paths run at tiny sizes (resnet18 at 3
 couple of tiny shards) in well under a minute: every record then says `"gpu": null`,
 `"measured_on_gpu": false`, and the summary says that nothing was measured on a GPU.
 
-Records (`reports/gpu_check.json`, rewritten after every section) have `bench.common.record`'s shape, plus
+Records (`reports/gpu_check.json`, rewritten after every section, and written whatever fails: stdlib json, a
+`gpu_check_start` record for a crash before the first section, `gpu_check_dependencies` for a module that does
+not import) have `bench.common.record`'s shape, plus
 `status` ("ok" / "error" / "skipped"), `error`, `section`, `gpu`, `measured_on_gpu`, `mode` and settings;
 `machine` names the GPU and its driver. Exit code: 0 all ok, 1 a section failed, 3 a section was skipped
 because the time budget ran out.
