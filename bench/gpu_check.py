@@ -15,6 +15,10 @@ non-zero):
   on 16 GPUs. The Job comes from `make_job` over generated ImageNet-size JPEG shards (`prepare_shards`), the
   session is `InProcessSession` over an `InMemoryShard` and an `InMemoryValShard`; bf16 for two epochs, then
   fp16 + GradScaler for one.
+- `ddp`:        the model as run_loop builds it for several GPUs (channels_last, SyncBatchNorm-converted,
+  DistributedDataParallel as ray.train.torch.prepare_model wraps it, torch.compile around the DDP module), a
+  few bf16 steps in a single-rank group (NCCL / gloo), then the loop's collectives; every parameter, buffer,
+  gradient, optimiser state, gradient bucket and collective tensor checked to be on the training device.
 - `decode`:     our CPU decode (`pipeline.data.transforms.train_image`) in a process pool of all cores but one
   (a DataLoader, standing in for Ray Data's decode tasks), alone and feeding ResNet-50 training; both against
   the synthetic bound.
@@ -29,7 +33,9 @@ Without a GPU (CI, laptops) the same code paths run at tiny sizes (resnet18 at 3
 couple of tiny shards) in well under a minute: every record then says `"gpu": null`,
 `"measured_on_gpu": false`, and the summary says that nothing was measured on a GPU.
 
-Records (`reports/gpu_check.json`, rewritten after every section) have `bench.common.record`'s shape, plus
+Records (`reports/gpu_check.json`, rewritten after every section, and written whatever fails: stdlib json, a
+`gpu_check_start` record for a crash before the first section, `gpu_check_dependencies` for a module that does
+not import) have `bench.common.record`'s shape, plus
 `status` ("ok" / "error" / "skipped"), `error`, `section`, `gpu`, `measured_on_gpu`, `mode` and settings;
 `machine` names the GPU and its driver. Exit code: 0 all ok, 1 a section failed, 3 a section was skipped
 because the time budget ran out.
@@ -68,7 +74,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "imagenet-resnet50.yaml"
 DEFAULT_OUT = "reports/gpu_check.json"
-SECTIONS = ("synthetic", "train_loop", "decode", "gpu_decode", "eval", "compile")
+SECTIONS = ("synthetic", "train_loop", "ddp", "decode", "gpu_decode", "eval", "compile")
 # Not on the GPU acceptance machine: importing any of them there is a crash, so here it is refused too.
 FORBIDDEN_IMPORTS = ("ray", "mlflow", "dvc")
 # Test hook (like PIPELINE_KILL_WORKER): GPU_CHECK_INJECT_FAILURE=SECTION raises at that section's start, so a
@@ -876,6 +882,185 @@ def section_train_loop(ctx: Ctx) -> None:
         release_gpu()
 
 
+DDP_RECORD = "ddp_compiled_syncbn_vs_synthetic"
+# What run_loop's epoch end issues through pipeline.training.dist (and what the ddp section calls in turn).
+LOOP_COLLECTIVES = ("sum_tensor", "sum_across", "max_across", "all_gather_objects")
+
+
+class _RecordBuckets:
+    """A DDP comm hook: torch's own `default_hooks.allreduce_hook` (all-reduce each gradient bucket, divide by
+    the world size: what DDP does without a hook), counting the buckets and the devices of their tensors."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.devices: set[str] = set()
+
+    def hook(self) -> Callable[..., Any]:
+        """The function to register: DDP reads its name and refuses annotations other than torch's own (and
+        this module's are strings), so it has none."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def recording_allreduce_hook(process_group, bucket):  # noqa: ANN001, ANN202
+            self.calls += 1
+            self.devices.add(str(bucket.buffer().device))
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        return recording_allreduce_hook
+
+
+def _off_device(tensors: dict[str, Any], device: Any) -> list[str]:
+    return sorted(f"{name} on {t.device}" for name, t in tensors.items() if t.device != device)
+
+
+def section_ddp(ctx: Ctx) -> None:
+    with ctx.item(DDP_RECORD):  # a failure or a skip is this record's, under its own name
+        _ddp_check(ctx)
+    release_gpu()
+
+
+def _ddp_check(ctx: Ctx) -> None:
+    """The multi-GPU model as `run_loop` builds it at world size > 1, at world size 1 under a real process group
+    (NCCL on a GPU, gloo on CPU): channels_last on the device, SyncBatchNorm-converted (GPU), wrapped in
+    DistributedDataParallel as ray.train.torch.prepare_model wraps it, torch.compile'd around the DDP module;
+    a few bf16 training steps with our optimiser, then every collective the loop's epoch end issues (forced at
+    world size 1). Checked: every parameter, buffer, gradient, optimiser state, gradient bucket and collective
+    tensor is on the training device; losses finite; the collectives went through the group and return what a
+    one-rank sum, max and gather must."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipeline.config import load_params
+    from pipeline.data.transforms import normalize
+    from pipeline.models import build_model
+    from pipeline.training import dist
+    from pipeline.training.optim import build_optimizer
+
+    s, device = ctx.sizes, ctx.device
+    estimate = s.compile_estimate_s
+    if not ctx.can_start(estimate):
+        raise SectionSkipped(f"time budget: {ctx.elapsed():.0f} s spent, ~{estimate:.0f} s more needed")
+    counter, buckets = _CountCollectives(), _RecordBuckets()
+    images, labels = synthetic_batch(ctx)
+    problems: list[str] = []
+    with single_rank_group(ctx) as backend, counter.installed(), forced_collectives() as forced:
+        torch.manual_seed(0)
+        model = build_model(s.arch, num_classes=s.num_classes).to(device=device, memory_format=torch.channels_last)
+        n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            n_sync = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+            sync_bn = (f"nn.SyncBatchNorm.convert_sync_batchnorm: {n_sync} layers; at world size 1 torch normalises "
+                       "locally (its statistics all-gather runs only with more than one rank)")
+        else:  # as run_loop: SyncBatchNorm refuses CPU tensors in a process group (and DDP, CPU modules with it)
+            n_sync = sum(isinstance(m, nn.SyncBatchNorm)
+                         for m in nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).modules())
+            sync_bn = (f"skipped on CPU: convert_sync_batchnorm gives {n_sync} SyncBatchNorm layers (checked on a "
+                       "copy), but torch's SyncBatchNorm refuses CPU tensors in a process group (and DDP "
+                       "refuses it in a CPU module), so run_loop trains with per-worker BatchNorm on CPU and so "
+                       "does this check")
+        if n_sync != n_bn or n_bn == 0:
+            problems.append(f"convert_sync_batchnorm converted {n_sync} of {n_bn} BatchNorm layers")
+        # ray.train.torch.prepare_model: DDP(model, device_ids=[the worker's GPU]) on a GPU, DDP(model) on CPU.
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+        ddp.register_comm_hook(None, buckets.hook())
+        core = ddp.module
+        compiled = torch.compile(ddp, backend=s.compile_backend)
+        optimizer = build_optimizer(core, load_params(PRESET).train, LR)
+        criterion = nn.CrossEntropyLoss()
+        ctx.log(f"{s.arch} SyncBN + DDP(device_ids={device_ids}) + torch.compile(backend={s.compile_backend!r}) "
+                f"in a one-rank {backend} group; first step compiles")
+
+        def step() -> Any:
+            x = normalize(images, channels_last=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = criterion(compiled(x).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        losses = []
+        sync(device)
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync(device)
+        first_step_s = time.perf_counter() - t0
+        for _ in range(s.warmup):
+            losses.append(step())
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(s.steps):
+            losses.append(step())
+        sync(device)
+        rate = s.batch * s.steps / (time.perf_counter() - t0)
+        if not all(bool(torch.isfinite(loss)) for loss in losses):
+            problems.append(f"non-finite losses: {[float(loss) for loss in losses]}")
+        # The loop's epoch-end collectives, as run_loop issues them: one sum of device accumulators and numbers,
+        # a max, the RNG gather, and a bare all-reduce.
+        loss_sum = torch.stack(losses).double().sum()
+        calls_before = counter.calls
+        totals = dist.sum_across([loss_sum, len(losses) * s.batch, torch.ones((), dtype=torch.int64,
+                                                                                device=device)], device)
+        peak = dist.max_across([1.0, -2.0], device)
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
+                                                if device.type == "cuda" else {})}
+        gathered = dist.all_gather_objects(rng, device)
+        summed = dist.sum_tensor(torch.full((4,), 2.0, device=device))
+        loop_calls = counter.calls - calls_before
+        if not math.isclose(totals[0], float(loss_sum), rel_tol=1e-9) or totals[1:] != [len(losses) * s.batch, 1]:
+            problems.append(f"sum_across over one rank returned {totals}")
+        if peak != [1.0, -2.0] or summed.tolist() != [2.0] * 4 or summed.device != device:
+            problems.append(f"max_across / sum_tensor over one rank returned {peak} / {summed}")
+        if len(gathered) != 1 or not torch.equal(gathered[0]["cpu"], rng["cpu"]):
+            problems.append("all_gather_objects over one rank did not return this rank's object")
+        # Every tensor the step and the collectives touched, by name: on the training device or listed here.
+        tensors = {f"parameter {n}": t for n, t in core.named_parameters()}
+        tensors |= {f"buffer {n}": t for n, t in core.named_buffers()}
+        grads = {f"grad {n}": t.grad for n, t in core.named_parameters() if t.grad is not None}
+        state = {f"optimizer state {i}.{k}": v for i, st in enumerate(optimizer.state.values())
+                 for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        off = _off_device({**tensors, **grads, **state}, device)
+        if len(grads) != sum(1 for t in core.parameters() if t.requires_grad):
+            problems.append(f"{len(grads)} gradients for {sum(1 for _ in core.parameters())} parameters")
+        off += sorted(f"collective tensor on {d}" for d in counter.devices if d != str(device))
+        off += sorted(f"DDP gradient bucket on {d}" for d in buckets.devices if d != str(device))
+        if off:
+            problems.append(f"tensors off the training device {device}: {off[:8]}{' ...' if len(off) > 8 else ''}")
+        if buckets.calls == 0:
+            problems.append("DDP all-reduced no gradient bucket through the process group")
+        if loop_calls == 0:
+            problems.append("the loop's collectives did not go through torch.distributed (not forced?)")
+        world = dist.world()
+    if problems:
+        raise AssertionError("; ".join(problems))
+    base_name, base, found = ctx.baseline("synthetic_bf16", "the synthetic section")
+    ctx.add(
+        DDP_RECORD, rate, "img/s", base_name, base, 1, [rate / base, rate / base], amp="bf16", backend=backend,
+        world_size=world[1], init_method="tcp://127.0.0.1:<free port>", collectives_forced=forced,
+        sync_bn=sync_bn, sync_bn_layers=n_sync if device.type == "cuda" else 0,
+        ddp=f"torch.nn.parallel.DistributedDataParallel(model, device_ids={device_ids}) "
+            "(as ray.train.torch.prepare_model)",
+        compile=f"torch.compile(<the DDP module>, backend={s.compile_backend!r})"
+                + ("" if device.type == "cuda" else ": Dynamo's capture without codegen, as the compile section on "
+                   "CPU"),
+        first_step_s=round(first_step_s, 2), warmup_steps=s.warmup, steps=s.steps,
+        ddp_bucket_allreduces=buckets.calls, ddp_bucket_devices=sorted(buckets.devices),
+        loop_collectives=list(LOOP_COLLECTIVES), loop_collective_calls=loop_calls,
+        collective_calls=counter.calls, collective_devices=sorted(counter.devices),
+        devices_checked={"parameters": sum(k.startswith("parameter") for k in tensors),
+                         "buffers": sum(k.startswith("buffer") for k in tensors), "grads": len(grads),
+                         "optimizer_state": len(state), "training_device": str(device)},
+        off_device=[], baseline_found=found, peak_memory_gib=peak_gib(device),
+        note="a correctness run with a number attached: bf16 steps of the compiled DDP model (our optimiser, no "
+             "GradScaler) against the eager, unwrapped synthetic bound",
+    )
+    torch._dynamo.reset()  # the compiled graphs of this section are not reused by the others
+
+
 def _chunks_to_batches(loader: Any, batch: int, device: Any) -> Iterator[tuple[Any, Any, float]]:
     """(images, labels, seconds waited for data) per full batch, assembled on `device` from decoded chunks."""
     import torch
@@ -1066,6 +1251,7 @@ def section_eval(ctx: Ctx) -> None:
     autocast forward; `topk_counts`: top-1/top-5 counts on the device, label -1 = padding) over the val shards:
     on batches already on the device (the core's bound) and end to end from an InMemoryValShard (decoded in
     this process, as run_loop validates in-process)."""
+    import pyarrow.parquet as pq
     import torch
 
     from pipeline.metrics import eval_logits, topk_correct, topk_counts
@@ -1095,6 +1281,11 @@ def section_eval(ctx: Ctx) -> None:
 
     ctx.log(f"{data.n_val} val images, batches of {s.eval_batch}: decoding once into device memory")
     resident = list(batches())  # also the end-to-end path's warm-up
+    # The record names its batch: each shard's rows in batches of eval_batch (the last one of a shard shorter),
+    # as the loop's validation asks for them; a decode that hands out its own slices instead is caught here.
+    batch_rows = [int(b["label"].shape[0]) for b in resident]
+    expected_rows = [min(s.eval_batch, n - start) for f in data.val_files
+                     for n in [pq.read_metadata(f).num_rows] for start in range(0, n, s.eval_batch)]
     results: dict[str, Any] = {}
 
     def timed(name: str, source: Callable[[], Any]) -> float:
@@ -1118,6 +1309,9 @@ def section_eval(ctx: Ctx) -> None:
     on_dev = topk_correct(logits, y, (1, 5))
     if on_cpu != on_dev:
         problems.append(f"topk_correct of the same logits: {on_dev} on {ctx.device}, {on_cpu} on the CPU")
+    if batch_rows != expected_rows:
+        problems.append(f"eval batches of {batch_rows} rows; batch {s.eval_batch} over shards of "
+                        f"{[pq.read_metadata(f).num_rows for f in data.val_files]} rows gives {expected_rows}")
     if e2e_counts[2] != data.n_val:
         problems.append(f"the InMemoryValShard pass counted {e2e_counts[2]} val images, the manifest has {data.n_val}")
     if problems:
@@ -1127,7 +1321,8 @@ def section_eval(ctx: Ctx) -> None:
     ratios = paired_ratios(rates["val_shard"], rates["core"])
     ctx.add(
         "eval_val_shard_vs_core", e2e_rate, "img/s", "eval_core_resident", core_rate, s.reps,
-        [min(ratios), max(ratios)], amp="bf16", eval_batch=s.eval_batch, n_val=n, top1_correct=c1,
+        [min(ratios), max(ratios)], amp="bf16", eval_batch=s.eval_batch, batch_rows=batch_rows, n_val=n,
+        top1_correct=c1,
         top5_correct=c5, val_shard_counts=e2e_counts, counts_agree=e2e_counts == [c1, c5, n],
         core_img_s=_rounded(rates["core"]), val_shard_img_s=_rounded(rates["val_shard"]),
         model=f"{s.arch}, random init (the counts check plumbing, not accuracy)",
@@ -1182,6 +1377,7 @@ def section_compile(ctx: Ctx) -> None:
 SECTION_FNS: dict[str, Callable[[Ctx], None]] = {
     "synthetic": section_synthetic,
     "train_loop": section_train_loop,
+    "ddp": section_ddp,
     "decode": section_decode,
     "gpu_decode": section_gpu_decode,
     "eval": section_eval,
@@ -1282,15 +1478,66 @@ def resolve_budget(args: argparse.Namespace, on_gpu: bool) -> None:
         args.hard_limit_s = max(hard, args.budget_s + 45)
 
 
+# What the check imports beyond the standard library (bench/gpu_check.sh checks the same before it starts):
+# the GPU machine's own torch, torchvision, numpy, Pillow, pyarrow and PyYAML, and the carried wheels' pydantic
+# and tqdm. pyarrow reads and writes every shard; without it only the synthetic, ddp and compile sections run.
+DEPENDENCIES = ("torch", "torchvision", "numpy", "PIL", "pyarrow", "pyarrow.parquet", "yaml", "pydantic", "tqdm")
+START = "start"  # the name under which a failure before the first section is recorded (and INJECT_ENV's value)
+
+
+def missing_dependencies(names: tuple[str, ...] = DEPENDENCIES) -> dict[str, str]:
+    """{module: why it does not import} for each of `names` that does not."""
+    import importlib
+
+    missing = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 (a broken install is as missing as an absent one)
+            missing[name] = f"{type(exc).__name__}: {exc}"
+    return missing
+
+
+def write_start_failure(out: str, exc: BaseException, load_before: float) -> None:
+    """The report of a run that failed before its first section (no torch, no GPU facts, ...): one error record
+    in the usual shape, stdlib only, so that even then there is a report to read."""
+    import json
+
+    try:
+        where = machine(load_before)
+    except Exception as inner:  # noqa: BLE001 (the report matters more than its machine line)
+        where = f"unknown ({type(inner).__name__}: {inner})"
+    rec: dict[str, Any] = {k: None for k in RECORD_KEYS}
+    rec.update(name=f"gpu_check_{START}", machine=where, n_runs=0, section=START, status="error",
+               error=f"{type(exc).__name__}: {exc}", traceback=_tail("".join(traceback.format_exception(exc))),
+               gpu=None, gpu_driver=None, measured_on_gpu=False, mode="unknown (failed before the first section)")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([rec], indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    guard = install_import_guard()
     t_start = time.perf_counter()
+    load_before = load1()
     print(f"[gpu-check] starting: sections {','.join(args.sections)}{' (quick)' if args.quick else ''}; "
           f"report {args.out}", flush=True)
-    import torch
+    try:
+        guard = install_import_guard()
+        if os.environ.get(INJECT_ENV) == START:
+            raise RuntimeError(f"failure injected by {INJECT_ENV}={START} (test hook)")
+        missing = missing_dependencies()
+        import torch
 
-    device, gpu, driver, suffix = gpu_facts(args.cpu)
+        device, gpu, driver, suffix = gpu_facts(args.cpu)
+    except Exception as exc:  # noqa: BLE001 (recorded: a report is written whatever fails)
+        traceback.print_exc()
+        write_start_failure(args.out, exc, load_before)
+        print(f"\n[gpu-check] FAILED before the first section: {type(exc).__name__}: {exc}; the error is in "
+              f"{args.out}; exit {EXIT_FAILED}", flush=True)
+        return EXIT_FAILED
     resolve_budget(args, gpu is not None)
     if gpu is not None:
         # run_loop turns cuDNN's autotuner on for CUDA (fixed input sizes), for the whole process: every section
@@ -1306,6 +1553,13 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Ctx(args=args, sizes=sizes, device=device, gpu=gpu, driver=driver, machine_suffix=suffix, guard=guard,
                   tmp=Path(tmp), t0=t_start)
         ctx.log(f"torch {torch.__version__}, {cores()} cores{suffix}")
+        if missing:  # recorded first; the sections that need a missing module fail on their own, recorded too
+            ctx.current = "dependencies"
+            ctx.log(f"MISSING: {missing}")
+            ctx.add_problem("gpu_check_dependencies", "error", "cannot import " + "; ".join(
+                f"{name} ({why})" for name, why in missing.items()), missing=sorted(missing),
+                checked=list(DEPENDENCIES))
+            ctx.write()
         timer = _watchdog(ctx)
         try:
             for name in args.sections:

@@ -1,8 +1,9 @@
 """`make gpu-check`'s CPU plumbing mode, end to end in subprocesses (what CI and a laptop run; the GPU run is the
 same code at other sizes): it exits 0, writes every record in bench.common's shape, says that nothing was
-measured on a GPU, drives run_loop through a forced single-rank gloo group, imports neither ray, mlflow nor dvc
-(nor anything else the GPU acceptance machine lacks); a failing section still leaves the others' records and a
-non-zero exit; the time budget skips sections with exit 3; the Makefile target reaches the script.
+measured on a GPU, drives run_loop through a forced single-rank gloo group, trains the compiled DDP model there,
+imports neither ray, mlflow nor dvc (nor anything else the GPU acceptance machine lacks); a failing section (or a
+missing pyarrow, or a crash before the first section) still leaves a report and a non-zero exit; the time budget
+skips sections with exit 3; the Makefile target reaches the script.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import RECORD_KEYS
-from bench.gpu_check import FORBIDDEN_IMPORTS, HANG_ENV, INJECT_ENV, RefuseImports
+from bench.gpu_check import DDP_RECORD, DEPENDENCIES, FORBIDDEN_IMPORTS, HANG_ENV, INJECT_ENV, RefuseImports
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess  # every test here runs the check as a process, make or a script
@@ -57,7 +58,7 @@ sys.exit(code)
 CPU_RECORDS = {
     "train_synthetic_bf16_vs_fp16", "run_loop_bf16_vs_synthetic", "run_loop_fp16_vs_synthetic",
     "cpu_decode_pool_vs_synthetic", "train_cpu_decode_vs_synthetic", "eval_val_shard_vs_core",
-    "train_compiled_vs_eager_bf16",
+    "train_compiled_vs_eager_bf16", DDP_RECORD,
 }
 # What the GPU acceptance machine has: these distributions and whatever they require (torch's CUDA wheels,
 # sympy, jinja2, ...), plus the wheels bench/fetch_gpu_wheels.sh carries.
@@ -147,11 +148,33 @@ def test_run_loop_went_through_a_forced_single_rank_gloo_group(cpu_run) -> None:
     assert by_name["run_loop_fp16_vs_synthetic"]["amp"] == "fp16"
 
 
+def test_ddp_section_trains_the_compiled_ddp_model_in_a_one_rank_gloo_group(cpu_run) -> None:
+    """The CPU side of the NCCL/DDP section: a real one-rank gloo group, DDP (whose gradient buckets went through
+    it), torch.compile around the DDP module, the loop's own collectives, every tensor on the training device;
+    SyncBatchNorm said to be skipped on CPU (torch refuses it there), not silently left out."""
+    _, text, records, _ = cpu_run
+    r = {r["name"]: r for r in records}[DDP_RECORD]
+    assert r["status"] == "ok" and r["section"] == "ddp", r
+    assert r["backend"] == "gloo" and r["world_size"] == 1 and r["init_method"].startswith("tcp://127.0.0.1"), r
+    assert r["ddp"].startswith("torch.nn.parallel.DistributedDataParallel(model, device_ids=None)"), r
+    assert r["compile"].startswith("torch.compile(<the DDP module>, backend='eager')"), r
+    assert r["sync_bn"].startswith("skipped on CPU") and r["sync_bn_layers"] == 0, r
+    assert r["ddp_bucket_allreduces"] > 0 and r["ddp_bucket_devices"] == ["cpu"], r
+    assert r["loop_collectives"] == ["sum_tensor", "sum_across", "max_across", "all_gather_objects"], r
+    assert r["loop_collective_calls"] >= 4 and r["collective_devices"] == ["cpu"], r
+    checked = r["devices_checked"]
+    assert checked["training_device"] == "cpu" and r["off_device"] == [], r
+    assert checked["parameters"] == checked["grads"] == checked["optimizer_state"] > 0 < checked["buffers"], r
+    assert r["first_step_s"] > 0 and r["baseline_found"] is True, r
+
+
 def test_eval_counts_and_decode_records(cpu_run) -> None:
     _, _, records, _ = cpu_run
     by_name = {r["name"]: r for r in records}
     ev = by_name["eval_val_shard_vs_core"]
     assert ev["n_val"] == 20 and 0 <= ev["top1_correct"] <= ev["top5_correct"] <= 20, ev
+    # The batch the record names is the batch it measured: the 20 val images are in shards of 8 rows.
+    assert ev["eval_batch"] == 8 and ev["batch_rows"] == [8, 8, 4], ev
     assert ev["val_shard_counts"][2] == 20, ev
     dec = by_name["cpu_decode_pool_vs_synthetic"]
     assert dec["workers"] >= 1 and dec["images_per_pass"] % dec["chunk"] == 0, dec
@@ -187,6 +210,45 @@ def test_a_failing_section_keeps_the_others_and_exits_1(tmp_path: Path) -> None:
     assert failed["status"] == "error" and "injected" in failed["error"], failed
     assert set(RECORD_KEYS) <= set(failed) and failed["value"] is None and failed["measured_on_gpu"] is False
     assert "gpu_check_eval: ERROR" in text
+
+
+def test_a_missing_pyarrow_is_recorded_and_the_report_still_written(tmp_path: Path) -> None:
+    """pyarrow made unimportable (a package on PYTHONPATH that raises as an absent one would): the dependency
+    check and the section that reads shards record it, the sections that need no shards still run, the report
+    is written and the exit code says something failed."""
+    stub = tmp_path / "no_pyarrow" / "pyarrow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'pyarrow\'", name="pyarrow")\n')
+    pythonpath = os.pathsep.join([str(stub.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    code, text, records, _ = _run_check(tmp_path, "--sections", "synthetic,eval",
+                                        env_extra={"PYTHONPATH": pythonpath})
+    assert code == 1, text[-3000:]
+    by_name = {r["name"]: r for r in records}
+    assert set(by_name) == {"gpu_check_dependencies", "train_synthetic_bf16_vs_fp16", "gpu_check_eval"}, text[-3000:]
+    deps = by_name["gpu_check_dependencies"]
+    assert deps["status"] == "error" and deps["missing"] == ["pyarrow", "pyarrow.parquet"], deps
+    assert "pyarrow" in by_name["gpu_check_eval"]["error"], by_name["gpu_check_eval"]
+    assert by_name["train_synthetic_bf16_vs_fp16"]["status"] == "ok"
+    for r in records:
+        assert list(r)[: len(RECORD_KEYS)] == list(RECORD_KEYS), r["name"]
+
+
+def test_a_crash_before_the_first_section_still_writes_the_report(tmp_path: Path) -> None:
+    code, text, records, _ = _run_check(tmp_path, "--sections", "synthetic", env_extra={INJECT_ENV: "start"})
+    assert code == 1, text[-3000:]
+    assert [(r["name"], r["status"]) for r in records] == [("gpu_check_start", "error")], text[-3000:]
+    assert "injected" in records[0]["error"] and records[0]["measured_on_gpu"] is False, records
+    assert list(records[0])[: len(RECORD_KEYS)] == list(RECORD_KEYS)
+    assert "FAILED before the first section" in text
+
+
+def test_the_dependency_checks_list_pyarrow() -> None:
+    """Both checks, the script's (before it starts Python on the check) and the check's own."""
+    needed = re.search(r'^NEEDED="([^"]*)"', (ROOT / "bench" / "gpu_check.sh").read_text(), re.M)
+    assert needed, "bench/gpu_check.sh has no NEEDED line"
+    imported = {m.strip() for m in needed.group(1).split(";")[0].removeprefix("import ").split(",")}
+    assert {"pyarrow", "pyarrow.parquet", "pydantic", "yaml", "tqdm"} <= imported, imported
+    assert {"pyarrow", "pyarrow.parquet", "torch", "torchvision", "numpy", "PIL"} <= set(DEPENDENCIES)
 
 
 def test_the_time_budget_skips_sections_with_exit_3(tmp_path: Path) -> None:
