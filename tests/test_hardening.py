@@ -309,25 +309,6 @@ def test_killed_prepares_done_temp_files_are_removed_on_resume(tmp_path: Path, s
     assert not stale.exists()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (children, grandchildren, ...), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 KILLED_PREPARE = (
     "import sys\n"
     "from pipeline.data.prepare import prepare_shards\n"
@@ -344,6 +325,7 @@ def test_a_killed_prepares_pool_workers_end_with_it(tmp_path: Path) -> None:
     import subprocess
     import time
 
+    from bench.hostile_input import descendants
     from pipeline.data.synthetic import generate_synthetic_imagenet
 
     raw = tmp_path / "raw"
@@ -354,7 +336,7 @@ def test_a_killed_prepares_pool_workers_end_with_it(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         below: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None:
-            below = _descendants(proc.pid)
+            below = descendants(proc.pid)
             # The fork server, the resource tracker and two pool workers below it, and a shard written.
             if len(below) >= 4 and any((tmp_path / "shards" / "train").glob("*.parquet")):
                 break

@@ -73,6 +73,19 @@ int roi_header(const unsigned char *data, unsigned long size, int *info, char *e
     return 0;
 }
 
+/* The arguments every region decode shares: a libjpeg scale (1/denom) and a non-empty region. 0 or -1. */
+static int check_region(int denom, int x, int y, int w, int h, char *err, int err_len) {
+    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
+        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+        return -1;
+    }
+    if (x < 0 || y < 0 || w <= 0 || h <= 0) {
+        set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
+        return -1;
+    }
+    return 0;
+}
+
 /* Decodes columns [x, x + w) and rows [y, y + h) of the image scaled by 1/denom (coordinates in the scaled
  * image) as RGB (channels 3) or RGBX (channels 4: the fourth byte is padding, the layout torch's vectorised
  * uint8 resize works in, so it need not repack) into `out` (row-major, `cap` bytes). libjpeg widens the column range to iMCU boundaries, so the
@@ -85,16 +98,10 @@ int roi_decode(const unsigned char *data, unsigned long size, int denom, int x, 
     JDIMENSION xoff, cw;
     unsigned long need, stride;
     int row;
-    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
-        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+    if (check_region(denom, x, y, w, h, err, err_len) < 0)
         return -1;
-    }
     if (channels != 3 && channels != 4) {
         set_error(err, err_len, "channels must be 3 (RGB) or 4 (RGBX)");
-        return -1;
-    }
-    if (x < 0 || y < 0 || w <= 0 || h <= 0) {
-        set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
         return -1;
     }
     cinfo.err = jpeg_std_error(&jerr.pub);
@@ -255,6 +262,19 @@ static void rst_emit_message(j_common_ptr cinfo, int level) {
     }
 }
 
+/* One error manager of the transcode (the source's or the destination's), both jumping to `jump`. */
+static struct jpeg_error_mgr *rst_error_init(struct rst_error *e, jmp_buf *jump, char *err, int err_len,
+                                             int strict) {
+    struct jpeg_error_mgr *pub = jpeg_std_error(&e->pub);
+    e->pub.error_exit = rst_error_exit;
+    e->pub.emit_message = rst_emit_message;
+    e->jump = jump;
+    e->msg = err;
+    e->msg_len = err_len;
+    e->strict = strict;
+    return pub;
+}
+
 /* A growing malloc'ed destination we own, so an error mid-way can free it (jpeg_mem_dest's buffer is
  * unreachable from outside jdatadst.c until jpeg_finish_compress). */
 struct rst_dest {
@@ -321,20 +341,8 @@ int rst_transcode(const unsigned char *data, unsigned long size, int restart_row
         set_error(err, err_len, "out of memory");
         return -1;
     }
-    ctx->src.err = jpeg_std_error(&ctx->esrc.pub);
-    ctx->esrc.pub.error_exit = rst_error_exit;
-    ctx->esrc.pub.emit_message = rst_emit_message;
-    ctx->esrc.jump = &ctx->jump;
-    ctx->esrc.msg = err;
-    ctx->esrc.msg_len = err_len;
-    ctx->esrc.strict = strict;
-    ctx->dst.err = jpeg_std_error(&ctx->edst.pub);
-    ctx->edst.pub.error_exit = rst_error_exit;
-    ctx->edst.pub.emit_message = rst_emit_message;
-    ctx->edst.jump = &ctx->jump;
-    ctx->edst.msg = err;
-    ctx->edst.msg_len = err_len;
-    ctx->edst.strict = strict;
+    ctx->src.err = rst_error_init(&ctx->esrc, &ctx->jump, err, err_len, strict);
+    ctx->dst.err = rst_error_init(&ctx->edst, &ctx->jump, err, err_len, strict);
     if (setjmp(ctx->jump)) {
         jpeg_destroy_decompress(&ctx->src);
         if (ctx->dst_created)
@@ -692,14 +700,8 @@ int rst_band(const unsigned char *data, unsigned long size, int denom, int x, in
     unsigned char *sub;
     unsigned long sub_size;
     int left, top, rc;
-    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
-        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+    if (check_region(denom, x, y, w, h, err, err_len) < 0)
         return -1;
-    }
-    if (x < 0 || y < 0 || w <= 0 || h <= 0) {
-        set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
-        return -1;
-    }
     rc = rst_make_sub(data, size, denom, x, y, w, h, &sub, &sub_size, &left, &top, err, err_len);
     if (rc < 0)
         return -1;
@@ -732,14 +734,8 @@ int rst_decode(const unsigned char *data, unsigned long size, int denom, int x, 
     unsigned char *sub;
     unsigned long sub_size;
     int left, top, rc;
-    if (!(denom == 1 || denom == 2 || denom == 4 || denom == 8)) {
-        set_error(err, err_len, "scale denominator must be 1, 2, 4 or 8");
+    if (check_region(denom, x, y, w, h, err, err_len) < 0)
         return -1;
-    }
-    if (x < 0 || y < 0 || w <= 0 || h <= 0) {
-        set_error(err, err_len, "region must have x, y >= 0 and w, h > 0");
-        return -1;
-    }
     rc = rst_make_sub(data, size, denom, x, y, w, h, &sub, &sub_size, &left, &top, err, err_len);
     if (rc == -2)
         return -1;
